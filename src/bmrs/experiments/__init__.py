@@ -1,0 +1,1 @@
+"""Support code for the experiments (data sets and related helpers)."""
