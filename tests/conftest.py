@@ -2,6 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+# The tests' networks are tiny: one thread per test process avoids oversubscribing the
+# cores when pytest-xdist runs several processes (and makes timings irrelevant to results).
+torch.set_num_threads(1)
+
 # The grid of the issue: mu in [-30, 10] x log sigma in [-20, 5], step 0.5 (81 x 51 points).
 GRID_MU = np.arange(-30.0, 10.0001, 0.5)
 GRID_LOG_SIGMA = np.arange(-20.0, 5.0001, 0.5)

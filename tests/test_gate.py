@@ -124,3 +124,45 @@ def test_constructor_errors():
         NoiseGate(3, dim=0)
     with pytest.raises(ValueError, match="log_low"):
         NoiseGate(3, log_low=0.0, log_high=-1.0)
+
+
+def test_fused_central_kernels_match_the_general_code():
+    from bmrs.math import fast
+
+    torch.manual_seed(0)
+    loc = torch.rand(400, dtype=torch.float64) * 22 - 21
+    log_scale = torch.rand(400, dtype=torch.float64) * 10 - 7
+    scale = torch.exp(log_scale)
+    central = ((0 - loc) / scale > -1) & ((-20 - loc) / scale < 1)
+    assert 100 < central.sum() < 400  # both regimes are present in the draw
+    loc, log_scale = loc[central].requires_grad_(), log_scale[central].requires_grad_()
+    assert fast.is_central(loc, torch.exp(log_scale), -20.0, 0.0)
+    prior = LogUniform(torch.tensor(-20.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+
+    def both(fn_fast, fn_general):
+        a, b = fn_fast(), fn_general()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        ga = torch.autograd.grad(a.sum(), (loc, log_scale))
+        gb = torch.autograd.grad(b.sum(), (loc, log_scale))
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+    both(lambda: fast.CentralKL.apply(loc, torch.exp(log_scale), -20.0, 0.0, math.log(20.0)),
+         lambda: torch.distributions.kl_divergence(TruncatedLogNormal(loc, torch.exp(log_scale)), prior))
+    u = torch.rand(5, len(loc), dtype=torch.float64)
+    both(lambda: fast.CentralSample.apply(u, loc, torch.exp(log_scale), -20.0, 0.0),
+         lambda: TruncatedLogNormal(loc, torch.exp(log_scale)).icdf(u))
+
+
+def test_gate_falls_back_to_the_tail_safe_code():
+    gate = NoiseGate(3).double().train()
+    with torch.no_grad():
+        gate.loc.copy_(torch.tensor([5.0, -30.0, -3.0]))  # upper tail, lower tail, central
+        gate.log_scale.copy_(torch.tensor([-8.0, -6.0, 0.0]))
+    kl = gate.kl()
+    expected = torch.distributions.kl_divergence(gate.posterior(), gate.prior())
+    torch.testing.assert_close(kl, expected)
+    theta = gate(torch.ones(1000, 3, dtype=torch.float64))
+    assert torch.isfinite(theta).all() and (theta[:, 0] > 0.999).all() and (theta[:, 1] < 3e-9).all()
+    (theta.sum() + kl.sum()).backward()
+    assert torch.isfinite(gate.loc.grad).all() and torch.isfinite(gate.log_scale.grad).all()

@@ -6,21 +6,53 @@ The core objects:
   noise variable theta (``torch.distributions`` style; their KL is registered).
 * :func:`delta_f`: the change in log-evidence under a reduced prior, with the reduced
   priors :func:`bmrs_n_prior` (BMRS_N) and :func:`bmrs_u_prior` (BMRS_U-p).
-* :class:`NoiseGate`: the multiplicative noise gate of a prunable structure.
+* :class:`NoiseGate` and :func:`attach_gates`: noise gates on the prunable structures of
+  any network; :func:`model_kl`, the KL term of the ELBO.
+* :mod:`bmrs.pruning`: criteria (BMRS and baselines), masks, compression counts, schedules.
+* :class:`Trainer`: a ready training loop with continuous pruning and checkpoints.
 """
 
-from .gates import NoiseGate
+from .attention import MultiheadSelfAttention, compact_attention, expose_heads
+from .experiments.training import Trainer, elbo_loss, seed_everything
+from .gates import NoiseGate, attach_gates, detach_gates, gate_layout, gates, model_kl
 from .math.distributions import LogUniform, TruncatedLogNormal
+from .pruning import (
+    ContinuousPruning,
+    decide,
+    kept_structures,
+    make_criterion,
+    parameter_compression,
+    prune,
+    structure_compression,
+)
 from .reduction import bmrs_n_prior, bmrs_u_prior, delta_f, delta_f_quadrature
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContinuousPruning",
     "LogUniform",
+    "MultiheadSelfAttention",
     "NoiseGate",
+    "Trainer",
     "TruncatedLogNormal",
+    "attach_gates",
     "bmrs_n_prior",
     "bmrs_u_prior",
+    "compact_attention",
+    "decide",
     "delta_f",
     "delta_f_quadrature",
+    "detach_gates",
+    "elbo_loss",
+    "expose_heads",
+    "gate_layout",
+    "gates",
+    "kept_structures",
+    "make_criterion",
+    "model_kl",
+    "parameter_compression",
+    "prune",
+    "seed_everything",
+    "structure_compression",
 ]

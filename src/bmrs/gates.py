@@ -1,13 +1,22 @@
-"""The multiplicative log-normal noise gate that BMRS puts on every prunable structure."""
+"""The multiplicative log-normal noise gate, and putting gates into any network."""
 
 from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .math import fast
 from .math.distributions import LogUniform, TruncatedLogNormal
+from .structure import GateLayout, couple, find_sites
 
-__all__ = ["NoiseGate"]
+__all__ = ["NoiseGate", "attach_gates", "detach_gates", "gates", "gate_layout", "model_kl"]
+
+GATE_ATTR = "bmrs_gate"
+_LAYOUT_ATTR = "_bmrs_layout"
 
 
 class NoiseGate(nn.Module):
@@ -63,19 +72,42 @@ class NoiseGate(nn.Module):
         kept = int(self.mask.sum().item())
         return f"{self.num_structures}, dim={self.dim}, kept={kept}, log_theta in [{self.log_low:g}, {self.log_high:g}]"
 
-    def posterior(self) -> TruncatedLogNormal:
-        """The variational posterior q(theta) of every structure (batch shape ``(C,)``)."""
-        scale = torch.exp(torch.clamp(self.log_scale, *self.log_scale_bounds))
-        return TruncatedLogNormal(self.loc, scale, self.log_low, self.log_high, validate_args=False)
+    def posterior(self, dtype: torch.dtype | None = None) -> TruncatedLogNormal:
+        """The variational posterior q(theta) of every structure (batch shape ``(C,)``).
+
+        ``dtype`` (e.g. ``torch.float64`` for pruning decisions) converts the parameters
+        before the scale is exponentiated, so no precision is lost on the way.
+        """
+        loc, log_scale = self.loc, self.log_scale
+        if dtype is not None:
+            loc, log_scale = loc.to(dtype), log_scale.to(dtype)
+        scale = torch.exp(torch.clamp(log_scale, *self.log_scale_bounds))
+        return TruncatedLogNormal(loc, scale, self.log_low, self.log_high, validate_args=False)
 
     def prior(self) -> LogUniform:
         """The log-uniform prior p(theta), batch shape ``(C,)``."""
         low = torch.full_like(self.loc, self.log_low).detach()
         return LogUniform(low, torch.full_like(low, self.log_high), validate_args=False)
 
+    def _scale(self) -> Tensor:
+        return torch.exp(torch.clamp(self.log_scale, *self.log_scale_bounds))
+
     def kl(self) -> Tensor:
         """``KL(q || p)`` of every structure, shape ``(C,)``."""
+        scale = self._scale()
+        if fast.is_central(self.loc, scale, self.log_low, self.log_high):
+            width = math.log(self.log_high - self.log_low)
+            return fast.CentralKL.apply(self.loc, scale, self.log_low, self.log_high, width)
         return torch.distributions.kl_divergence(self.posterior(), self.prior())
+
+    def sample(self, batch: int) -> Tensor:
+        """Reparameterised theta for ``batch`` examples, shape ``(batch, C)``."""
+        scale = self._scale()
+        if fast.is_central(self.loc, scale, self.log_low, self.log_high):
+            u = torch.rand((batch, self.num_structures), dtype=self.loc.dtype, device=self.loc.device)
+            u.clamp_(min=torch.finfo(u.dtype).tiny)
+            return fast.CentralSample.apply(u, self.loc, scale, self.log_low, self.log_high)
+        return self.posterior().rsample((batch,))
 
     def expected_gate(self) -> Tensor:
         """What the gate multiplies by in evaluation: ``E[theta] * mask``, shape ``(C,)``."""
@@ -93,8 +125,140 @@ class NoiseGate(nn.Module):
         shape[dim] = self.num_structures
         return shape
 
+    def _hook(self, module: nn.Module, args, output: Tensor) -> Tensor:
+        """Forward hook of the gated module: gate its output."""
+        return self(output)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            theta = self.posterior().rsample((x.shape[0],)) * self.mask  # (N, C)
+            theta = self.sample(x.shape[0]) * self.mask  # (N, C)
             return x * theta.to(x.dtype).reshape(self._broadcast_shape(x, x.shape[0]))
         return x * self.expected_gate().to(x.dtype).reshape(self._broadcast_shape(x, 1))
+
+
+def attach_gates(
+    model: nn.Module,
+    example_input,
+    *,
+    exclude: Sequence = (),
+    heads: bool = True,
+    log_low: float = -20.0,
+    log_high: float = 0.0,
+    init_loc: float = 0.0,
+    init_log_scale: float = -5.0,
+) -> GateLayout:
+    """Put a :class:`NoiseGate` on every prunable structure of ``model`` (in place).
+
+    Structures are the output neurons of ``nn.Linear``, the output channels of
+    ``nn.Conv1d/2d/3d``, and the heads of attention modules
+    (:class:`bmrs.attention.MultiheadSelfAttention`; ``nn.MultiheadAttention``, converted in
+    place by :func:`bmrs.attention.expose_heads`, keeping its parameters). Each gate multiplies the output of the last module that consumes
+    the layer's output alone among its BatchNorm, activation and dropout modules, so it sits
+    after the activation (or BatchNorm) as in the paper. The final layers (whose outputs
+    are the network's outputs, e.g. the classifier) are never gated. Channels tied across
+    layers by residual additions are gated in every layer and form a family that is only
+    pruned as a whole.
+
+    The gate is registered as a child module ``bmrs_gate`` of the module it follows, and
+    applied by a forward hook, so the model's own code and parameter names are unchanged.
+
+    Args:
+        model: any ``nn.Module``; traced once with ``example_input`` in eval mode.
+        example_input: a tensor or a tuple of positional inputs.
+        exclude: modules to leave ungated, by qualified name (a prefix matches submodules),
+            instance or class.
+        heads: gate attention heads (``False`` leaves them ungated).
+        log_low, log_high, init_loc, init_log_scale: see :class:`NoiseGate`.
+
+    Returns:
+        The :class:`~bmrs.structure.GateLayout`: the gates, their coupled families, and
+        every layer left ungated with the reason. A warning lists layers that could not be
+        gated for a reason other than being final or excluded.
+    """
+    if gates(model):
+        raise ValueError("the model already has gates; call bmrs.detach_gates(model) first")
+    sites, skipped = find_sites(model, example_input, exclude, heads=heads)
+    sites, families, coupled_skips = couple(model, example_input, sites)
+    skipped.update(coupled_skips)
+    modules = dict(model.named_modules())
+    reference = next(model.parameters(), None)
+    for site in sites:
+        gate = NoiseGate(
+            site.num_structures, site.dim, log_low=log_low, log_high=log_high,
+            init_loc=init_loc, init_log_scale=init_log_scale,
+        )
+        if reference is not None:
+            gate = gate.to(device=reference.device)
+        host = modules[site.site]
+        host.add_module(GATE_ATTR, gate)
+        host.register_forward_hook(gate._hook)
+    layout = GateLayout(sites={s.name: s for s in sites}, families=families, skipped=skipped)
+    setattr(model, _LAYOUT_ATTR, layout)
+    unexpected = {n: why for n, why in skipped.items() if why != "excluded" and not why.startswith("final layer")}
+    if unexpected:
+        warnings.warn(
+            "bmrs.attach_gates left these layers ungated:\n"
+            + "\n".join(f"  {n}: {why}" for n, why in unexpected.items()),
+            stacklevel=2,
+        )
+    return layout
+
+
+def gates(model: nn.Module) -> dict[str, NoiseGate]:
+    """The model's gates, keyed by the name of the module each one follows."""
+    return {
+        name: getattr(module, GATE_ATTR)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, GATE_ATTR, None), NoiseGate)
+    }
+
+
+def gate_layout(model: nn.Module) -> GateLayout:
+    """The :class:`~bmrs.structure.GateLayout` recorded by :func:`attach_gates`."""
+    layout = getattr(model, _LAYOUT_ATTR, None)
+    if layout is None:
+        raise ValueError("the model has no gates attached by bmrs.attach_gates")
+    return layout
+
+
+def detach_gates(model: nn.Module) -> None:
+    """Remove every gate and its hook, leaving the model as it was before attaching."""
+    for module in model.modules():
+        gate = getattr(module, GATE_ATTR, None)
+        if isinstance(gate, NoiseGate):
+            for key, hook in list(module._forward_hooks.items()):
+                if getattr(hook, "__self__", None) is gate:
+                    del module._forward_hooks[key]
+            delattr(module, GATE_ATTR)
+    if hasattr(model, _LAYOUT_ATTR):
+        delattr(model, _LAYOUT_ATTR)
+
+
+def model_kl(model: nn.Module, reduction: str = "mean", dataset_size: int | None = None) -> Tensor:
+    """The KL term of the ELBO over every gate's kept (unmasked) structures.
+
+    Args:
+        reduction: ``"mean"`` (the paper's: mean over each gate's structures, then over
+            gates), ``"sum"`` (total), or ``"elbo"`` (total divided by ``dataset_size``: with a
+            mean data loss, the per-example negative ELBO).
+        dataset_size: number of training examples, for ``"elbo"``.
+
+    A pruned structure is no longer part of the model, so it contributes nothing.
+    """
+    if reduction not in ("mean", "sum", "elbo"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'elbo', got {reduction!r}")
+    if reduction == "elbo" and not (isinstance(dataset_size, int) and dataset_size > 0):
+        raise ValueError(f"reduction='elbo' needs the training set size as a positive int, got {dataset_size!r}")
+    per_gate = []
+    for gate in gates(model).values():
+        kl = gate.kl() * gate.mask
+        if reduction == "mean":
+            per_gate.append(kl.sum() / gate.mask.sum().clamp(min=1.0))
+        else:
+            per_gate.append(kl.sum())
+    if not per_gate:
+        return torch.zeros(())
+    total = torch.stack(per_gate)
+    if reduction == "mean":
+        return total.mean()
+    return total.sum() if reduction == "sum" else total.sum() / dataset_size

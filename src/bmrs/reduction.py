@@ -114,7 +114,8 @@ def delta_f(
     """Change in log-evidence ``delta_f`` for each element of the posterior's batch.
 
     Args:
-        posterior: the fitted :class:`TruncatedLogNormal` of each structure.
+        posterior: the fitted :class:`TruncatedLogNormal` of each structure (or a
+            :class:`LogUniform`, e.g. to check that a posterior equal to the prior gives 0).
         prior: the :class:`LogUniform` prior the posterior was fitted under.
         reduced_prior: the candidate prior. A :class:`TruncatedLogNormal` (BMRS_N) or a
             :class:`LogUniform` (BMRS_U) has a closed form; anything else with a
@@ -129,13 +130,17 @@ def delta_f(
     """
     if method not in ("auto", "closed", "quadrature"):
         raise ValueError(f"method must be 'auto', 'closed' or 'quadrature', got {method!r}")
-    if not isinstance(posterior, TruncatedLogNormal):
-        raise TypeError(f"posterior must be a TruncatedLogNormal, got {type(posterior).__name__}")
+    if not isinstance(posterior, (TruncatedLogNormal, LogUniform)):
+        raise TypeError(f"posterior must be a TruncatedLogNormal or a LogUniform, got {type(posterior).__name__}")
     if not isinstance(prior, LogUniform):
         raise TypeError(f"prior must be a LogUniform, got {type(prior).__name__}")
     _check_nested(posterior, prior, "posterior")
     _check_nested(reduced_prior, prior, "reduced prior")
     posterior, prior, reduced_prior = _f64(posterior), _f64(prior), _f64(reduced_prior)
+    if isinstance(posterior, LogUniform):
+        if not isinstance(reduced_prior, (TruncatedLogNormal, LogUniform)):
+            raise ValueError("a LogUniform posterior needs a TruncatedLogNormal or LogUniform reduced prior")
+        return _delta_f_flat_posterior(posterior, prior, reduced_prior)
     closed = isinstance(reduced_prior, (TruncatedLogNormal, LogUniform))
     if method == "quadrature" or (method == "auto" and not closed):
         return delta_f_quadrature(posterior, prior, reduced_prior, breakpoints=breakpoints)
@@ -146,7 +151,19 @@ def delta_f(
     return _delta_f_log_normal(posterior, prior, reduced_prior)
 
 
-def _overlap(posterior: TruncatedLogNormal, reduced: Distribution) -> tuple[Tensor, Tensor]:
+def _delta_f_flat_posterior(q: LogUniform, p: LogUniform, r: Distribution) -> Tensor:
+    """For a log-uniform posterior (e.g. one equal to the prior):
+    ``log((b - a)/(b_q - a_q)) + log r(a_q <= x <= b_q)``; 0 when ``q = p``."""
+    lo, hi = _overlap(q, r)
+    if isinstance(r, LogUniform):
+        log_mass = torch.log(torch.clamp(hi - lo, min=0.0)) - torch.log(r.width)
+    else:
+        log_mass = sp.log_ndtr_diff((lo - r.loc) / r.scale, (hi - r.loc) / r.scale) - r.log_normalizer
+    value = torch.log(p.width) - torch.log(q.width) + log_mass
+    return torch.where(lo < hi, value, -math.inf)
+
+
+def _overlap(posterior: Distribution, reduced: Distribution) -> tuple[Tensor, Tensor]:
     return torch.maximum(posterior.log_low, reduced.log_low), torch.minimum(posterior.log_high, reduced.log_high)
 
 

@@ -1,0 +1,271 @@
+"""One training run, from a configuration to a run directory of result files.
+
+A run directory holds ``config.json`` (what ran), ``checkpoint.pt`` (resumable trainer
+state, rewritten after every epoch), ``model.pt`` (the final gated model's state dict),
+``compact.pt`` (the final model compacted into a plain, smaller network, see
+:mod:`bmrs.compaction`) and ``metrics.json`` (written last: its presence marks the run
+complete). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..compaction import compact, count_flops, count_parameters, save_compact
+from ..gates import gates
+from ..pruning.criteria import Criterion, Taylor, make_criterion
+from ..pruning.masks import kept_structures, parameter_compression, structure_compression
+from ..pruning.schedules import ContinuousPruning
+from .data import load_dataset
+from .models import build_model
+from .training import Trainer, atomic_save, seed_everything
+
+__all__ = [
+    "RunConfig", "METHODS", "train_run", "load_metrics", "write_json", "build_criterion",
+    "model_architecture", "layer_widths", "compact_to_file",
+]
+
+#: Methods of ``bmrs train --method``: no pruning, the BMRS criteria and the baselines.
+METHODS = ("none", "bmrs-n", "bmrs-n-code", "bmrs-u", "snr", "etheta", "l2", "taylor", "random")
+
+# The paper's optimiser settings (MATH.md section 5); other models get the LeNet5 ones.
+_PAPER_SETTINGS = {"mlp": {"batch_size": 128, "lr": 1.5e-3}, "lenet5": {"batch_size": 32, "lr": 1.4e-3}}
+_DEFAULT_SETTINGS = {"batch_size": 64, "lr": 1e-3}
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run (``bmrs train`` options).
+
+    ``lr`` and ``batch_size`` default to the paper's for the model. ``image_size`` defaults
+    to 32 for the 28x28 sets, as in the paper. Baselines without a natural threshold
+    (``l2``, ``taylor``, ``random``) need ``target`` (a compression) or ``match`` (a run
+    directory whose per-epoch parameter compression they follow).
+    """
+
+    dataset: str = "digits"
+    model: str = "mlp"
+    method: str = "bmrs-n"
+    bits: float = 8.0
+    threshold: float | None = None
+    target: float | None = None
+    match: str | None = None
+    epochs: int = 50
+    finetune_epochs: int = 10
+    prune_every: int = 1
+    recompute_masks: bool = False
+    seed: int = 0
+    lr: float | None = None
+    batch_size: int | None = None
+    kl_reduction: str = "mean"
+    image_size: int | None = None
+    model_options: dict = field(default_factory=dict)
+    data_dir: str | None = None
+
+    def resolved(self) -> "RunConfig":
+        """A copy with the defaults that depend on the model and data set filled in."""
+        settings = _PAPER_SETTINGS.get(self.model, _DEFAULT_SETTINGS)
+        out = RunConfig(**asdict(self))
+        out.lr = settings["lr"] if self.lr is None else self.lr
+        out.batch_size = settings["batch_size"] if self.batch_size is None else self.batch_size
+        if out.image_size is None and self.dataset in ("fashion-mnist", "mnist"):
+            out.image_size = 32
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+def write_json(data, path: str | os.PathLike) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_metrics(run_dir: str | os.PathLike) -> dict:
+    """The ``metrics.json`` of a complete run."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a complete run (no metrics.json)")
+    return json.loads(path.read_text())
+
+
+class _MatchedTarget:
+    """Continuous pruning whose target follows another run's per-epoch parameter compression."""
+
+    def __init__(self, criterion: Criterion, history: list[dict], every: int, recompute: bool):
+        self.targets = {r["epoch"]: r["parameter_compression"] for r in history if r["phase"] == "train"}
+        self.criterion, self.every, self.recompute = criterion, every, recompute
+
+    def __call__(self, model, epoch):
+        if epoch % self.every or epoch not in self.targets:
+            return None
+        return ContinuousPruning(
+            self.criterion, 1, recompute=self.recompute, target=self.targets[epoch], target_kind="params",
+        )(model, epoch)
+
+
+def build_criterion(config: RunConfig, train_loader) -> Criterion:
+    """The criterion of ``config.method`` (not ``none``), with its threshold override."""
+    options: dict = {}
+    if config.method == "bmrs-u":
+        options["bits"] = config.bits
+    if config.method == "taylor":
+        options["data"] = train_loader
+    if config.method == "random":
+        options["seed"] = config.seed
+    if config.threshold is not None:
+        if config.method.startswith("bmrs"):
+            raise ValueError("the BMRS criteria take no threshold: they prune where delta F >= 0")
+        options["threshold"] = config.threshold
+    criterion = make_criterion(config.method, **options)
+    if criterion.threshold is None and config.target is None and config.match is None:
+        raise ValueError(f"method {config.method!r} has no threshold: give --target or --match")
+    return criterion
+
+
+def model_architecture(config: RunConfig, input_shape, num_classes: int) -> dict:
+    """The ``architecture`` description that :func:`bmrs.compaction.load_compact` rebuilds from."""
+    return {
+        "name": config.model,
+        "input_shape": [int(s) for s in input_shape],
+        "num_classes": int(num_classes),
+        "options": dict(config.model_options),
+    }
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every Linear and Conv layer by module name (features or channels)."""
+    widths = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            widths[name] = int(module.out_features)
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            widths[name] = int(module.out_channels)
+    return widths
+
+
+def compact_to_file(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, architecture: dict) -> dict:
+    """Compact a gated model, save it with :func:`~bmrs.compaction.save_compact`, return sizes.
+
+    ``example_input`` is a batch used to trace the model and to check that the compacted
+    network gives the gated model's eval-mode outputs; FLOPs are counted for one example of
+    ``architecture["input_shape"]``. Returns parameter counts, FLOPs and layer widths before
+    and after, the input shape of the FLOP count, the architecture and the file name.
+    """
+    single = torch.zeros(1, *architecture["input_shape"], dtype=example_input.dtype)
+    small = compact(model, example_input)
+    save_compact(small, path, architecture=architecture)
+    return {
+        "file": Path(path).name,
+        "architecture": architecture,
+        "input_shape": [1, *architecture["input_shape"]],
+        "parameters_before": count_parameters(model),
+        "parameters_after": count_parameters(small),
+        "flops_before": count_flops(model, single),
+        "flops_after": count_flops(small, single),
+        "widths_before": layer_widths(model),
+        "widths_after": layer_widths(small),
+    }
+
+
+def _compaction(model: nn.Module, config: RunConfig, data, out: Path) -> dict:
+    """``compact_to_file`` for the end of a run; a model that cannot be compacted (e.g.
+    attention heads, not supported yet) gets ``{"error": ...}`` instead of failing the run."""
+    architecture = model_architecture(config, data.input_shape, data.num_classes)
+    try:
+        return compact_to_file(model, data.test.tensors[0][:64], out / "compact.pt", architecture)
+    except (NotImplementedError, ValueError, RuntimeError) as err:
+        (out / "compact.pt").unlink(missing_ok=True)
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool = True, resume: bool = True) -> dict:
+    """Train (and prune) one model as ``config`` says; write the run directory; return metrics.
+
+    With ``resume`` (default), an existing ``checkpoint.pt`` in ``out_dir`` is continued and
+    the run ends with the same metrics as an uninterrupted one. A complete run (with
+    ``metrics.json``) is returned as it is.
+
+    The final model is also compacted into ``compact.pt``; ``metrics["compaction"]`` holds
+    the parameters, FLOPs (one example) and layer widths before and after (or ``"error"``
+    if the model cannot be compacted).
+    """
+    if config.method not in METHODS:
+        raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
+    out = Path(out_dir)
+    config = config.resolved()
+    if (out / "metrics.json").exists() and resume:
+        return load_metrics(out)
+    if (out / "config.json").exists() and resume:
+        previous = json.loads((out / "config.json").read_text())
+        if previous != asdict(config):
+            raise ValueError(f"{out} holds a run with another configuration; choose another --out")
+    elif not resume:
+        (out / "checkpoint.pt").unlink(missing_ok=True)
+    write_json(asdict(config), out / "config.json")
+
+    generator = seed_everything(config.seed)
+    data = load_dataset(config.dataset, config.data_dir, seed=config.seed, image_size=config.image_size)
+    model = build_model(config.model, data.input_shape, data.num_classes, **config.model_options)
+    train_loader = torch.utils.data.DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
+    val_loader = torch.utils.data.DataLoader(data.val, batch_size=1000)
+    test_loader = torch.utils.data.DataLoader(data.test, batch_size=1000)
+
+    pruning = None
+    if config.method != "none":
+        criterion = build_criterion(config, train_loader)
+        if config.match is not None:
+            history = load_metrics(config.match)["history"]
+            pruning = _MatchedTarget(criterion, history, config.prune_every, config.recompute_masks)
+        else:
+            pruning = ContinuousPruning(
+                criterion, config.prune_every, recompute=config.recompute_masks, target=config.target,
+                target_kind="params",
+            )
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    trainer = Trainer(model, optimizer, kl_reduction=config.kl_reduction, dataset_size=len(data.train), progress=progress)
+    trainer.fit(
+        train_loader, val_loader, config.epochs, finetune_epochs=config.finetune_epochs, pruning=pruning,
+        checkpoint=out / "checkpoint.pt", generator=generator,
+    )
+    test = trainer.evaluate(test_loader)
+    val = trainer.evaluate(val_loader)
+    named = gates(model)
+    metrics = {
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "val_accuracy": val["accuracy"],
+        "structure_compression": structure_compression(model),
+        "parameter_compression": parameter_compression(model),
+        "kept": kept_structures(model),
+        "structures": {name: g.num_structures for name, g in named.items()},
+        "best_epoch": trainer.best_epoch,
+        "train_seconds": sum(r.seconds for r in trainer.history),
+        "history": [asdict(r) for r in trainer.history],
+    }
+    atomic_save(model.state_dict(), out / "model.pt")
+    metrics["compaction"] = _compaction(model, config, data, out)
+    write_json(metrics, out / "metrics.json")
+    return metrics

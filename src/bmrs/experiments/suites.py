@@ -1,0 +1,129 @@
+"""Named suites of runs (``bmrs reproduce``): resumable, parallel, skipping what is done."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .runs import RunConfig, train_run
+
+__all__ = ["SuiteRun", "SUITES", "suite_runs", "run_suite"]
+
+
+@dataclass
+class SuiteRun:
+    """One run of a suite: its directory (relative to the suite's), config and dependency."""
+
+    name: str
+    config: RunConfig
+    after: str | None = None  # a run whose results this one needs (e.g. to match its compression)
+
+
+# (label, method, bits): the paper's Table 1 methods; l2 matches the bmrs-n-code run.
+_PAPER_METHODS = (
+    ("none", "none", 8.0),
+    ("bmrs-n", "bmrs-n", 8.0),
+    ("bmrs-n-code", "bmrs-n-code", 8.0),
+    ("bmrs-u8", "bmrs-u", 8.0),
+    ("bmrs-u4", "bmrs-u", 4.0),
+    ("etheta", "etheta", 8.0),
+    ("snr", "snr", 8.0),
+    ("l2", "l2", 8.0),
+)
+
+
+def _table_runs(dataset: str, models: tuple[str, ...], seeds: int, base: RunConfig) -> list[SuiteRun]:
+    runs = []
+    for seed in range(seeds):
+        for model in models:
+            for label, method, bits in _PAPER_METHODS:
+                name = f"train/{model}/{label}/seed-{seed}"
+                config = replace(base, dataset=dataset, model=model, method=method, bits=bits, seed=seed)
+                after = None
+                if method == "l2":
+                    after = f"train/{model}/bmrs-n-code/seed-{seed}"
+                runs.append(SuiteRun(name, config, after))
+    return runs
+
+
+def _paper_fmnist(seeds: int) -> list[SuiteRun]:
+    # The paper: continuous pruning after every epoch for 50 epochs, then 10 of fine-tuning;
+    # masks recomputed each time as in the paper's code.
+    base = RunConfig(epochs=50, finetune_epochs=10, prune_every=1, recompute_masks=True)
+    return _table_runs("fashion-mnist", ("mlp", "lenet5"), seeds, base)
+
+
+def _quick(seeds: int) -> list[SuiteRun]:
+    base = RunConfig(epochs=12, finetune_epochs=3, prune_every=1, recompute_masks=True, batch_size=32, lr=3e-3)
+    return _table_runs("digits", ("mlp",), seeds, base)
+
+
+#: Suite name -> (description, default seeds, builder of the runs).
+SUITES: dict[str, tuple[str, int, Callable[[int], list[SuiteRun]]]] = {
+    "paper-fmnist": ("Fashion-MNIST, MLP and LeNet5, the paper's Table 1 protocol", 10, _paper_fmnist),
+    "quick": ("digits, MLP, every Table 1 method, a few minutes", 2, _quick),
+}
+
+
+def suite_runs(name: str, seeds: int | None = None) -> list[SuiteRun]:
+    """The runs of suite ``name`` with ``seeds`` seeds (default: the suite's)."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    _, default, build = SUITES[name]
+    seeds = default if seeds is None else seeds
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    return build(seeds)
+
+
+def _worker(config: RunConfig, out_dir: str, threads: int) -> str:
+    torch.set_num_threads(threads)
+    train_run(config, out_dir, progress=False)
+    return out_dir
+
+
+def run_suite(name: str, out: str | os.PathLike, *, seeds: int | None = None, jobs: int = 1, progress: bool = True) -> list[Path]:
+    """Run every incomplete run of the suite under ``out``, ``jobs`` at a time.
+
+    Complete runs (with ``metrics.json``) are skipped and interrupted ones resume from
+    their checkpoint, so the suite can be stopped and continued across days. A run that
+    depends on another starts when that one is complete. Returns the run directories.
+    """
+    out = Path(out)
+    runs = suite_runs(name, seeds)
+    for run in runs:
+        if run.config.match is None and run.after is not None:
+            run.config = replace(run.config, match=str(out / run.after))
+    done = {r.name for r in runs if (out / r.name / "metrics.json").exists()}
+    pending = [r for r in runs if r.name not in done]
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    bar = tqdm(total=len(runs), initial=len(done), desc=f"{name} runs", disable=not progress)
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        running: dict[cf.Future, SuiteRun] = {}
+        while pending or running:
+            for run in list(pending):
+                if len(running) >= jobs:
+                    break
+                if run.after is not None and run.after not in done:
+                    continue
+                pending.remove(run)
+                running[pool.submit(_worker, run.config, str(out / run.name), threads)] = run
+            if not running:
+                missing = sorted({r.after for r in pending})
+                raise RuntimeError(f"runs wait for runs that are not in the suite: {missing}")
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                run = running.pop(future)
+                future.result()  # re-raise a failed run
+                done.add(run.name)
+                bar.update(1)
+    bar.close()
+    return [out / r.name for r in runs]

@@ -1,0 +1,263 @@
+"""A ready training loop for gated models: ELBO loss, evaluation, pruning, checkpoints.
+
+The pieces work on their own inside a user's loop: :func:`elbo_loss` is the loss,
+:meth:`Trainer.step` one optimisation step, :meth:`Trainer.evaluate` the evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..gates import model_kl
+from ..pruning.masks import kept_structures, parameter_compression, structure_compression
+from ..pruning.schedules import ContinuousPruning
+
+__all__ = ["elbo_loss", "seed_everything", "Trainer", "EpochRecord", "atomic_save"]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch; return a generator for data-loader shuffling."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def elbo_loss(
+    output: Tensor,
+    target: Tensor,
+    model: nn.Module,
+    *,
+    loss_fn: Callable = F.cross_entropy,
+    kl_reduction: str = "mean",
+    dataset_size: int | None = None,
+    kl_weight: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Negative ELBO: ``loss_fn(output, target) + kl_weight * KL``; returns (total, data, kl).
+
+    ``kl_reduction`` and ``dataset_size`` are those of :func:`bmrs.model_kl` (the paper:
+    ``"mean"``, unscaled; a proper per-example ELBO: ``"elbo"`` with the training set size).
+    """
+    data = loss_fn(output, target)
+    kl = model_kl(model, kl_reduction, dataset_size).to(data.device)
+    return data + kl_weight * kl, data, kl
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did."""
+
+    epoch: int
+    phase: str  # "train" (pruning may happen) or "finetune" (masks fixed)
+    train_loss: float
+    train_kl: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    structure_compression: float
+    parameter_compression: float
+    kept: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Train a gated model with the ELBO, prune during training, keep the best checkpoint.
+
+    Args:
+        model: a model with gates (see :func:`bmrs.attach_gates`); may be wrapped in
+            ``DistributedDataParallel`` (masks are then broadcast from rank 0).
+        optimizer: its optimizer.
+        loss_fn: data loss on ``(model(inputs), targets)``; default cross-entropy.
+        kl_reduction, dataset_size, kl_weight: the KL term, see :func:`elbo_loss`.
+        device: where batches go.
+        progress: show a progress bar over epochs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        loss_fn: Callable = F.cross_entropy,
+        kl_reduction: str = "mean",
+        dataset_size: int | None = None,
+        kl_weight: float = 1.0,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> None:
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.kl_reduction, self.dataset_size, self.kl_weight = kl_reduction, dataset_size, kl_weight
+        self.device, self.progress = torch.device(device), progress
+        self.history: list[EpochRecord] = []
+        self.best_state: dict | None = None
+        self.best_epoch: int | None = None
+        self._best_val: float = -float("inf")
+
+    # --- the pieces ---------------------------------------------------------------------------
+    def step(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
+        """One optimisation step on a batch; returns loss, data loss, KL and correct count."""
+        self.model.train()
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        output = self.model(inputs)
+        loss, data, kl = elbo_loss(
+            output, targets, self.model, loss_fn=self.loss_fn, kl_reduction=self.kl_reduction,
+            dataset_size=self.dataset_size, kl_weight=self.kl_weight,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        correct = (output.argmax(dim=1) == targets).sum().item() if output.dim() == 2 else 0
+        return {"loss": loss.item(), "data": data.item(), "kl": kl.item(), "correct": correct, "n": len(targets)}
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable) -> dict[str, float]:
+        """Mean data loss and accuracy with the gates in eval mode (E[theta] * mask)."""
+        training = self.model.training
+        self.model.eval()
+        total_loss, correct, n = 0.0, 0, 0
+        try:
+            for inputs, targets in loader:
+                inputs, targets = inputs.to(self.device), targets.to(self.device)
+                output = self.model(inputs)
+                total_loss += self.loss_fn(output, targets, reduction="sum").item()
+                correct += (output.argmax(dim=1) == targets).sum().item()
+                n += len(targets)
+        finally:
+            self.model.train(training)
+        return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1)}
+
+    def train_epoch(self, loader: Iterable) -> dict[str, float]:
+        """One pass over ``loader``; returns mean loss, mean KL and accuracy."""
+        sums = {"loss": 0.0, "kl": 0.0, "correct": 0, "n": 0}
+        batches = 0
+        for inputs, targets in loader:
+            out = self.step(inputs, targets)
+            sums["loss"] += out["loss"]
+            sums["kl"] += out["kl"]
+            sums["correct"] += out["correct"]
+            sums["n"] += out["n"]
+            batches += 1
+        return {
+            "loss": sums["loss"] / max(batches, 1),
+            "kl": sums["kl"] / max(batches, 1),
+            "accuracy": sums["correct"] / max(sums["n"], 1),
+        }
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(
+        self,
+        train_loader: Iterable,
+        val_loader: Iterable,
+        epochs: int,
+        *,
+        finetune_epochs: int = 0,
+        pruning: ContinuousPruning | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        generator: torch.Generator | None = None,
+        on_epoch_end: Callable[[EpochRecord], None] | None = None,
+        restore_best: bool = True,
+    ) -> list[EpochRecord]:
+        """Train ``epochs`` epochs (pruning after each if ``pruning`` says so), then
+        fine-tune ``finetune_epochs`` with the masks fixed.
+
+        With ``restore_best`` (default) the model ends in its best-validation state among
+        the epochs whose masks are final: the fine-tuning epochs, or the last epoch if there
+        is no fine-tuning but pruning; all epochs if there is no pruning at all. Otherwise
+        it ends in its last state.
+
+        ``checkpoint``: a file written atomically after every epoch (model, optimizer,
+        history, best state, random-number states, and ``generator``'s state, the one that
+        shuffles the training data). If it exists, training resumes from it and ends with
+        the same result as an uninterrupted run.
+        """
+        if checkpoint is not None and Path(checkpoint).exists():
+            self._load(torch.load(checkpoint, map_location=self.device, weights_only=False), generator)
+        total = epochs + finetune_epochs
+        start = len(self.history) + 1
+        bar = tqdm(range(start, total + 1), desc="epochs", initial=start - 1, total=total, disable=not self.progress, leave=False)
+        for epoch in bar:
+            began = time.perf_counter()
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            train = self.train_epoch(train_loader)
+            phase = "train" if epoch <= epochs else "finetune"
+            if phase == "train" and pruning is not None:
+                pruning(self.model, epoch)
+            val = self.evaluate(val_loader)
+            record = EpochRecord(
+                epoch=epoch, phase=phase, train_loss=train["loss"], train_kl=train["kl"],
+                train_accuracy=train["accuracy"], val_loss=val["loss"], val_accuracy=val["accuracy"],
+                structure_compression=structure_compression(self.model),
+                parameter_compression=parameter_compression(self.model),
+                kept=kept_structures(self.model), seconds=time.perf_counter() - began,
+            )
+            self.history.append(record)
+            selectable = pruning is None or phase == "finetune" or (finetune_epochs == 0 and epoch == total)
+            if selectable and val["accuracy"] > self._best_val:
+                self._best_val, self.best_epoch = val["accuracy"], epoch
+                self.best_state = copy.deepcopy(self.model.state_dict())
+            bar.set_postfix(loss=f"{train['loss']:.3f}", val=f"{val['accuracy']:.4f}", comp=f"{record.parameter_compression:.1%}")
+            if checkpoint is not None:
+                atomic_save(self._state(generator), checkpoint)
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+        bar.close()
+        if restore_best and self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return self.history
+
+    def _state(self, generator: torch.Generator | None) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": [asdict(r) for r in self.history],
+            "best_state": self.best_state,
+            "best_epoch": self.best_epoch,
+            "best_val": self._best_val,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "loader": generator.get_state() if generator is not None else None,
+            },
+        }
+
+    def _load(self, state: dict, generator: torch.Generator | None) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        self.best_state, self.best_epoch, self._best_val = state["best_state"], state["best_epoch"], state["best_val"]
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if generator is not None and rng["loader"] is not None:
+            generator.set_state(rng["loader"])

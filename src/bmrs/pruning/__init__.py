@@ -1,0 +1,15 @@
+"""Pruning criteria, masks, counting and schedules."""
+
+from .criteria import (
+    BMRSN, BMRSU, CRITERIA, SNR, BMRSNCode, Criterion, ExpectedTheta, L2, Random, Taylor, make_criterion,
+)
+from .masks import (
+    count_parameters, decide, kept_structures, parameter_compression, prune, set_masks, structure_compression,
+)
+from .schedules import ContinuousPruning
+
+__all__ = [
+    "BMRSN", "BMRSNCode", "BMRSU", "CRITERIA", "ContinuousPruning", "Criterion", "ExpectedTheta", "L2",
+    "Random", "SNR", "Taylor", "count_parameters", "decide", "kept_structures", "make_criterion",
+    "parameter_compression", "prune", "set_masks", "structure_compression",
+]

@@ -1,0 +1,211 @@
+"""Turning criteria into masks, and counting what the masks remove."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..gates import gate_layout, gates
+from .criteria import Criterion
+
+__all__ = [
+    "decide", "prune", "set_masks", "kept_structures", "structure_compression",
+    "parameter_compression", "count_parameters", "removed_parameters",
+]
+
+
+def _family_scores(model: nn.Module, criterion: Criterion) -> list[Tensor]:
+    layout = gate_layout(model)
+    scores = criterion.structure_scores(model)
+    return [
+        criterion.family_score(torch.stack([scores[name].double().cpu()[idx] for name, idx in fam.members]))
+        for fam in layout.families
+    ]
+
+
+def _current_masks(model: nn.Module) -> dict[str, Tensor]:
+    return {name: gate.mask.detach().cpu() > 0 for name, gate in gates(model).items()}
+
+
+def decide(
+    model: nn.Module,
+    criterion: Criterion,
+    *,
+    target: float | None = None,
+    target_kind: str = "structures",
+    keep_pruned: bool = False,
+) -> dict[str, Tensor]:
+    """Keep masks (bool, per gate) that ``criterion`` decides for ``model``.
+
+    Args:
+        criterion: a :class:`~bmrs.pruning.criteria.Criterion`.
+        target: ``None`` to use the criterion's own rule (delta F >= 0 prunes for BMRS, the
+            threshold for the baselines); or a compression in [0, 1]: prune the
+            lowest-scored structures across all layers until that fraction is removed.
+        target_kind: what ``target`` counts: ``"structures"`` (gated structures) or
+            ``"params"`` (trainable parameters, as :func:`parameter_compression` counts them).
+        keep_pruned: structures already masked stay pruned (and count towards ``target``).
+
+    Families of coupled structures are decided as one, from the criterion's family score.
+    """
+    if target_kind not in ("structures", "params"):
+        raise ValueError(f"target_kind must be 'structures' or 'params', got {target_kind!r}")
+    layout = gate_layout(model)
+    family_scores = _family_scores(model, criterion)
+    current = _current_masks(model)
+    already = [
+        torch.stack([~current[name][idx] for name, idx in fam.members]).all(dim=0) for fam in layout.families
+    ]
+    if target is None:
+        if criterion.threshold is None:
+            raise ValueError(f"criterion {criterion.name!r} has no threshold: give a target compression")
+        keep_slots = []
+        for score in family_scores:
+            # BMRS prunes at delta F >= 0, i.e. keeps -delta F > 0; baselines keep score >= threshold
+            keep_slots.append(score > criterion.threshold if criterion.evidence_based else score >= criterion.threshold)
+    else:
+        if not 0.0 <= float(target) <= 1.0:
+            raise ValueError(f"target compression must lie in [0, 1], got {target}")
+        keep_slots = _rank_and_cut(model, layout, family_scores, already if keep_pruned else None, float(target), target_kind)
+    if keep_pruned:
+        keep_slots = [k & ~a for k, a in zip(keep_slots, already)]
+    masks = {name: torch.ones(g.num_structures, dtype=torch.bool) for name, g in gates(model).items()}
+    for fam, keep in zip(layout.families, keep_slots):
+        for name, idx in fam.members:
+            masks[name][torch.as_tensor(idx)] = keep
+    return masks
+
+
+def _rank_and_cut(model, layout, family_scores, already, target, target_kind) -> list[Tensor]:
+    scores = torch.cat(family_scores)
+    if already is not None:  # pruned structures go first
+        scores = torch.where(torch.cat(already), -torch.inf, scores)
+    order = torch.sort(scores, stable=True).indices
+    sizes = [f.size for f in layout.families]
+
+    def pruned_by(k: int) -> list[Tensor]:
+        gone = torch.zeros(len(scores), dtype=torch.bool)
+        gone[order[:k]] = True
+        return list(torch.split(gone, sizes))
+
+    if target_kind == "structures":
+        weights = torch.cat([torch.full((f.size,), float(len(f.members))) for f in layout.families])
+        removed = torch.cumsum(weights[order].double(), 0) / float(weights.sum())
+        # smallest prefix of the ranking whose removal reaches the target
+        k = int(torch.searchsorted(removed, torch.tensor(target, dtype=torch.float64) - 1e-12)) + 1 if target > 0 else 0
+    else:  # removal counts overlap between layers: bisect on the exact count
+        total = float(count_parameters(model))
+        lo, hi = 0, len(scores)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if removed_parameters(model, pruned_by(mid)) / total >= target - 1e-12:
+                hi = mid
+            else:
+                lo = mid + 1
+        k = lo
+    return [~gone for gone in pruned_by(min(k, len(scores)))]
+
+
+def set_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Write keep masks into the gates. Under ``torch.distributed``, rank 0's masks are
+    broadcast so that every rank prunes exactly the same structures."""
+    named = gates(model)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    for name, gate in named.items():
+        mask = masks[name].to(device=gate.mask.device, dtype=gate.mask.dtype)
+        if distributed:
+            torch.distributed.broadcast(mask, src=0)
+        gate.mask.copy_(mask)
+
+
+def prune(
+    model: nn.Module,
+    criterion: Criterion,
+    *,
+    target: float | None = None,
+    target_kind: str = "structures",
+    keep_pruned: bool = True,
+) -> dict[str, int]:
+    """Decide with ``criterion`` (see :func:`decide`), write the masks, return kept counts per gate.
+
+    By default a structure pruned earlier stays pruned (``keep_pruned=True``).
+    """
+    masks = decide(model, criterion, target=target, target_kind=target_kind, keep_pruned=keep_pruned)
+    set_masks(model, masks)
+    return kept_structures(model)
+
+
+def kept_structures(model: nn.Module) -> dict[str, int]:
+    """Number of unmasked structures per gate."""
+    return {name: int(g.mask.sum().item()) for name, g in gates(model).items()}
+
+
+def structure_compression(model: nn.Module) -> float:
+    """Fraction of gated structures that are pruned."""
+    named = gates(model)
+    total = sum(g.num_structures for g in named.values())
+    return (total - sum(kept_structures(model).values())) / total if total else 0.0
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters of the (gated) model, gates included."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _pruned_slots(model: nn.Module) -> list[Tensor]:
+    """Per family, which slots are removed: those whose members are all masked."""
+    current = _current_masks(model)
+    return [
+        torch.stack([~current[name][idx] for name, idx in fam.members]).all(dim=0)
+        for fam in gate_layout(model).families
+    ]
+
+
+def removed_parameters(model: nn.Module, pruned: list[Tensor]) -> int:
+    """Trainable parameters removed when the given family slots are removed.
+
+    Counted per parameter tensor from the surviving rows and columns, so a weight between
+    two removed units is removed once; plus the removed structures' gate parameters.
+    """
+    layout = gate_layout(model)
+    modules = dict(model.named_modules())
+    cut: dict[tuple[str, str], set[int]] = {}
+    removed = 0
+    for fam, gone in zip(layout.families, pruned):
+        slots = torch.nonzero(gone).flatten().tolist()
+        if not fam.effects:  # disjoint per-slot parameters (attention heads)
+            removed += sum(fam.slot_params[j] for j in slots)
+            continue
+        removed += 2 * len(fam.members) * len(slots)  # the gates' loc and log_scale
+        for name, side, per_slot in fam.effects:
+            indices = cut.setdefault((name, side), set())
+            for j in slots:
+                indices.update(per_slot[j])
+    for name in {n for n, _ in cut}:
+        removed += _removed_in_module(modules[name], len(cut.get((name, "out"), ())), len(cut.get((name, "in"), ())))
+    return removed
+
+
+def _removed_in_module(module: nn.Module, n_out: int, n_in: int) -> int:
+    """Parameters of ``module`` lost when ``n_out`` output and ``n_in`` input indices go."""
+    total = 0
+    for _, p in module.named_parameters(recurse=False):
+        if not p.requires_grad:
+            continue
+        if p.dim() >= 2:  # Linear [out, in], Conv [out, in, *k]
+            rest = p.numel() // (p.shape[0] * p.shape[1])
+            total += p.numel() - (p.shape[0] - n_out) * (p.shape[1] - n_in) * rest
+        else:  # bias and norm parameters live on the output side
+            total += min(n_out, p.shape[0]) if p.dim() == 1 else 0
+    return total
+
+
+def parameter_compression(model: nn.Module) -> float:
+    """Fraction of trainable parameters that the current masks remove (the paper's "Comp.").
+
+    A pruned structure removes its incoming weights and bias, its BatchNorm parameters,
+    the outgoing weights that read it, and its gate's two parameters; a weight joining two
+    removed structures counts once. A family slot counts as removed when every member is
+    masked.
+    """
+    return removed_parameters(model, _pruned_slots(model)) / count_parameters(model)

@@ -1,0 +1,450 @@
+"""Where the prunable structures of a network are, and which must go together.
+
+Two analyses of a plain (ungated) network, both from one forward pass of an example input:
+
+* a trace of module calls and of the autograd graph, to find for each ``Linear``/``Conv``
+  (a *producer*) the module after which its gate belongs (its BatchNorm and activation,
+  when they consume its output alone), and which producers are final (nothing learnable
+  downstream: the classifier);
+* Torch-Pruning's dependency graph, to find channels coupled across layers (residual
+  additions): such channels form a *family* and can only be removed together.
+
+Attention heads (:mod:`bmrs.attention`) are structures too: each attention module gets
+one gate over its heads, coupled to nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from .attention import HEAD_MODULES, expose_heads, params_per_head
+
+__all__ = ["GateSite", "Family", "GateLayout"]
+
+PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CHANNELWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Identity, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+# Activations whose value at 0 is not 0 would leave a constant behind a pruned structure.
+_NOT_ZERO_AT_ZERO = (nn.Sigmoid, nn.Softplus, nn.Hardsigmoid, nn.LogSigmoid)
+_CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass
+class GateSite:
+    """One gate: the structures it gates and where it sits.
+
+    Attributes:
+        name: the gate's key in :func:`bmrs.gates` (the site's module name).
+        producer: name of the module whose output channels (or heads) are the structures.
+        site: name of the module after whose output the gate multiplies.
+        dim: the gated axis of that output.
+        num_structures: number of structures.
+        kind: ``"channels"`` or ``"heads"``.
+    """
+
+    name: str
+    producer: str
+    site: str
+    dim: int
+    num_structures: int
+    kind: str = "channels"
+
+
+@dataclass
+class Family:
+    """Structures that can only be removed together (channels tied by residual additions).
+
+    ``members[k] = (gate name, indices)``: slot ``j`` of the family is structure
+    ``indices[j]`` of every member gate. An uncoupled gate is a family of one member.
+    ``slot_params[j]`` is the number of trainable parameters that removing slot ``j``
+    alone deletes: incoming and outgoing weights, biases, norm parameters and the gates' own
+    two parameters per structure. Removing several slots of consecutive layers deletes
+    less than the sum (the weight between two removed units is counted once):
+    ``effects`` lists, per affected module, the side (``"out"``: rows/filters/norm
+    entries, ``"in"``: input columns) and the indices each slot removes there, from which
+    :func:`bmrs.pruning.parameter_compression` counts exactly. A family without ``effects``
+    (attention heads) has disjoint per-slot parameters and is counted by ``slot_params``.
+    """
+
+    members: list[tuple[str, list[int]]]
+    slot_params: list[int] = field(default_factory=list)
+    effects: list[tuple[str, str, list[list[int]]]] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.members[0][1])
+
+
+@dataclass
+class GateLayout:
+    """What :func:`bmrs.attach_gates` did: the gates, their families, what it skipped and why."""
+
+    sites: dict[str, GateSite] = field(default_factory=dict)
+    families: list[Family] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """A readable table of gates and skipped layers."""
+        lines = [f"{len(self.sites)} gates, {sum(s.num_structures for s in self.sites.values())} structures"]
+        for s in self.sites.values():
+            where = "" if s.site == s.producer else f" (after {s.site})"
+            lines.append(f"  gate {s.name}: {s.num_structures} {s.kind} of {s.producer}{where}")
+        coupled = [f for f in self.families if len(f.members) > 1]
+        for f in coupled:
+            lines.append(f"  coupled, pruned together: {', '.join(n for n, _ in f.members)}")
+        for name, why in self.skipped.items():
+            lines.append(f"  not gated: {name}: {why}")
+        return "\n".join(lines)
+
+
+# --- tracing ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    name: str
+    in_fns: list
+    out_fn: object = None
+    out_shape: tuple = ()
+
+
+def _as_inputs(example_input) -> tuple:
+    if isinstance(example_input, Tensor):
+        example_input = (example_input,)
+    out = []
+    for x in example_input:
+        if isinstance(x, Tensor) and x.is_floating_point():
+            x = x.detach().clone().requires_grad_(True)  # every op downstream gets a grad_fn
+        out.append(x)
+    return tuple(out)
+
+
+def _trace(model: nn.Module, example_input, leaf_types: tuple = ()) -> tuple[list[_Call], dict, list]:
+    """Module calls (in execution order), consumers of every grad_fn, and the output grad_fns."""
+    names = {m: n for n, m in model.named_modules()}
+    calls: list[_Call] = []
+    open_calls: dict[int, list[_Call]] = {}
+    handles = []
+
+    def pre(module, args):
+        call = _Call(module, names[module], [a.grad_fn for a in args if isinstance(a, Tensor)])
+        open_calls.setdefault(id(module), []).append(call)
+        calls.append(call)
+
+    def post(module, args, output):
+        call = open_calls[id(module)].pop()
+        if isinstance(output, tuple):
+            output = output[0]
+        if isinstance(output, Tensor):
+            call.out_fn, call.out_shape = output.grad_fn, tuple(output.shape)
+
+    for module in model.modules():
+        if next(module.children(), None) is None or isinstance(module, leaf_types):
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            out = model(*_as_inputs(example_input))
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    outputs = [o.grad_fn for o in _flatten(out) if isinstance(o, Tensor) and o.grad_fn is not None]
+    consumers: dict = {}
+    stack, seen = list(outputs), set()
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        for nxt, _ in fn.next_functions:
+            if nxt is not None:
+                consumers.setdefault(nxt, []).append(fn)
+                stack.append(nxt)
+    return calls, consumers, outputs
+
+
+def _flatten(out) -> list:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flatten(o)]
+    return []
+
+
+def _upstream(fns: Iterable, stop: set | None = None) -> set:
+    seen, stack = set(), [f for f in fns if f is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        stack += [n for n, _ in fn.next_functions if n is not None]
+    return seen
+
+
+def _matches(module: nn.Module, name: str, exclude: Sequence) -> bool:
+    for e in exclude:
+        if isinstance(e, str) and (name == e or name.startswith(e + ".")):
+            return True
+        if isinstance(e, nn.Module) and module is e:
+            return True
+        if isinstance(e, type) and isinstance(module, e):
+            return True
+    return False
+
+
+def _channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def find_sites(
+    model: nn.Module, example_input, exclude: Sequence = (), heads: bool = True,
+) -> tuple[list[GateSite], dict[str, str]]:
+    """For every producer (and attention module), its gate site; and what cannot be gated, with why.
+
+    With ``heads``, every ``nn.MultiheadAttention`` of ``model`` that is not excluded is
+    first turned in place into a :class:`~bmrs.attention.HeadedMultiheadAttention` (same
+    parameters and outputs), and each attention module with a ``heads`` site gets a site
+    of kind ``"heads"`` on it (``dim=1`` of its ``(N, H, T, D)`` per-head outputs). The
+    linear layers inside attention modules are never gated as channels: their outputs are
+    head dimensions, which are removed together with their head.
+    """
+    skipped: dict[str, str] = {}
+    if heads:
+        _expose_attention_heads(model, exclude, skipped)
+    calls, consumers, outputs = _trace(model, example_input)
+    by_in_fn: dict = {}
+    for call in calls:
+        for fn in call.in_fns:
+            by_in_fn.setdefault(fn, []).append(call)
+    attention = {
+        name: m for name, m in model.named_modules() if isinstance(m, (*HEAD_MODULES, nn.MultiheadAttention))
+    }
+    head_hosts = {
+        f"{name}.heads" if name else "heads": name
+        for name, m in attention.items() if heads and isinstance(m, HEAD_MODULES)
+    }
+    all_producer_calls = [c for c in calls if isinstance(c.module, PRODUCERS)]
+    # the linear layers inside attention modules are not channel structures
+    producer_calls = [
+        c for c in all_producer_calls if not any(a == "" or c.name.startswith(a + ".") for a in attention)
+    ]
+    counts: dict[str, int] = {}
+    for c in producer_calls + [c for c in calls if c.name in head_hosts]:
+        counts[c.name] = counts.get(c.name, 0) + 1
+    # a producer is final when no other producer lies downstream of it
+    upstream_of_some_producer = set()
+    for c in all_producer_calls:
+        upstream_of_some_producer |= _upstream(c.in_fns)
+
+    sites = []
+    for call in calls:
+        if call.name in head_hosts:
+            _head_site(call, head_hosts[call.name], attention, counts, exclude, sites, skipped)
+            continue
+        module, name = call.module, call.name
+        if name not in counts or name in skipped or any(s.producer == name for s in sites):
+            continue
+        if _matches(module, name, exclude):
+            skipped[name] = "excluded"
+            continue
+        if call.out_fn not in upstream_of_some_producer:
+            skipped[name] = "final layer (its outputs are the network's outputs)"
+            continue
+        if counts[name] > 1:
+            skipped[name] = _SHARED
+            continue
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups != 1:
+            skipped[name] = "grouped or depthwise convolution"
+            continue
+        channels = _channels(module)
+        site, fn, shape, reason = call, call.out_fn, call.out_shape, None
+        while True:
+            users = consumers.get(fn, [])
+            nxt = [c for c in by_in_fn.get(fn, []) if c is not site]
+            if len(users) != 1 or len(nxt) != 1:
+                break
+            m = nxt[0].module
+            if isinstance(m, _NORMS) and m.num_features == channels or isinstance(m, _CHANNELWISE):
+                site, fn, shape = nxt[0], nxt[0].out_fn, nxt[0].out_shape
+                continue
+            if isinstance(m, _CROSS_CHANNEL_NORMS):
+                reason = f"followed by {type(m).__name__}, which normalises across the channels"
+            elif isinstance(m, _NOT_ZERO_AT_ZERO):
+                reason = f"followed by {type(m).__name__}, which is not 0 at 0"
+            break
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        dim = 1
+        if isinstance(module, nn.Linear) and len(shape) > 2:
+            dim = -1
+        if len(shape) < 2 or shape[dim] != channels:
+            skipped[name] = f"output of shape {shape} has no channel axis of size {channels}"
+            continue
+        sites.append(GateSite(name=site.name, producer=name, site=site.name, dim=dim, num_structures=channels))
+    return sites, skipped
+
+
+_SHARED = "called more than once in a forward pass (shared weights)"
+
+
+def _expose_attention_heads(model: nn.Module, exclude: Sequence, skipped: dict[str, str]) -> None:
+    """Give every plain ``nn.MultiheadAttention`` a ``heads`` site (in place), or say why not."""
+    converted = False
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention) or isinstance(module, HEAD_MODULES):
+            continue
+        if _matches(module, name, exclude):
+            skipped[name] = "excluded"
+            continue
+        try:
+            expose_heads(module)
+        except (TypeError, ValueError) as error:
+            skipped[name] = f"heads not gated: {error}"
+            continue
+        converted = True
+    if converted:
+        # nested-tensor inputs would route the layers around the gated attention
+        for module in model.modules():
+            if isinstance(module, nn.TransformerEncoder):
+                module.use_nested_tensor = False
+
+
+def _head_site(
+    call: _Call, name: str, attention: dict, counts: dict, exclude: Sequence,
+    sites: list[GateSite], skipped: dict[str, str],
+) -> None:
+    """Add the head site of attention module ``name`` (its ``heads`` was called in ``call``)."""
+    module = attention[name]
+    if name in skipped or any(s.producer == name for s in sites):
+        return
+    if _matches(module, name, exclude) or _matches(call.module, call.name, exclude):
+        skipped[name] = "excluded"
+    elif counts[call.name] > 1:
+        skipped[name] = _SHARED
+    elif len(call.out_shape) != 4 or call.out_shape[1] != module.num_heads:
+        skipped[name] = f"per-head output of shape {call.out_shape} is not (N, {module.num_heads}, T, D)"
+    else:
+        sites.append(GateSite(
+            name=call.name, producer=name, site=call.name, dim=1, num_structures=module.num_heads, kind="heads",
+        ))
+
+
+# --- coupling ---------------------------------------------------------------------------------
+
+
+def build_dependency_graph(model: nn.Module, example_input) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of a plain model (training mode is restored)."""
+    training = model.training
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=_as_inputs(example_input), verbose=False)
+    finally:
+        model.train(training)
+    return graph
+
+
+def couple(model: nn.Module, example_input, sites: list[GateSite]) -> tuple[list[GateSite], list[Family], dict[str, str]]:
+    """Group the sites' channels into families; drop sites coupled to anything ungatable.
+
+    Head sites are coupled to nothing: each is a family of one member, whose slot removes
+    the head's q, k, v rows, its output-projection columns and its gate's two parameters.
+    Only channel sites go through Torch-Pruning's dependency analysis.
+    """
+    graph = build_dependency_graph(model, example_input)
+    modules = dict(model.named_modules())
+    by_producer = {s.producer: s for s in sites}
+    kept, families, skipped, done = [], [], {}, set()
+    for site in sites:
+        if site.producer in done:
+            continue
+        if site.kind == "heads":
+            kept.append(site)
+            per_head = params_per_head(modules[site.producer]) + 2  # + the gate's loc and log_scale
+            families.append(Family(members=[(site.name, list(range(site.num_structures)))],
+                                   slot_params=[per_head] * site.num_structures))
+            continue
+        producer = modules[site.producer]
+        pruner = graph.get_pruner_of_module(producer)
+        group = graph.get_pruning_group(producer, pruner.prune_out_channels, list(range(site.num_structures)))
+        members, problem, effects = {}, None, []
+        slot_params = [0] * site.num_structures
+        for item in group:
+            target = item.dep.target.module
+            is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
+            cost = _params_per_index(target, is_out)
+            for j in item.root_idxs:
+                slot_params[j] += cost
+            if cost:
+                per_slot: list[list[int]] = [[] for _ in range(site.num_structures)]
+                for j, i in zip(item.root_idxs, item.idxs):
+                    per_slot[j].append(int(i))
+                effects.append((graph._module2name[target], "out" if is_out else "in", per_slot))
+            if not is_out:
+                continue
+            tname = graph._module2name.get(target)
+            if isinstance(target, PRODUCERS):
+                if tname not in by_producer:
+                    problem = f"its channels are tied to those of {tname}, which is not gated"
+                    break
+                slot_to_idx = dict(zip(item.root_idxs, item.idxs))
+                members[tname] = [slot_to_idx[j] for j in range(site.num_structures)]
+            elif isinstance(target, _NORMS) or type(target).__name__ in (
+                "_ElementWiseOp", "_ReshapeOp", "_ConcatOp", "_SplitOp", "_ExpandOp", "_SliceOp",
+            ):
+                continue
+            elif isinstance(target, nn.Parameter):  # a parameter used outside any module
+                label = next((f"the parameter {n}" for n, q in model.named_parameters() if q is target), "a parameter")
+                problem = f"its channels are tied to {label}, which cannot be gated"
+                break
+            else:
+                label = tname or type(target).__name__.strip("_")
+                problem = f"its channels are tied to {label}, which cannot be gated"
+                break
+        names = sorted(members) if problem is None else [site.producer]
+        done.update(names)
+        if problem is not None:
+            skipped[site.producer] = problem
+            continue
+        family_sites = [by_producer[n] for n in names]
+        kept += family_sites
+        gate_params = 2 * len(names)  # loc and log_scale of every member's gate
+        families.append(Family(
+            members=[(by_producer[n].name, members[n]) for n in names],
+            slot_params=[p + gate_params for p in slot_params],
+            effects=effects,
+        ))
+    return kept, families, skipped
+
+
+def _params_per_index(module, is_out: bool) -> int:
+    """Trainable parameters one pruned index removes from ``module`` (in or out side)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features + (module.bias is not None) if is_out else module.out_features
+    if isinstance(module, PRODUCERS):  # convolutions with groups == 1
+        kernel = 1
+        for k in module.kernel_size:
+            kernel *= k
+        if is_out:
+            return module.in_channels * kernel + (module.bias is not None)
+        return module.out_channels * kernel
+    if isinstance(module, _NORMS):
+        return 2 if module.affine else 0
+    return 0

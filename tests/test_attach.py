@@ -1,0 +1,145 @@
+"""attach_gates on networks it has never seen."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bmrs
+from nets import TinyResNet, lenet_like, small_mlp
+
+
+def test_lenet_like_gates_after_activations_not_the_classifier():
+    model = lenet_like()
+    layout = bmrs.attach_gates(model, torch.randn(2, 1, 32, 32))
+    assert {(s.producer, s.site, s.num_structures) for s in layout.sites.values()} == {
+        ("0", "1", 6), ("3", "4", 16), ("7", "8", 120), ("9", "10", 84)}
+    assert "final layer" in layout.skipped["11"]
+    assert set(bmrs.gates(model)) == {"1", "4", "8", "10"}
+    out = model(torch.randn(3, 1, 32, 32))
+    out.sum().backward()
+    assert out.shape == (3, 10)
+    assert all(g.loc.grad is not None and torch.isfinite(g.loc.grad).all() for g in bmrs.gates(model).values())
+
+
+def test_state_dict_keys_of_the_model_are_unchanged_and_gates_added():
+    model = small_mlp()
+    before = set(model.state_dict())
+    bmrs.attach_gates(model, torch.randn(2, 12))
+    after = set(model.state_dict())
+    assert before < after
+    assert after - before == {f"{i}.bmrs_gate.{k}" for i in (1, 3) for k in ("loc", "log_scale", "mask")}
+
+
+def test_residual_network_gates_and_couples_tied_channels():
+    model = TinyResNet()
+    layout = bmrs.attach_gates(model, torch.randn(2, 3, 8, 8))
+    assert set(layout.sites) == {"stem_bn", "block1.bn1", "block1.bn2", "block2.bn1", "block2.bn2"}
+    coupled = [f for f in layout.families if len(f.members) > 1]
+    assert len(coupled) == 1
+    assert {name for name, _ in coupled[0].members} == {"stem_bn", "block1.bn2", "block2.bn2"}
+    assert all(idx == list(range(8)) for _, idx in coupled[0].members)
+    model.train()
+    y = model(torch.randn(4, 3, 8, 8))
+    y.sum().backward()
+    assert y.shape == (4, 5)
+
+
+def test_transformer_encoder_block_gates_mlp_hidden_units():
+    block = nn.TransformerEncoderLayer(d_model=16, nhead=4, dim_feedforward=32, batch_first=True)
+    layout = bmrs.attach_gates(block, torch.randn(2, 5, 16))
+    mlp = [s for s in layout.sites.values() if s.producer == "linear1"]
+    assert len(mlp) == 1 and mlp[0].num_structures == 32 and mlp[0].dim == -1
+    block.train()
+    y = block(torch.randn(3, 5, 16))
+    y.sum().backward()
+    assert bmrs.gates(block)["linear1"].loc.grad is not None
+
+
+def test_exclude_by_name_instance_and_type():
+    model = lenet_like()
+    layout = bmrs.attach_gates(model, torch.randn(2, 1, 32, 32), exclude=["0", model[7], ])
+    assert layout.skipped["0"] == "excluded" and layout.skipped["7"] == "excluded"
+    bmrs.detach_gates(model)
+    layout = bmrs.attach_gates(model, torch.randn(2, 1, 32, 32), exclude=[nn.Conv2d])
+    assert set(layout.sites) == {"8", "10"}
+
+
+def test_reports_what_it_cannot_gate():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.norm = nn.LayerNorm(6)
+            self.b = nn.Linear(6, 6)
+            self.sig = nn.Sigmoid()
+            self.shared = nn.Linear(6, 6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x):
+            x = self.sig(self.b(self.norm(self.a(x))))
+            return self.out(self.shared(self.shared(x)))
+
+    model = Odd()
+    with pytest.warns(UserWarning, match="left these layers ungated"):
+        layout = bmrs.attach_gates(model, torch.randn(2, 4))
+    assert "LayerNorm" in layout.skipped["a"]
+    assert "not 0 at 0" in layout.skipped["b"]
+    assert "more than once" in layout.skipped["shared"]
+    assert "not gated: a" in layout.describe()
+
+
+def test_residual_tied_to_an_ungated_layer_is_not_gated():
+    model = TinyResNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layout = bmrs.attach_gates(model, torch.randn(2, 3, 8, 8), exclude=["stem"])
+    assert "block1.conv2" in layout.skipped and "tied" in layout.skipped["block1.conv2"]
+    assert set(layout.sites) == {"block1.bn1", "block2.bn1"}
+
+
+def test_masked_structures_contribute_exactly_nothing_in_eval():
+    model = small_mlp()
+    bmrs.attach_gates(model, torch.randn(2, 12))
+    gate = bmrs.gates(model)["1"]
+    gate.mask[[0, 3]] = 0.0
+    captured = {}
+    gate.register_forward_hook(lambda m, a, out: captured.update(out=out))
+    model.eval()
+    model(torch.randn(5, 12))
+    assert torch.equal(captured["out"][:, [0, 3]], torch.zeros(5, 2))
+
+
+def test_detach_restores_the_plain_model():
+    model = small_mlp()
+    x = torch.randn(4, 12)
+    reference = model(x)
+    bmrs.attach_gates(model, torch.randn(2, 12))
+    assert not torch.equal(model.eval()(x), reference)
+    bmrs.detach_gates(model)
+    assert torch.equal(model(x), reference) and not bmrs.gates(model)
+    with pytest.raises(ValueError, match="no gates"):
+        bmrs.gate_layout(model)
+
+
+def test_attach_twice_is_an_error_and_model_mode_is_restored():
+    model = small_mlp().train()
+    bmrs.attach_gates(model, torch.randn(2, 12))
+    assert model.training
+    with pytest.raises(ValueError, match="already has gates"):
+        bmrs.attach_gates(model, torch.randn(2, 12))
+
+
+def test_deepcopy_keeps_working_gates():
+    import copy
+
+    model = small_mlp()
+    bmrs.attach_gates(model, torch.randn(2, 12))
+    clone = copy.deepcopy(model)
+    bmrs.gates(clone)["1"].mask.zero_()
+    clone.eval(), model.eval()
+    x = torch.randn(3, 12)
+    assert not torch.equal(clone(x), model(x))  # the clone's hooks use the clone's gates
+    bmrs.detach_gates(clone)
+    assert bmrs.gates(model)  # the original keeps its gates
