@@ -10,9 +10,12 @@ The core objects:
   any network; :func:`model_kl`, the KL term of the ELBO.
 * :mod:`bmrs.pruning`: criteria (BMRS and baselines), masks, compression counts, schedules.
 * :class:`Trainer`: a ready training loop with continuous pruning and checkpoints.
+* :func:`compact`: the smaller plain network, with :func:`save_compact` / :func:`load_compact`.
 """
 
 from .attention import MultiheadSelfAttention, compact_attention, expose_heads
+from .compaction import compact, load_compact, save_compact
+from .experiments.models import build_model  # also registers the bundled architectures for load_compact
 from .experiments.training import Trainer, elbo_loss, seed_everything
 from .gates import NoiseGate, attach_gates, detach_gates, gate_layout, gates, model_kl
 from .math.distributions import LogUniform, TruncatedLogNormal
@@ -39,6 +42,8 @@ __all__ = [
     "attach_gates",
     "bmrs_n_prior",
     "bmrs_u_prior",
+    "build_model",
+    "compact",
     "compact_attention",
     "decide",
     "delta_f",
@@ -49,10 +54,12 @@ __all__ = [
     "gate_layout",
     "gates",
     "kept_structures",
+    "load_compact",
     "make_criterion",
     "model_kl",
     "parameter_compression",
     "prune",
+    "save_compact",
     "seed_everything",
     "structure_compression",
 ]

@@ -133,7 +133,26 @@ class NoiseGate(nn.Module):
         if self.training:
             theta = self.sample(x.shape[0]) * self.mask  # (N, C)
             return x * theta.to(x.dtype).reshape(self._broadcast_shape(x, x.shape[0]))
-        return x * self.expected_gate().to(x.dtype).reshape(self._broadcast_shape(x, 1))
+        return x * self._eval_gate().to(x.dtype).reshape(self._broadcast_shape(x, 1))
+
+    def _eval_gate(self) -> Tensor:
+        """``expected_gate()``, recomputed only when the parameters or the mask change.
+
+        Evaluation calls the gate on every batch with the same parameters; the truncated
+        log-normal mean costs far more than the multiplication, so it is cached, keyed on
+        the tensors' identities and in-place version counters (optimizer steps,
+        ``load_state_dict`` and mask updates all bump them). With gradients enabled the
+        cache is bypassed, so the result stays differentiable.
+        """
+        if torch.is_grad_enabled() and (self.loc.requires_grad or self.log_scale.requires_grad):
+            return self.expected_gate()
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (self.loc, self.log_scale, self.mask))
+        cached = getattr(self, "_eval_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.expected_gate())
+            self._eval_cache = cached
+        return cached[1]
 
 
 def attach_gates(

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
+from .._io import write_bytes
+
 __all__ = [
     "DATASETS",
     "ChecksumError",
@@ -225,21 +227,10 @@ def _extract_cifar10(archive: Path, dest: Path) -> Path:
                 name = wanted.get(member.name.removeprefix("./"))
                 if name is None or not member.isfile():
                     continue
-                _write_atomic(out / name, tar.extractfile(member).read())
+                write_bytes(out / name, tar.extractfile(member).read())
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise ValueError(f"{archive}: not a readable CIFAR-10 archive ({exc})") from exc
     return out
-
-
-def _write_atomic(dest: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``dest``, then rename it."""
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp_name, dest)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
 
 
 def _md5(path: Path) -> str:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .._io import write_json
 from ..compaction import compact, count_flops, count_parameters, save_compact
 from ..gates import gates
-from ..pruning.criteria import Criterion, Taylor, make_criterion
+from ..pruning.criteria import Criterion, make_criterion
 from ..pruning.masks import kept_structures, parameter_compression, structure_compression
 from ..pruning.schedules import ContinuousPruning
 from .data import load_dataset
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: Methods of ``bmrs train --method``: no pruning, the BMRS criteria and the baselines.
-METHODS = ("none", "bmrs-n", "bmrs-n-code", "bmrs-u", "snr", "etheta", "l2", "taylor", "random")
+METHODS = ("none", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-u", "snr", "etheta", "l2", "taylor", "random")
 
 # The paper's optimiser settings (MATH.md section 5); other models get the LeNet5 ones.
 _PAPER_SETTINGS = {"mlp": {"batch_size": 128, "lr": 1.5e-3}, "lenet5": {"batch_size": 32, "lr": 1.4e-3}}
@@ -86,21 +86,6 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
         return cls(**data)
-
-
-def write_json(data, path: str | os.PathLike) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_metrics(run_dir: str | os.PathLike) -> dict:
@@ -198,7 +183,7 @@ def _compaction(model: nn.Module, config: RunConfig, data, out: Path) -> dict:
         return compact_to_file(model, data.test.tensors[0][:64], out / "compact.pt", architecture)
     except (NotImplementedError, ValueError, RuntimeError) as err:
         (out / "compact.pt").unlink(missing_ok=True)
-        return {"error": f"{type(err).__name__}: {err}"}
+        return {"error": f"{type(err).__name__}: {err}", "architecture": architecture}
 
 
 def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool = True, resume: bool = True) -> dict:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._io import write_text
 from ..pruning.criteria import Criterion
 from ..pruning.masks import decide, parameter_compression, set_masks, structure_compression
 
@@ -78,16 +79,13 @@ def sweep(
 
 def write_sweep_csv(records: list[dict], path: str | os.PathLike) -> None:
     """Write sweep records as CSV (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     fields = ["criterion", "kind", "target", "structure_compression", "parameter_compression", "accuracy"]
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in records:
-            writer.writerow({k: r[k] for k in fields})
-    os.replace(tmp, path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        writer.writerow({k: r[k] for k in fields})
+    write_text(path, buffer.getvalue())
 
 
 def fine_tuner(trainer_factory: Callable[[nn.Module], object], train_loader, val_loader, epochs: int) -> Callable[[nn.Module], None] | None:

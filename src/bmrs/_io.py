@@ -1,0 +1,58 @@
+"""Atomic file writing: a temporary file beside the target, then a rename.
+
+Every file bmrs writes goes through :func:`write_atomic`, so an interrupted process never
+leaves a half-written result (at worst a hidden ``.*.tmp`` file beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["write_atomic", "write_bytes", "write_json", "write_text"]
+
+_MODE: int | None = None
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 less the umask); ``mkstemp`` gives 0o600."""
+    global _MODE
+    if _MODE is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        _MODE = 0o666 & ~mask
+    return _MODE
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(temporary_path)``, give the file the usual permissions and rename it to
+    ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) atomically."""
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` atomically."""
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_json(data, path: str | os.PathLike) -> None:
+    """Write ``data`` as indented, key-sorted JSON atomically."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

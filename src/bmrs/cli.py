@@ -1,0 +1,788 @@
+"""The ``bmrs`` command: train, sweep, report, compact, inspect and reproduce.
+
+A thin layer over :mod:`bmrs.experiments`, :mod:`bmrs.compaction` and
+:mod:`bmrs.reporting`. Every error a user can cause (a bad option, a missing file or data
+set, an unknown name) ends the command with one line ``bmrs: error: ...`` on stderr and exit
+status 2, never a traceback; result files are written to temporary names and renamed, so an
+interrupted command leaves no half-written file. See ``docs/cli.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import __version__
+from .experiments.data import DATASETS, ChecksumError
+from .experiments.models import MODELS
+from .experiments.runs import METHODS, RunConfig
+from .experiments.suites import SUITES
+from .experiments.sweep import DEFAULT_LEVELS
+
+__all__ = ["main", "build_parser", "parse_criteria"]
+
+EXIT_USAGE = 2
+
+#: Criteria of ``bmrs sweep`` by default (``bmrs-uP`` is BMRS_U with P bits).
+DEFAULT_CRITERIA = ("bmrs-n", "bmrs-n-code", "bmrs-u8", "bmrs-u4", "snr", "etheta", "l2", "taylor", "random")
+
+# Model options of ``bmrs train`` per bundled model: CLI destination -> builder keyword.
+_MODEL_OPTIONS = {
+    "mlp": {"width": "width", "hidden_layers": "hidden_layers"},
+    "lenet5": {},
+    "resnet": {"depth": "depth", "width": "width"},
+    "vit": {"depth": "depth", "patch_size": "patch_size", "width": "embed_dim"},
+}
+_FLAG = {"width": "--width", "hidden_layers": "--hidden-layers", "depth": "--depth", "patch_size": "--patch-size"}
+
+
+class CLIError(Exception):
+    """An error the user can fix; reported as one line with exit status 2."""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks and shows the defaults that are values."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors become :class:`CLIError` (one line, exit 2)."""
+
+    def error(self, message):
+        raise CLIError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _say(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, KeyError) and err.args and isinstance(err.args[0], str):
+        text = f"unknown name {err.args[0]!r}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+def _set_threads(args) -> None:
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise CLIError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _positive(name: str, value, minimum=1) -> None:
+    if value is not None and value < minimum:
+        raise CLIError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _dataset_name(text: str) -> str:
+    return text.lower().replace("_", "-")
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", ",").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.2f} %"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CLIError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def _load_torch(path: Path, *, weights_only: bool = True):
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        text = _one_line(err)
+        if "Weights only load failed" in text or "Unsupported operand" in text:
+            text = "it holds objects other than tensors and plain containers"
+        raise CLIError(f"{path} is not a model file written by bmrs ({text[:200]})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# bmrs train
+
+
+def _config_from_args(args) -> RunConfig:
+    """The run configuration of ``bmrs train``'s options, checked before anything is written."""
+    if args.method == "none":
+        for flag, value in (("--bits", args.bits), ("--threshold", args.threshold), ("--target", args.target), ("--match", args.match)):
+            if value is not None:
+                raise CLIError(f"{flag} applies to a pruning method, not --method none")
+    if args.bits is not None and args.method != "bmrs-u":
+        raise CLIError(f"--bits applies to --method bmrs-u only (got --method {args.method})")
+    if args.bits is not None:
+        from .reduction import bmrs_u_prior
+
+        bmrs_u_prior(args.bits)  # ValueError with the valid range
+    if args.target is not None and not 0.0 <= args.target < 1.0:
+        raise CLIError(f"--target is a compression in [0, 1), got {args.target}")
+    if args.target is not None and args.match is not None:
+        raise CLIError("give --target or --match, not both")
+    _positive("--epochs", args.epochs)
+    _positive("--finetune-epochs", args.finetune_epochs, 0)
+    _positive("--prune-every", args.prune_every)
+    _positive("--seed", args.seed, 0)
+    _positive("--batch-size", args.batch_size)
+    _positive("--image-size", args.image_size)
+    if args.lr is not None and not args.lr > 0:
+        raise CLIError(f"--lr must be positive, got {args.lr}")
+    options = {}
+    allowed = _MODEL_OPTIONS[args.model]
+    for dest, flag in _FLAG.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if dest not in allowed:
+            takes = ", ".join(_FLAG[d] for d in allowed) or "no model options"
+            raise CLIError(f"{flag} does not apply to --model {args.model} (it takes {takes})")
+        _positive(flag, value)
+        options[allowed[dest]] = value
+    match = None
+    if args.match is not None:
+        match = str(args.match)
+        if not (Path(match) / "metrics.json").is_file():
+            raise CLIError(f"--match {match}: not a complete run directory (no metrics.json)")
+    config = RunConfig(
+        dataset=args.dataset, model=args.model, method=args.method,
+        bits=8.0 if args.bits is None else float(args.bits), threshold=args.threshold, target=args.target,
+        match=match, epochs=args.epochs, finetune_epochs=args.finetune_epochs, prune_every=args.prune_every,
+        recompute_masks=args.recompute_masks, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
+        kl_reduction=args.kl_reduction, image_size=args.image_size, model_options=options,
+        data_dir=None if args.data_dir is None else str(args.data_dir),
+    )
+    if config.method != "none":
+        from .experiments.runs import build_criterion
+
+        build_criterion(config.resolved(), None)  # threshold / target rules, before any file is written
+    return config
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _print_run_summary(out: Path, config: dict, metrics: dict) -> None:
+    label = config["method"] + (f" (bits {config['bits']:g})" if config["method"] == "bmrs-u" else "")
+    _say(f"run {out}: {config['model']} on {config['dataset']}, method {label}, seed {config['seed']}")
+    _say(f"  test accuracy      {_percent(metrics['test_accuracy'])}   (validation {_percent(metrics['val_accuracy'])}, "
+         f"best epoch {metrics['best_epoch']})")
+    _say(f"  compression        {_percent(metrics['parameter_compression'])} of parameters, "
+         f"{_percent(metrics['structure_compression'])} of structures")
+    from .reporting.collect import natural_key
+
+    kept = ", ".join(
+        f"{name}: {metrics['kept'][name]}/{metrics['structures'].get(name, '?')}"
+        for name in sorted(metrics["kept"], key=natural_key)
+    )
+    _say(f"  kept per layer     {kept}")
+    info = metrics.get("compaction") or {}
+    if "parameters_after" in info:
+        _say(f"  compacted          {info['parameters_before']:,} -> {info['parameters_after']:,} parameters, "
+             f"{info['flops_before']:,} -> {info['flops_after']:,} FLOPs per example ({out / info['file']})")
+    elif "error" in info:
+        _say(f"  compacted          not possible: {info['error']}")
+    _say(f"  training time      {metrics['train_seconds']:.1f} s")
+    _say(f"  results            {out / 'metrics.json'}")
+
+
+def cmd_train(args) -> int:
+    from .experiments.runs import train_run
+
+    _set_threads(args)
+    config = _config_from_args(args)
+    out = Path(args.out)
+    complete = (out / "metrics.json").is_file()
+    started = (out / "checkpoint.pt").is_file()
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    if complete and not args.resume:
+        raise CLIError(f"{out} already holds a complete run; pass --resume to report it, or choose another --out")
+    if started and not complete and not args.resume:
+        raise CLIError(f"{out} holds an unfinished run (checkpoint.pt); pass --resume to continue it, or choose another --out")
+    if complete or started:
+        previous = _read_json(out / "config.json") if (out / "config.json").is_file() else {}
+        differing = _differences(previous, asdict(config.resolved()))
+        if differing:
+            raise CLIError(f"{out} holds a run with other options ({', '.join(differing)} differ); "
+                           "repeat the original options with --resume, or choose another --out")
+    if complete:
+        _say(f"{out} is complete; nothing to train.")
+        _print_run_summary(out, _read_json(out / "config.json"), _read_json(out / "metrics.json"))
+        return 0
+    created = not out.exists()
+    had_config = (out / "config.json").exists()
+    try:
+        metrics = train_run(config, out, progress=not args.no_progress, resume=started)
+    except BaseException:
+        # A run that failed before its first epoch (missing data, a bad model option)
+        # leaves nothing behind that would look like a run.
+        if not (out / "checkpoint.pt").exists():
+            if not had_config:
+                (out / "config.json").unlink(missing_ok=True)
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
+    _print_run_summary(out, asdict(config.resolved()), metrics)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a run's model
+
+
+def _run_files(path: Path) -> tuple[Path, Path]:
+    """(run directory, state file) of a run directory, its model.pt or its checkpoint.pt."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir():
+        run_dir, state = path, path / "model.pt"
+        if not state.is_file():
+            hint = " (the run is unfinished: pass its checkpoint.pt to use the last epoch)" if (path / "checkpoint.pt").is_file() else ""
+            raise CLIError(f"{path} has no model.pt{hint}")
+    else:
+        run_dir, state = path.parent, path
+    if not (run_dir / "config.json").is_file():
+        raise CLIError(f"{run_dir} has no config.json: expected a run directory written by 'bmrs train', "
+                       "or its model.pt or checkpoint.pt")
+    return run_dir, state
+
+
+def _load_run_model(path: Path, data_dir=None, *, need_data: bool = False):
+    """Rebuild a run's gated model with its final (or checkpointed) state.
+
+    Returns (config, model, architecture, example input, data or None).
+    """
+    import torch
+
+    from .experiments.data import load_dataset
+    from .experiments.models import build_model
+    from .experiments.runs import model_architecture
+
+    run_dir, state_file = _run_files(path)
+    config = RunConfig.from_dict(_read_json(run_dir / "config.json")).resolved()
+    if data_dir is not None:
+        config.data_dir = str(data_dir)
+    if state_file.name == "checkpoint.pt":
+        # the trainer's checkpoint holds random-number states (NumPy objects) besides the
+        # weights: bmrs wrote it into the run directory, so it is unpickled in full
+        checkpoint = _load_torch(state_file, weights_only=False)
+        if not (isinstance(checkpoint, dict) and "model" in checkpoint):
+            raise CLIError(f"{state_file} is not a checkpoint written by 'bmrs train'")
+        state = checkpoint["model"]
+    else:
+        state = _load_torch(state_file)
+    if isinstance(state, dict) and "metadata" in state and "state_dict" in state:
+        raise CLIError(f"{state_file} is already a compacted model (see 'bmrs info {state_file}')")
+    if not isinstance(state, dict):
+        raise CLIError(f"{state_file} does not hold a model state dict")
+    architecture, data = None, None
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file() and not need_data:
+        architecture = (_read_json(metrics_file).get("compaction") or {}).get("architecture")
+    if architecture is None:
+        data = load_dataset(config.dataset, config.data_dir, seed=config.seed, image_size=config.image_size)
+        architecture = model_architecture(config, data.input_shape, data.num_classes)
+    model = build_model(config.model, architecture["input_shape"], architecture["num_classes"], **config.model_options)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CLIError(f"{state_file} does not fit the model of {run_dir / 'config.json'} ({_one_line(err)[:300]})") from None
+    model.eval()
+    if data is not None:
+        example = data.test.tensors[0][:64]
+    else:
+        example = torch.randn(64, *architecture["input_shape"], generator=torch.Generator().manual_seed(0))
+    return config, model, architecture, example, data
+
+
+# --------------------------------------------------------------------------------------------
+# bmrs sweep
+
+
+def parse_criteria(text: str) -> list[tuple[str, str, dict]]:
+    """Criteria tokens of ``bmrs sweep --criteria`` as (label, criterion name, options).
+
+    ``bmrs-uP`` (e.g. ``bmrs-u8``, ``bmrs-u2.5``) is BMRS_U with P bits; ``bmrs-u`` alone has
+    8 bits. Other tokens are criterion names (``bmrs-n``, ``snr``, ``l2``, ...).
+    """
+    from .pruning.criteria import CRITERIA
+    from .reduction import bmrs_u_prior
+
+    out, seen = [], set()
+    for token in (t.strip().lower().replace("_", "-") for t in text.split(",")):
+        if not token:
+            continue
+        match = re.fullmatch(r"bmrs-u(\d+(?:\.\d+)?)?", token)
+        if match:
+            bits = float(match.group(1)) if match.group(1) else 8.0
+            bmrs_u_prior(bits)  # checks the range
+            label, name, options = f"bmrs-u{bits:g}", "bmrs-u", {"bits": bits}
+        elif token in CRITERIA:
+            label, name, options = token, token, {}
+        else:
+            raise CLIError(f"unknown criterion {token!r}; choose from bmrs-n, bmrs-n-code, bmrs-uP (P bits, "
+                           f"e.g. bmrs-u8), {', '.join(c for c in CRITERIA if not c.startswith('bmrs'))}")
+        if label in seen:
+            raise CLIError(f"criterion {label!r} is given twice")
+        seen.add(label)
+        out.append((label, name, options))
+    if not out:
+        raise CLIError("--criteria names no criterion")
+    return out
+
+
+def cmd_sweep(args) -> int:
+    import torch
+
+    from .experiments.sweep import fine_tuner, sweep, write_sweep_csv
+    from ._io import write_json
+    from .experiments.training import Trainer, seed_everything
+    from .pruning.criteria import make_criterion
+
+    _set_threads(args)
+    specs = parse_criteria(args.criteria)
+    levels = list(DEFAULT_LEVELS) if args.levels is None else args.levels
+    bad = [v for v in levels if not 0.0 <= v <= 1.0]
+    if bad:
+        raise CLIError(f"--levels must lie in [0, 1], got {', '.join(f'{v:g}' for v in bad)}")
+    _positive("--finetune-epochs", args.finetune_epochs, 0)
+    out = Path(args.out)
+    if (out / "sweep.json").exists() and not args.force:
+        raise CLIError(f"{out} already holds a sweep; pass --force to replace it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+
+    config, model, _, _, data = _load_run_model(Path(args.run), args.data_dir, need_data=True)
+    generator = seed_everything(config.seed)
+    train_loader = torch.utils.data.DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
+    val_loader = torch.utils.data.DataLoader(data.val, batch_size=1000)
+    eval_loader = val_loader if args.split == "val" else torch.utils.data.DataLoader(data.test, batch_size=1000)
+
+    criteria = {}
+    for label, name, options in specs:
+        if name == "taylor":
+            options = {**options, "data": train_loader}
+        if name == "random":
+            options = {**options, "seed": config.seed}
+        criteria[label] = make_criterion(name, **options)
+
+    @torch.no_grad()
+    def evaluate(net) -> float:
+        net.eval()
+        correct = total = 0
+        for inputs, targets in eval_loader:
+            correct += (net(inputs).argmax(dim=1) == targets).sum().item()
+            total += len(targets)
+        return correct / max(total, 1)
+
+    def trainer_factory(net):
+        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+        return Trainer(net, optimizer, kl_reduction=config.kl_reduction, dataset_size=len(data.train), progress=False)
+
+    began = time.perf_counter()
+    model_accuracy = evaluate(model)
+    records = sweep(
+        model, criteria, evaluate, levels=levels, target_kind=args.target_kind,
+        finetune=fine_tuner(trainer_factory, train_loader, val_loader, args.finetune_epochs),
+        progress=not args.no_progress,
+    )
+    result = {
+        "config": {
+            "run": str(args.run), "criteria": [label for label, _, _ in specs], "levels": levels,
+            "finetune_epochs": args.finetune_epochs, "split": args.split, "target_kind": args.target_kind,
+        },
+        "run_config": asdict(config),
+        "model_accuracy": model_accuracy,
+        "seconds": time.perf_counter() - began,
+        "records": records,
+    }
+    write_sweep_csv(records, out / "sweep.csv")
+    write_json(result, out / "sweep.json")  # last: its presence marks the sweep complete
+
+    _say(f"sweep of {args.run} ({config.model} on {config.dataset}): {len(records)} points, "
+         f"{len(criteria)} criteria x {len(levels)} levels, {args.split} accuracy of the run's model {_percent(model_accuracy)}")
+    stops = [r for r in records if r["kind"] == "stop"]
+    if stops:
+        _say("stopping points (BMRS: delta F >= 0; baselines: their threshold):")
+        for r in stops:
+            _say(f"  {r['criterion']:<12} {_percent(r['parameter_compression']):>9} of parameters  "
+                 f"accuracy {_percent(r['accuracy'])}")
+    _say(f"wrote {out / 'sweep.json'} and {out / 'sweep.csv'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# bmrs report and bmrs reproduce
+
+
+def _report(paths, out: Path) -> None:
+    from .reporting import write_report
+
+    report = write_report(paths, out)
+    for note in report.notes:
+        print(f"bmrs: note: {note}", file=sys.stderr)
+    _say(report.markdown.split("\n## ")[0].rstrip())
+    _say("")
+    _say(f"report of {report.runs} run(s) and {report.sweeps} sweep(s):")
+    _say(f"  table   {report.files['markdown']}")
+    _say(f"  json    {report.files['json']}")
+    _say(f"  plot    {report.files['accuracy_plot']}")
+    if "widths_plot" in report.files:
+        _say(f"  widths  {report.files['widths_plot']}")
+
+
+def cmd_report(args) -> int:
+    _report(args.paths, Path(args.out))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .experiments.suites import run_suite
+
+    _positive("--seeds", args.seeds)
+    _positive("--jobs", args.jobs)
+    out = Path(args.out)
+    run_dirs = run_suite(args.suite, out, seeds=args.seeds, jobs=args.jobs, progress=not args.no_progress)
+    _say(f"suite {args.suite}: {len(run_dirs)} runs under {out}")
+    _report([out], out / "report")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# bmrs compact and bmrs info
+
+
+def _width_lines(before: dict, after: dict) -> list[str]:
+    from .reporting.collect import natural_key
+
+    return [f"  {name:<24} {before.get(name, '?'):>6} -> {after.get(name, '?')}" for name in sorted(set(before) | set(after), key=natural_key)]
+
+
+def cmd_compact(args) -> int:
+    from .experiments.runs import compact_to_file
+
+    _set_threads(args)
+    out = Path(args.out)
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'compact.pt'}")
+    _, model, architecture, example, _ = _load_run_model(Path(args.checkpoint), args.data_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        info = compact_to_file(model, example, out, architecture)
+    except NotImplementedError as err:
+        raise CLIError(f"cannot compact this model yet: {_one_line(err)}") from None
+    _say(f"compacted {args.checkpoint} ({architecture['name']}) into {out}")
+    _say("layer widths (before -> after):")
+    for line in _width_lines(info["widths_before"], info["widths_after"]):
+        _say(line)
+    _say(f"parameters  {info['parameters_before']:,} -> {info['parameters_after']:,}")
+    _say(f"FLOPs       {info['flops_before']:,} -> {info['flops_after']:,} (input {tuple(info['input_shape'])})")
+    return 0
+
+
+def _describe_compact(path: Path) -> dict:
+    import torch
+
+    from .compaction import count_flops, count_parameters, load_compact
+
+    data = _load_torch(path)
+    if not (isinstance(data, dict) and "metadata" in data and "state_dict" in data):
+        raise CLIError(f"{path} is not a compacted model (written by 'bmrs compact' or save_compact)")
+    metadata = json.loads(data["metadata"])
+    layers = metadata.get("layers", {})
+    widths = {
+        name: layer.get("out_features", layer.get("out_channels", layer.get("num_features")))
+        for name, layer in layers.items()
+        if layer.get("type") in ("Linear", "Conv1d", "Conv2d", "Conv3d")
+    }
+    architecture = metadata.get("architecture")
+    info = {"file": str(path), "kind": "compacted", "architecture": architecture, "widths": widths, "layers": layers}
+    if architecture is not None:
+        net = load_compact(path)
+        shape = [1, *architecture["input_shape"]]
+        info.update(parameters=count_parameters(net), flops=count_flops(net, torch.zeros(shape)), input_shape=shape)
+    else:
+        info.update(parameters=sum(t.numel() for t in data["state_dict"].values()), flops=None, input_shape=None)
+    return info
+
+
+def _describe_gated(path: Path, data_dir) -> dict:
+    import torch
+
+    from .compaction import count_flops, count_parameters
+    from .gates import gates
+
+    _, model, architecture, _, _ = _load_run_model(path, data_dir)
+    shape = [1, *architecture["input_shape"]]
+    from .experiments.runs import layer_widths
+
+    return {
+        "file": str(path), "kind": "gated (not compacted)", "architecture": architecture,
+        "widths": layer_widths(model),
+        "kept": {name: f"{int(g.mask.sum())}/{g.num_structures}" for name, g in gates(model).items()},
+        "parameters": count_parameters(model), "flops": count_flops(model, torch.zeros(shape)), "input_shape": shape,
+    }
+
+
+def cmd_info(args) -> int:
+    _set_threads(args)
+    path = Path(args.file)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir():
+        info = _describe_compact(path / "compact.pt") if (path / "compact.pt").is_file() else _describe_gated(path, args.data_dir)
+    elif path.name in ("model.pt", "checkpoint.pt") and (path.parent / "config.json").is_file():
+        info = _describe_gated(path, args.data_dir)
+    else:
+        info = _describe_compact(path)
+    if args.json:
+        _say(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    arch = info["architecture"]
+    _say(f"{info['file']}: {info['kind']} model")
+    if arch is not None:
+        _say(f"architecture  {arch['name']}, {arch['num_classes']} classes, options {arch['options'] or '{}'}")
+    _say("layer widths:")
+    from .reporting.collect import natural_key
+
+    for name in sorted(info["widths"], key=natural_key):
+        _say(f"  {name:<24} {info['widths'][name]}")
+    if info.get("kept"):
+        _say("kept structures per gate: " + ", ".join(f"{n}: {k}" for n, k in sorted(info["kept"].items(), key=lambda kv: natural_key(kv[0]))))
+    _say(f"parameters    {info['parameters']:,}")
+    if info["flops"] is not None:
+        _say(f"FLOPs         {info['flops']:,} (one forward pass, input shape {tuple(info['input_shape'])})")
+    else:
+        _say("FLOPs         unknown (saved without an architecture description)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# The parser
+
+
+def _suites_epilog() -> str:
+    lines = ["suites:"]
+    for name, (description, seeds, _) in SUITES.items():
+        lines.append(f"  {name:<14} {description} (default {seeds} seeds)")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bmrs`` command."""
+    parser = _Parser(
+        prog="bmrs",
+        description="Structured pruning of neural networks with Bayesian model reduction (BMRS).\n\n"
+        "Train with noise gates and prune continuously (train), prune a trained model at many\n"
+        "compression levels (sweep), tabulate and plot results (report), turn a pruned model\n"
+        "into a smaller plain network (compact, info), or run a whole experiment suite (reproduce).",
+        formatter_class=_Formatter,
+        epilog="Run 'bmrs COMMAND --help' for the options of a command. Documentation: docs/cli.md",
+    )
+    parser.add_argument("--version", action="version", version=f"bmrs {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    threads = _Parser(add_help=False)
+    threads.add_argument("--threads", type=int, default=None,
+                         help="PyTorch CPU threads (default: PyTorch's choice; 1 is fastest for small models on a busy machine)")
+    progress = _Parser(add_help=False)
+    progress.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    # train ---------------------------------------------------------------------------------
+    p = commands.add_parser(
+        "train", parents=[threads, progress], formatter_class=_Formatter,
+        help="train a gated model, pruning continuously (or not: --method none)",
+        description="Train a model with noise gates (the ELBO) and, unless --method none, prune it\n"
+        "every --prune-every epochs of the training phase; then fine-tune --finetune-epochs with\n"
+        "the masks fixed. Writes OUT/config.json, OUT/checkpoint.pt (after every epoch),\n"
+        "OUT/model.pt (final gated state dict), OUT/compact.pt (the compacted network) and\n"
+        "OUT/metrics.json (written last: accuracy, compression, kept structures, sizes).\n\n"
+        "An OUT holding a complete run is never overwritten: with --resume it is only reported.\n"
+        "An interrupted run continues from its checkpoint with --resume (same options) and ends\n"
+        "with the same results as an uninterrupted one.",
+        epilog="example: bmrs train --dataset digits --model mlp --method bmrs-n-code --width 64 \\\n"
+        "           --epochs 30 --finetune-epochs 5 --batch-size 32 --lr 0.02 --kl-reduction elbo --out runs/demo",
+    )
+    p.add_argument("--dataset", type=_dataset_name, choices=DATASETS, required=True, help="data set")
+    p.add_argument("--model", choices=tuple(MODELS), required=True, help="bundled model")
+    p.add_argument("--method", choices=METHODS, required=True,
+                   help="pruning criterion: none (train with gates, no pruning); the BMRS criteria prune where "
+                   "delta F >= 0 (bmrs-n: exact, bmrs-n-code: as the paper's code, bmrs-u: log-uniform reduced "
+                   "prior of --bits); baselines snr and etheta have thresholds (1 and 0.1), l2, taylor and "
+                   "random need --target or --match")
+    p.add_argument("--bits", type=float, default=None, help="precision of bmrs-u in bits (default 8; fewer prune more)")
+    p.add_argument("--threshold", type=float, default=None, help="threshold of a baseline (snr, etheta, l2, taylor, random)")
+    p.add_argument("--target", type=float, default=None, help="target parameter compression in [0, 1) instead of a threshold")
+    p.add_argument("--match", metavar="RUN_DIR", default=None,
+                   help="follow another run's per-epoch parameter compression (e.g. l2 matched to a BMRS run)")
+    p.add_argument("--epochs", type=int, default=50, help="training epochs (pruning happens in these)")
+    p.add_argument("--finetune-epochs", type=int, default=10, help="epochs of fine-tuning with the masks fixed")
+    p.add_argument("--prune-every", type=int, default=1, help="prune after every K-th training epoch")
+    p.add_argument("--recompute-masks", action="store_true",
+                   help="recompute masks from scratch at each pruning step (pruned structures may return)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation, order and noise")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the paper's for the model)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the paper's for the model)")
+    p.add_argument("--kl-reduction", choices=("mean", "sum", "elbo"), default="mean",
+                   help="KL term: mean per layer then over layers (the paper), sum, or elbo (sum / training set size)")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to SxS (default 32 for (fashion-)mnist)")
+    g = p.add_argument_group("model options (passed to the model builder)")
+    g.add_argument("--width", type=int, default=None, help="mlp: hidden units; resnet: base channels; vit: embedding size")
+    g.add_argument("--hidden-layers", type=int, default=None, help="mlp: hidden blocks after the input layer")
+    g.add_argument("--depth", type=int, default=None, help="resnet: layers (6n+2); vit: transformer blocks")
+    g.add_argument("--patch-size", type=int, default=None, help="vit: patch size")
+    p.add_argument("--data-dir", default=None, help="directory searched first for the data files")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT, or report a complete one")
+    p.add_argument("--out", metavar="RUN_DIR", required=True, help="run directory to write")
+    p.set_defaults(func=cmd_train)
+
+    # sweep ---------------------------------------------------------------------------------
+    p = commands.add_parser(
+        "sweep", parents=[threads, progress], formatter_class=_Formatter,
+        help="post-training pruning of a trained run at many compression levels",
+        description="Prune a trained run's final model (typically a --method none run: gated, unpruned)\n"
+        "with each criterion to each compression level, optionally fine-tune, and measure the\n"
+        "accuracy. Criteria with a stopping rule (BMRS: delta F >= 0; snr, etheta: threshold)\n"
+        "also get that point (kind 'stop'). Writes OUT/sweep.json (settings, the run's\n"
+        "configuration, records) and OUT/sweep.csv (the records).",
+        epilog="example: bmrs sweep --run runs/none --criteria bmrs-n-code,bmrs-u8,l2 --out runs/none-sweep",
+    )
+    p.add_argument("--run", metavar="RUN_DIR", required=True, help="a complete run directory (or its model.pt)")
+    p.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
+                   help="comma-separated criteria; bmrs-uP is BMRS_U with P bits (bmrs-u8, bmrs-u4, ...)")
+    p.add_argument("--levels", type=_float_list, default=None,
+                   help=f"comma-separated compression levels in [0, 1] (default: {','.join(f'{v:g}' for v in DEFAULT_LEVELS)})")
+    p.add_argument("--target-kind", choices=("params", "structures"), default="params", help="what the levels count")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after each pruning (masks fixed)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="split the accuracy is measured on")
+    p.add_argument("--data-dir", default=None, help="data directory (default: the run's)")
+    p.add_argument("--force", action="store_true", help="replace an existing sweep in OUT")
+    p.add_argument("--out", metavar="DIR", required=True, help="directory to write sweep.json and sweep.csv into")
+    p.set_defaults(func=cmd_sweep)
+
+    # report --------------------------------------------------------------------------------
+    p = commands.add_parser(
+        "report", formatter_class=_Formatter,
+        help="tables and plots from runs and sweeps",
+        description="Collect complete runs (config.json + metrics.json) and sweeps (sweep.json) from the\n"
+        "given directories, at any depth, and write into OUT:\n"
+        "  results.md                   the table (rows: methods; per model and data set: parameter\n"
+        "                               compression and test accuracy in %, mean ± std over seeds, n),\n"
+        "                               kept structures per layer, compacted sizes, sweep stop points\n"
+        "  results.json                 {model: {method: {param_compression: [mean, std],\n"
+        "                               accuracy: [mean, std], seeds: n}}} (keys 'dataset/model'\n"
+        "                               when several data sets are reported)\n"
+        "  accuracy_vs_compression.png  from the sweeps if any, else one point per run\n"
+        "  widths.png                   kept structures per layer, mean over seeds, per method\n"
+        "Runs are grouped by data set, model and method (bmrs-u as bmrs-u<bits>, e.g. bmrs-u8).",
+        epilog="example: bmrs report runs/quick --out runs/quick/report",
+    )
+    p.add_argument("paths", nargs="+", metavar="DIR", help="run, sweep or suite directories")
+    p.add_argument("--out", metavar="DIR", required=True, help="report directory")
+    p.set_defaults(func=cmd_report)
+
+    # compact -------------------------------------------------------------------------------
+    p = commands.add_parser(
+        "compact", parents=[threads], formatter_class=_Formatter,
+        help="turn a run's pruned model into a smaller plain network",
+        description="Rebuild a run's gated model, fold every gate's E[theta] * mask into the weights,\n"
+        "delete the pruned structures and save the plain network (tensors + JSON metadata,\n"
+        "loadable with bmrs.compaction.load_compact). Prints widths, parameters and FLOPs\n"
+        "before and after. CHECKPOINT is a run directory, its model.pt or its checkpoint.pt\n"
+        "(an unfinished run's last epoch); config.json must lie beside it.",
+        epilog="example: bmrs compact runs/demo --out runs/demo-small.pt",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="run directory, model.pt or checkpoint.pt")
+    p.add_argument("--data-dir", default=None, help="data directory, if the data set must be read (default: the run's)")
+    p.add_argument("--out", metavar="FILE", required=True, help="file to write")
+    p.set_defaults(func=cmd_compact)
+
+    # info ----------------------------------------------------------------------------------
+    p = commands.add_parser(
+        "info", parents=[threads], formatter_class=_Formatter,
+        help="layer widths, parameters and FLOPs of a compacted model or a run",
+        description="Describe a compacted model file, or a run directory (its compact.pt if there is\n"
+        "one, else its gated model): layer widths, parameter count and FLOPs of one forward\n"
+        "pass of one example, with the input shape used.",
+        epilog="example: bmrs info runs/demo/compact.pt",
+    )
+    p.add_argument("file", metavar="FILE", help="compacted model file or run directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--data-dir", default=None, help="data directory, if the data set must be read (default: the run's)")
+    p.set_defaults(func=cmd_info)
+
+    # reproduce -----------------------------------------------------------------------------
+    p = commands.add_parser(
+        "reproduce", parents=[progress], formatter_class=_Formatter,
+        help="run an experiment suite, then report it",
+        description="Run every run of SUITE under OUT (complete runs are skipped, interrupted ones\n"
+        "resume), then write the report of OUT into OUT/report (as 'bmrs report OUT --out OUT/report').",
+        epilog=_suites_epilog() + "\n\nexample: bmrs reproduce quick --out runs/quick --jobs 2",
+    )
+    p.add_argument("suite", choices=tuple(SUITES), metavar="SUITE", help=f"one of {', '.join(SUITES)}")
+    p.add_argument("--out", metavar="DIR", required=True, help="suite directory")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the suite's)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
+    p.set_defaults(func=cmd_reproduce)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``bmrs`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except SystemExit as exit_:  # --help and --version
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except BrokenPipeError:  # e.g. 'bmrs info --json FILE | head': stop quietly
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 141
+    except KeyboardInterrupt:
+        print("bmrs: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, KeyError, OSError, NotImplementedError, ChecksumError) as err:
+        print(f"bmrs: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""Folding the gates into the weights and deleting pruned structures: :func:`compact`."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import compact_attention
+from ..gates import detach_gates, gate_layout, gates
+from ..structure import Family, GateSite, build_dependency_graph
+
+__all__ = ["compact"]
+
+_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Modules f with f(s * x) = s * f(x) for every per-channel s >= 0, acting on each channel
+# alone (dropout is the identity in eval mode): a gate's scale may move through them.
+_COMMUTING = (
+    nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.ZeroPad1d, nn.ZeroPad2d,
+    nn.ZeroPad3d,
+)
+# Reshaping modules: on the way from a gate to its consumers (Torch-Pruning maps the indices).
+_RESHAPING = (nn.Flatten, nn.Unflatten)
+# The same for functional operations, by the name of their autograd node (digits stripped).
+_COMMUTING_FNS = {
+    "ReluBackward", "LeakyReluBackward", "ViewBackward", "ReshapeAliasBackward", "UnsafeViewBackward",
+    "CloneBackward", "PermuteBackward", "TransposeBackward", "SqueezeBackward", "UnsqueezeBackward",
+    "MaxPool1DWithIndicesBackward", "MaxPool2DWithIndicesBackward", "MaxPool3DWithIndicesBackward",
+    "AvgPool2DBackward", "AvgPool3DBackward", "AdaptiveAvgPool2DBackward", "AdaptiveAvgPool3DBackward",
+    "AdaptiveMaxPool2DBackward", "AdaptiveMaxPool3DBackward",
+}
+
+
+def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module:
+    """A plain, physically smaller copy of a gated model, with the same eval-mode outputs.
+
+    Every gate's eval-mode factor ``E[theta] * mask`` is folded into neighbouring weights,
+    then the pruned structures are deleted with Torch-Pruning (rows and columns of
+    ``Linear``, filters and input channels of ``Conv``, BatchNorm entries, and whatever else
+    Torch-Pruning's dependency graph ties to them). ``model`` itself is not modified.
+
+    Folding, per gate with scale ``s`` (0 where masked):
+
+    * backward, into the last per-channel affine module before the gate (an affine
+      BatchNorm's weight and bias, or the producing Linear/Conv's rows and bias), when every
+      module between it and the gate commutes with ``s >= 0`` (ReLU, LeakyReLU, Identity,
+      Dropout, pooling);
+    * otherwise forward, into the input columns of every consumer (Tanh, GELU, SiLU, ...
+      before the gate), when the path to each consumer commutes with ``s``. Only masked
+      channels have ``s = 0``, and they are deleted.
+
+    Channels coupled by residual additions (a :class:`~bmrs.structure.Family`) must fold
+    backward, and a family slot is deleted only when every member masks it.
+
+    When every structure of a layer (or every slot of a family) is masked, one structure is
+    kept, because a layer of width zero cannot run: its gate is 0, and its outgoing
+    weights (the consumers' input columns) are set to zero, so the outputs are unchanged.
+
+    Args:
+        model: a model with gates from :func:`bmrs.attach_gates`.
+        example_input: a tensor or a tuple of positional inputs, to trace the model.
+        check: compare the result's outputs with the gated model's (eval mode) on
+            ``example_input`` and raise ``RuntimeError`` if they differ by more than
+            ``sqrt(eps)`` of the dtype, relative to the largest output.
+
+    Returns:
+        A new ``nn.Module`` in eval mode with no gates and no hooks added by bmrs.
+
+    Attention heads are removed whole: each attention module with a head gate is replaced
+    by :func:`bmrs.attention.compact_attention`, which keeps the unmasked heads and folds
+    their scale into the output projection (one silent head if all are masked).
+
+    Raises:
+        ValueError: when a gate cannot be folded exactly (see the rules above).
+    """
+    layout = gate_layout(model)
+    for site in layout.sites.values():
+        _check_supported(site)
+    inputs = _as_tuple(example_input)
+    net = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        reference = net(*inputs) if check else None
+    scales = {name: gate.expected_gate().detach().clone() for name, gate in gates(net).items()}
+    masks = {name: gate.mask.detach().clone() for name, gate in gates(net).items()}
+    detach_gates(net)
+    channel_sites = {name: site for name, site in layout.sites.items() if site.kind == "channels"}
+    with torch.no_grad():  # heads first: whole heads leave the attention modules
+        for name, site in layout.sites.items():
+            if site.kind == "heads":
+                _replace(net, site.producer, compact_attention(net.get_submodule(site.producer), masks[name] > 0, scales[name]))
+    trace = _Trace(net, inputs)
+    graph = build_dependency_graph(net, inputs)
+    modules = dict(net.named_modules())
+    families = [f for f in layout.families if f.members[0][0] in channel_sites]
+    partners = {
+        name: [other for other, _ in family.members if other != name]
+        for family in families for name, _ in family.members
+    }
+    folds = {name: _plan_fold(site, partners[name], trace, graph, modules) for name, site in channel_sites.items()}
+    with torch.no_grad():
+        for name, fold in folds.items():
+            fold.apply(scales[name])
+        for family in families:
+            _remove_family(family, layout.sites, masks, graph, modules)
+    if check:
+        with torch.no_grad():
+            _check_outputs(reference, net(*inputs))
+    return net
+
+
+# --- gate kinds ------------------------------------------------------------------------------
+
+
+def _check_supported(site: GateSite) -> None:
+    if site.kind not in ("channels", "heads"):
+        raise ValueError(f"gate {site.name!r} has unknown kind {site.kind!r}")
+
+
+def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at qualified name ``name`` of ``net``."""
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, module)
+
+
+# --- tracing the plain network ----------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    name: str
+    module: nn.Module
+    order: int
+    in_fns: list
+    out_fn: object = None
+
+
+class _Trace:
+    """One forward pass of a plain model: leaf-module calls and the autograd graph."""
+
+    def __init__(self, model: nn.Module, inputs: tuple) -> None:
+        names = {m: n for n, m in model.named_modules()}
+        self.calls: list[_Call] = []
+        pending: dict[int, list[_Call]] = {}
+
+        def pre(module, args):
+            call = _Call(names[module], module, len(self.calls), [a.grad_fn for a in args if isinstance(a, Tensor)])
+            self.calls.append(call)
+            pending.setdefault(id(module), []).append(call)
+
+        def post(module, args, output):
+            call = pending[id(module)].pop()
+            output = output[0] if isinstance(output, tuple) else output
+            if isinstance(output, Tensor):
+                call.out_fn = output.grad_fn
+
+        handles = []
+        for module in model.modules():
+            if next(module.children(), None) is None:
+                handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        # clone() gives every input a grad_fn of its own, so the first layer has a predecessor
+        traced = tuple(
+            x.detach().requires_grad_(True).clone() if isinstance(x, Tensor) and x.is_floating_point() else x
+            for x in inputs
+        )
+        try:
+            with torch.enable_grad():
+                output = model(*traced)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.outputs = {t.grad_fn for t in _tensors(output) if t.grad_fn is not None}
+        self.users: dict = {}
+        stack, seen = list(self.outputs), set()
+        while stack:
+            fn = stack.pop()
+            if fn in seen:
+                continue
+            seen.add(fn)
+            for nxt, _ in fn.next_functions:
+                if nxt is not None:
+                    self.users.setdefault(nxt, []).append(fn)
+                    stack.append(nxt)
+
+    def call_of(self, name: str) -> _Call:
+        found = [c for c in self.calls if c.name == name]
+        if len(found) != 1:
+            raise ValueError(
+                f"module {name!r} is called {len(found)} times in a forward pass; a gate on it cannot be folded"
+            )
+        return found[0]
+
+    def predecessor(self, call: _Call) -> _Call | None:
+        """The module call whose output ``call`` reads, when there is exactly one input."""
+        if len(call.in_fns) != 1 or call.in_fns[0] is None:
+            return None
+        for earlier in reversed(self.calls[: call.order]):
+            if earlier.out_fn is call.in_fns[0]:
+                return earlier
+        return None
+
+    def consumers(self, site: _Call) -> tuple[set[str], str | None]:
+        """Linear/Conv modules reading the output of ``site`` through commuting operations
+        only; or the first operation that does not commute, as text."""
+        found: set[str] = set()
+        stack, seen = [site.out_fn], set()
+        while stack:
+            fn = stack.pop()
+            if fn in seen:
+                continue
+            seen.add(fn)
+            if fn in self.outputs:
+                return found, "the network's output"
+            covered = set()
+            for call in self.calls[site.order + 1:]:
+                if fn not in call.in_fns:
+                    continue
+                if len(call.in_fns) != 1:
+                    return found, f"{call.name} ({type(call.module).__name__}) with several inputs"
+                if isinstance(call.module, _PRODUCERS) and getattr(call.module, "groups", 1) == 1:
+                    found.add(call.name)
+                elif isinstance(call.module, _COMMUTING + _RESHAPING):
+                    if call.out_fn is not fn:
+                        stack.append(call.out_fn)
+                else:
+                    return found, f"{call.name} ({type(call.module).__name__})"
+                covered |= _between(call.out_fn, fn)
+            for user in self.users.get(fn, []):
+                if user in covered:
+                    continue
+                kind = re.sub(r"\d+$", "", user.name())
+                if kind not in _COMMUTING_FNS:
+                    return found, f"the operation {user.name()}"
+                stack.append(user)
+        return found, None
+
+
+def _between(fn, stop) -> set:
+    """Autograd nodes upstream of ``fn`` without going past ``stop``."""
+    seen, stack = set(), [fn]
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen or f is stop:
+            continue
+        seen.add(f)
+        stack += [n for n, _ in f.next_functions]
+    return seen
+
+
+# --- folding ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Fold:
+    """How one gate's scale is folded: into ``target``'s rows (backward) or consumer columns."""
+
+    target: nn.Module | None = None
+    columns: list[tuple[nn.Module, Tensor, Tensor]] = field(default_factory=list)  # (module, idxs, root idxs)
+
+    def apply(self, scale: Tensor) -> None:
+        if self.target is not None:
+            _scale_rows(self.target, scale)
+        for module, idxs, roots in self.columns:
+            _scale_columns(module, idxs, scale[roots])
+
+
+def _plan_fold(site: GateSite, coupled_to: list[str], trace: _Trace, graph, modules: dict) -> _Fold:
+    """Where the gate's scale goes; raises ValueError when it cannot be folded exactly."""
+    call = trace.call_of(site.site)
+    target, reason = _backward_target(site, call, trace)
+    if target is not None:
+        return _Fold(target=modules[target])
+    if coupled_to:
+        raise ValueError(
+            f"gate {site.name!r} is tied to {', '.join(coupled_to)} by a residual addition, so it must fold "
+            f"into the layer before it, but {reason}; folding it forward through the addition would be wrong"
+        )
+    found, blocker = trace.consumers(call)
+    if blocker is not None:
+        raise ValueError(
+            f"gate {site.name!r} cannot be folded into the weights exactly: {reason}, "
+            f"and its output reaches {blocker}"
+        )
+    group = _out_channel_group(graph, modules[site.producer], list(range(site.num_structures)))
+    columns = _input_columns(graph, group)
+    if {graph._module2name[m] for m, _, _ in columns} != found:
+        raise ValueError(
+            f"gate {site.name!r} cannot be folded into the weights exactly: {reason}, and Torch-Pruning's "
+            f"consumers of {site.producer} ({sorted(graph._module2name[m] for m, _, _ in columns)}) are not "
+            f"those the trace found ({sorted(found)})"
+        )
+    return _Fold(columns=columns)
+
+
+def _backward_target(site: GateSite, call: _Call, trace: _Trace) -> tuple[str | None, str]:
+    """The module whose rows absorb the gate, or None and why not."""
+    while True:
+        module = call.module
+        if call.name == site.producer:
+            return call.name, ""
+        if isinstance(module, _NORMS) and module.affine:
+            return call.name, ""
+        if not isinstance(module, _COMMUTING):
+            return None, f"{call.name} ({type(module).__name__}) lies between {site.producer} and the gate"
+        previous = trace.predecessor(call)
+        if previous is None:
+            return None, f"the input of {call.name} could not be traced to {site.producer}"
+        call = previous
+
+
+def _out_channel_group(graph, producer: nn.Module, idxs: list[int]):
+    pruner = graph.get_pruner_of_module(producer)
+    return graph.get_pruning_group(producer, pruner.prune_out_channels, idxs)
+
+
+def _input_columns(graph, group) -> list[tuple[nn.Module, Tensor, Tensor]]:
+    """The Linear/Conv input columns in ``group``: (consumer, column indices, root channel of each)."""
+    found: dict[nn.Module, dict[int, int]] = {}
+    for item in group:
+        target = item.dep.target.module
+        if graph.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(target, _PRODUCERS):
+            continue
+        mapping = found.setdefault(target, {})
+        for idx, root in zip(item.idxs, item.root_idxs):
+            if mapping.setdefault(int(idx), int(root)) != int(root):
+                raise RuntimeError(f"input {idx} of {graph._module2name[target]} maps to two channels")
+    return [(m, torch.tensor(list(mp)), torch.tensor(list(mp.values()))) for m, mp in found.items()]
+
+
+def _scale_rows(module: nn.Module, scale: Tensor) -> None:
+    """Multiply output channel c of a Linear/Conv/affine BatchNorm by scale[c] (in place)."""
+    weight = module.weight
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    weight.copy_((weight.double() * scale.double().view(shape)).to(weight.dtype))
+    if module.bias is not None:
+        module.bias.copy_((module.bias.double() * scale.double()).to(module.bias.dtype))
+
+
+def _scale_columns(module: nn.Module, idxs: Tensor, scale: Tensor) -> None:
+    """Multiply input column idxs[k] of a Linear/Conv by scale[k] (in place)."""
+    weight = module.weight
+    shape = (1, -1) + (1,) * (weight.dim() - 2)
+    columns = weight[:, idxs].double() * scale.double().view(shape)
+    weight[:, idxs] = columns.to(weight.dtype)
+
+
+# --- removal ---------------------------------------------------------------------------------
+
+
+def _remove_family(family: Family, sites: dict[str, GateSite], masks: dict[str, Tensor], graph, modules: dict) -> None:
+    """Delete the family's slots that every member masks; keep one if that is all of them."""
+    masked = torch.stack([masks[name][idx] == 0 for name, idx in family.members]).all(dim=0)
+    slots = torch.nonzero(masked).flatten().tolist()
+    if not slots:
+        return
+    root_gate, root_idx = family.members[0]
+    producer = modules[sites[root_gate].producer]
+    if len(slots) == family.size:  # a layer cannot have width 0: keep a silent placeholder
+        placeholder = slots.pop(0)
+        for module, idxs, _ in _input_columns(graph, _out_channel_group(graph, producer, [root_idx[placeholder]])):
+            module.weight[:, idxs] = 0
+        if not slots:
+            return
+    group = _out_channel_group(graph, producer, [root_idx[j] for j in slots])
+    expected = {sites[name].producer for name, _ in family.members}
+    pruned = {
+        graph._module2name[item.dep.target.module] for item in group
+        if graph.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, _PRODUCERS)
+    }
+    if pruned != expected:
+        raise RuntimeError(f"Torch-Pruning ties {sorted(pruned)} together, but the gates' family is {sorted(expected)}")
+    group.prune()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _as_tuple(example_input) -> tuple:
+    return (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
+
+
+def _tensors(output) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [t for o in output for t in _tensors(o)]
+    return []
+
+
+def _check_outputs(reference, output) -> None:
+    for ref, out in zip(_tensors(reference), _tensors(output), strict=True):
+        if not ref.is_floating_point():
+            continue
+        tol = torch.finfo(ref.dtype).eps ** 0.5
+        bound = tol * float(ref.abs().max()) if ref.numel() else 0.0
+        if ref.shape != out.shape or not torch.allclose(out, ref, rtol=tol, atol=bound):
+            err = float((out - ref).abs().max()) if ref.shape == out.shape else float("nan")
+            raise RuntimeError(
+                f"the compacted model's outputs differ from the gated model's (max abs error {err:.3g}, "
+                f"largest output {float(ref.abs().max()):.3g}); a gate was folded wrongly, please report this"
+            )

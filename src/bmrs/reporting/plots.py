@@ -1,0 +1,159 @@
+"""Plots of a report: accuracy against compression, and kept structures per layer.
+
+Figures are drawn with Matplotlib's object API on the Agg canvas (no pyplot, no global
+backend change) and saved atomically as PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .._io import write_atomic
+from .collect import RunResult, SweepResult, natural_key
+from .tables import group_runs, method_order
+
+__all__ = ["save_figure", "plot_sweeps", "plot_runs", "plot_widths"]
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    """Save ``fig`` as PNG to a temporary file beside ``path``, then rename it."""
+    FigureCanvasAgg(fig)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def _grid(n: int, width: float = 5.5, height: float = 4.2) -> tuple[Figure, list]:
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(width * cols, height * rows))
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+    return fig, axes
+
+
+def _colors(labels: Sequence[str], name: str | None = None) -> dict[str, object]:
+    from matplotlib import colormaps
+
+    cmap = colormaps[name or ("tab10" if len(labels) <= 10 else "tab20")]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def _panels(items, key) -> dict[tuple[str, str], list]:
+    panels: dict[tuple[str, str], list] = defaultdict(list)
+    for item in items:
+        panels[key(item)].append(item)
+    return dict(sorted(panels.items()))
+
+
+def plot_sweeps(sweeps: Sequence[SweepResult], path: str | os.PathLike, runs: Sequence[RunResult] = ()) -> None:
+    """Accuracy against parameter compression from post-training sweeps.
+
+    One panel per (model, data set); one line per criterion through its target levels
+    (mean over the sweeps of that model, e.g. several seeds); each sweep's stopping points
+    (BMRS: delta F >= 0; baselines: their threshold) as stars in the criterion's colour.
+    Training runs of the same model and data set, if given, appear as diamonds (their test
+    accuracy after continuous pruning), one colour per method.
+    """
+    panels = _panels(sweeps, lambda s: (s.model, s.dataset))
+    fig, axes = _grid(len(panels))
+    criteria = sorted({r["criterion"] for s in sweeps for r in s.records}, key=method_order)
+    colors = _colors(criteria)
+    for ax, ((model, dataset), members) in zip(axes, panels.items()):
+        for criterion in criteria:
+            by_target: dict[float, list[dict]] = defaultdict(list)
+            stops = []
+            for sweep in members:
+                for r in sweep.records:
+                    if r["criterion"] != criterion:
+                        continue
+                    if r.get("kind") == "stop":
+                        stops.append(r)
+                    else:
+                        by_target[float(r["target"])].append(r)
+            if by_target:
+                targets = sorted(by_target)
+                xs = [100 * sum(r["parameter_compression"] for r in by_target[t]) / len(by_target[t]) for t in targets]
+                ys = [100 * sum(r["accuracy"] for r in by_target[t]) / len(by_target[t]) for t in targets]
+                ax.plot(xs, ys, "-o", color=colors[criterion], markersize=3, linewidth=1.3, label=criterion)
+            if stops:
+                ax.plot(
+                    [100 * r["parameter_compression"] for r in stops], [100 * r["accuracy"] for r in stops], "*",
+                    color=colors[criterion], markersize=13, markeredgecolor="black", markeredgewidth=0.6,
+                    label=None if by_target else criterion,
+                )
+        ax.plot([], [], "*", color="grey", markeredgecolor="black", markersize=11, label="stopping point")
+        trained = [r for r in runs if (r.model, r.dataset) == (model, dataset)]
+        if trained:
+            groups = group_runs(trained)
+            run_colors = _colors(sorted({k[2] for k in groups}, key=method_order), "Dark2")
+            for (_, _, label), members in sorted(groups.items(), key=lambda item: method_order(item[0][2])):
+                ax.scatter([100 * r.metrics["parameter_compression"] for r in members],
+                           [100 * r.metrics["test_accuracy"] for r in members], marker="D", s=40,
+                           color=run_colors[label], edgecolors="black", linewidths=0.6, zorder=5,
+                           label=f"trained: {label}")
+        ax.set_title(f"{model} / {dataset} ({len(members)} sweep{'s' if len(members) > 1 else ''})")
+        ax.set_xlabel("parameter compression (%)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_runs(runs: Sequence[RunResult], path: str | os.PathLike) -> None:
+    """Test accuracy against parameter compression of training runs: one point per run,
+    one colour per method, one panel per (model, data set); a cross marks each method's mean."""
+    groups = group_runs(runs)
+    panels = _panels(groups.items(), lambda item: (item[0][1], item[0][0]))
+    fig, axes = _grid(len(panels))
+    colors = _colors(sorted({k[2] for k in groups}, key=method_order))
+    for ax, ((model, dataset), items) in zip(axes, panels.items()):
+        for (_, _, label), members in sorted(items, key=lambda item: method_order(item[0][2])):
+            xs = [100 * r.metrics["parameter_compression"] for r in members]
+            ys = [100 * r.metrics["test_accuracy"] for r in members]
+            ax.scatter(xs, ys, color=colors[label], s=28, alpha=0.75, label=f"{label} (n={len(members)})")
+            if len(members) > 1:
+                ax.scatter([sum(xs) / len(xs)], [sum(ys) / len(ys)], color=colors[label], marker="X", s=90, edgecolors="black")
+        ax.set_title(f"{model} / {dataset}")
+        ax.set_xlabel("parameter compression (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_widths(runs: Sequence[RunResult], path: str | os.PathLike) -> None:
+    """Kept structures per gated layer, mean over seeds: one panel per (model, data set),
+    one bar per method in each layer's group, the layer's full width as a dashed outline."""
+    groups = group_runs(runs)
+    panels = _panels(groups.items(), lambda item: (item[0][1], item[0][0]))
+    fig, axes = _grid(len(panels), width=6.5)
+    colors = _colors(sorted({k[2] for k in groups}, key=method_order))
+    for ax, ((model, dataset), items) in zip(axes, panels.items()):
+        items = sorted(items, key=lambda item: method_order(item[0][2]))
+        layers = sorted({name for _, members in items for r in members for name in r.metrics.get("kept", {})}, key=natural_key)
+        width = 0.8 / max(len(items), 1)
+        for i, ((_, _, label), members) in enumerate(items):
+            means, totals = [], []
+            for name in layers:
+                values = [r.metrics["kept"][name] for r in members if name in r.metrics.get("kept", {})]
+                full = [r.metrics.get("structures", {}).get(name) for r in members]
+                full = [f for f in full if f is not None]
+                means.append(sum(values) / len(values) if values else 0.0)
+                totals.append(sum(full) / len(full) if full else 0.0)
+            xs = [j - 0.4 + width * (i + 0.5) for j in range(len(layers))]
+            ax.bar(xs, means, width=width, color=colors[label], label=label)
+            ax.bar(xs, totals, width=width, fill=False, edgecolor="grey", linestyle="--", linewidth=0.8,
+                   label="full width" if i == 0 else None)
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=45 if len(layers) > 6 else 0, ha="right" if len(layers) > 6 else "center", fontsize=8)
+        ax.set_title(f"{model} / {dataset}: kept structures per layer (mean over seeds)")
+        ax.set_xlabel("gated layer")
+        ax.set_ylabel("kept structures")
+        ax.set_ylim(0, 1.3 * max(ax.get_ylim()[1], 1))  # room for the legend above the bars
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", ncol=min(len(items) + 1, 4))
+    save_figure(fig, path)

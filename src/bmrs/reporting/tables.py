@@ -1,0 +1,226 @@
+"""Summaries of runs over seeds: the results table (Markdown) and its JSON twin."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+from .collect import RunResult, SweepResult, natural_key
+
+__all__ = [
+    "mean_std", "format_mean_std", "group_runs", "column_key", "method_order", "summarize",
+    "results_markdown", "config_differences",
+]
+
+# Row order of the table: no pruning, the BMRS criteria (BMRS_U by falling precision), the
+# baselines; anything else after them, alphabetically.
+_ORDER = ("none", "bmrs-n", "bmrs-n-code", "bmrs-u", "etheta", "snr", "l2", "taylor", "random")
+# Configuration keys that may differ between the runs of one group.
+_PER_RUN_KEYS = {"seed", "data_dir", "match"}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0 for a single value)."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+def format_mean_std(mean: float, std: float, n: int, digits: int = 2) -> str:
+    """``"93.20 ± 0.66"``; a single seed has no spread and gives ``"93.20"``."""
+    if n < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def method_order(label: str) -> tuple:
+    """Sort key of a method label for the rows of the table."""
+    if label.startswith("bmrs-u"):
+        try:
+            return (_ORDER.index("bmrs-u"), -float(label[len("bmrs-u"):]), label)
+        except ValueError:
+            pass
+    if label in _ORDER:
+        return (_ORDER.index(label), 0.0, label)
+    if label.startswith("bmrs-"):  # another BMRS variant: with the BMRS rows, before BMRS_U
+        return (_ORDER.index("bmrs-u") - 0.5, 0.0, label)
+    return (len(_ORDER), 0.0, label)
+
+
+def group_runs(runs: Iterable[RunResult]) -> dict[tuple[str, str, str], list[RunResult]]:
+    """Runs by (dataset, model, method label), each group sorted by seed."""
+    groups: dict[tuple[str, str, str], list[RunResult]] = defaultdict(list)
+    for run in runs:
+        groups[run.key].append(run)
+    return {
+        key: sorted(members, key=lambda r: (r.seed is None, r.seed if isinstance(r.seed, int) else 0, str(r.path)))
+        for key, members in groups.items()
+    }
+
+
+def column_key(dataset: str, model: str, datasets: set[str]) -> str:
+    """The key of a (dataset, model) column: the model's name when the report covers one
+    data set, ``"dataset/model"`` when it covers several."""
+    return model if len(datasets) <= 1 else f"{dataset}/{model}"
+
+
+def _columns(groups) -> list[tuple[str, str]]:
+    from ..experiments.models import MODELS
+
+    order = list(MODELS)
+    pairs = {(d, m) for d, m, _ in groups}
+    return sorted(pairs, key=lambda p: (p[0], order.index(p[1]) if p[1] in order else len(order), p[1]))
+
+
+def summarize(runs: Iterable[RunResult]) -> dict:
+    """Mean and standard deviation over seeds, in percent, per model and method.
+
+    Returns ``{model: {label: {"param_compression": [mean, std], "accuracy": [mean, std],
+    "seeds": n}}}`` where accuracy is the test accuracy and the column key is as
+    :func:`column_key` gives it.
+    """
+    groups = group_runs(runs)
+    datasets = {d for d, _, _ in groups}
+    out: dict[str, dict] = {}
+    for dataset, model in _columns(groups):
+        col = column_key(dataset, model, datasets)
+        labels = sorted((k[2] for k in groups if k[:2] == (dataset, model)), key=method_order)
+        out[col] = {}
+        for label in labels:
+            members = groups[(dataset, model, label)]
+            out[col][label] = {
+                "param_compression": list(mean_std([100 * r.metrics["parameter_compression"] for r in members])),
+                "accuracy": list(mean_std([100 * r.metrics["test_accuracy"] for r in members])),
+                "seeds": len(members),
+            }
+    return out
+
+
+def config_differences(runs: Sequence[RunResult]) -> list[str]:
+    """Configuration keys (other than the seed) whose values differ between ``runs``."""
+    keys = set().union(*(r.config for r in runs)) - _PER_RUN_KEYS
+    return sorted(k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _widths_text(members: Sequence[RunResult]) -> str:
+    names = sorted(members[0].metrics.get("kept", {}), key=natural_key)
+    parts = []
+    for name in names:
+        values = [r.metrics["kept"][name] for r in members if name in r.metrics.get("kept", {})]
+        total = members[0].metrics.get("structures", {}).get(name)
+        mean = sum(values) / len(values)
+        parts.append(f"{mean:.3g}" + (f"/{total}" if total is not None else ""))
+    return " - ".join(parts) if parts else "n/a"
+
+
+def _compaction_row(members: Sequence[RunResult]) -> list[str] | None:
+    infos = [r.metrics.get("compaction") for r in members]
+    infos = [i for i in infos if isinstance(i, dict) and "parameters_after" in i]
+    if not infos:
+        return None
+    params_before = mean_std([i["parameters_before"] for i in infos])[0]
+    params_after = mean_std([i["parameters_after"] for i in infos])[0]
+    flops_before = mean_std([i["flops_before"] for i in infos])[0]
+    flops_after = mean_std([i["flops_after"] for i in infos])[0]
+    ratio = flops_before / flops_after if flops_after else float("inf")
+    return [f"{params_before:,.0f}", f"{params_after:,.0f}", f"{flops_before:,.0f}", f"{flops_after:,.0f}", f"{ratio:.2f}x"]
+
+
+def results_markdown(runs: Sequence[RunResult], sweeps: Sequence[SweepResult] = (), *, plots: Sequence[str] = ()) -> str:
+    """The report as Markdown.
+
+    A table like the paper's Table 1 (rows: methods; per model and data set: parameter
+    compression and test accuracy in percent, mean ± std over seeds, and the number of
+    seeds), then the kept structures per layer, the compacted sizes, the stopping points
+    of any sweeps, and links to ``plots``.
+    """
+    groups = group_runs(runs)
+    columns = _columns(groups)
+    lines = ["# Results", ""]
+    if groups:
+        lines += [
+            "Parameter compression (Comp., % of parameters removed) and test accuracy (Acc., %), "
+            "mean ± standard deviation over seeds; n = number of seeds.",
+            "",
+        ]
+        header = ["method"]
+        for dataset, model in columns:
+            header += [f"{model} / {dataset} Comp. (%)", f"{model} / {dataset} Acc. (%)", "n"]
+        labels = sorted({k[2] for k in groups}, key=method_order)
+        rows = []
+        for label in labels:
+            row = [label]
+            for dataset, model in columns:
+                members = groups.get((dataset, model, label))
+                if not members:
+                    row += ["–", "–", "0"]
+                    continue
+                n = len(members)
+                row.append(format_mean_std(*mean_std([100 * r.metrics["parameter_compression"] for r in members]), n))
+                row.append(format_mean_std(*mean_std([100 * r.metrics["test_accuracy"] for r in members]), n))
+                row.append(str(n))
+            rows.append(row)
+        lines += _table(header, rows) + [""]
+
+        lines += ["## Kept structures per layer", "", "Mean over seeds, kept/total per gated layer, in layer order.", ""]
+        rows = []
+        for key in sorted(groups, key=lambda k: (k[0], k[1], method_order(k[2]))):
+            members = groups[key]
+            comp = mean_std([100 * r.metrics.get("structure_compression", 0.0) for r in members])
+            rows.append([key[2], f"{key[1]} / {key[0]}", _widths_text(members), format_mean_std(*comp, len(members))])
+        lines += _table(["method", "model / data", "kept per layer", "structure comp. (%)"], rows) + [""]
+
+        rows = []
+        for key in sorted(groups, key=lambda k: (k[0], k[1], method_order(k[2]))):
+            row = _compaction_row(groups[key])
+            if row is not None:
+                rows.append([key[2], f"{key[1]} / {key[0]}"] + row)
+        if rows:
+            lines += ["## Compacted networks", "", "Mean over seeds; FLOPs of one forward pass of one example.", ""]
+            lines += _table(["method", "model / data", "params before", "params after", "FLOPs before", "FLOPs after", "FLOPs reduction"], rows)
+            lines += [""]
+
+        notes = []
+        for key, members in sorted(groups.items()):
+            differing = config_differences(members)
+            if differing:
+                notes.append(f"- {key[2]} on {key[1]} / {key[0]}: the runs differ in {', '.join(differing)}")
+            seeds = [r.seed for r in members]
+            if len(set(map(repr, seeds))) < len(seeds):
+                notes.append(f"- {key[2]} on {key[1]} / {key[0]}: a seed occurs more than once")
+        if notes:
+            lines += ["## Warnings", ""] + notes + [""]
+
+    if sweeps:
+        lines += ["## Post-training sweeps", ""]
+        for sweep in sweeps:
+            stops = [r for r in sweep.records if r.get("kind") == "stop"]
+            lines += [f"### {sweep.model} / {sweep.dataset}: `{sweep.path}`", ""]
+            split = sweep.data.get("config", {}).get("split", "test")
+            if stops:
+                lines += [f"Stopping points (BMRS: delta F >= 0; baselines: their threshold); {split} accuracy.", ""]
+                rows = [
+                    [r["criterion"], f"{100 * r['parameter_compression']:.2f}", f"{100 * r['structure_compression']:.2f}",
+                     f"{100 * r['accuracy']:.2f}"]
+                    for r in stops
+                ]
+                lines += _table(["criterion", "param. comp. (%)", "structure comp. (%)", "acc. (%)"], rows) + [""]
+            else:
+                lines += ["No criterion with a stopping rule in this sweep.", ""]
+    if not groups and not sweeps:
+        lines += ["No complete runs or sweeps.", ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
+    return "\n".join(lines)
