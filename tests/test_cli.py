@@ -126,11 +126,9 @@ def test_parse_criteria():
 
 
 def test_parse_criteria_rejects_duplicates_and_unknown_names():
-    from bmrs.cli import CLIError
-
-    with pytest.raises(CLIError, match="twice"):
+    with pytest.raises(ValueError, match="twice"):
         parse_criteria("bmrs-u,bmrs-u8")
-    with pytest.raises(CLIError, match="unknown criterion"):
+    with pytest.raises(ValueError, match="unknown criterion"):
         parse_criteria("bmrs-n,magnitude")
     with pytest.raises(ValueError, match="bits"):
         parse_criteria("bmrs-u40")

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,14 +21,12 @@ from .experiments.data import DATASETS, ChecksumError
 from .experiments.models import MODELS
 from .experiments.runs import METHODS, RunConfig
 from .experiments.suites import SUITES
-from .experiments.sweep import DEFAULT_LEVELS
+from .experiments.sweep import DEFAULT_CRITERIA, DEFAULT_LEVELS, parse_criteria
 
 __all__ = ["main", "build_parser", "parse_criteria"]
 
 EXIT_USAGE = 2
 
-#: Criteria of ``bmrs sweep`` by default (``bmrs-uP`` is BMRS_U with P bits).
-DEFAULT_CRITERIA = ("bmrs-n", "bmrs-n-code", "bmrs-u8", "bmrs-u4", "snr", "etheta", "l2", "taylor", "random")
 
 # Model options of ``bmrs train`` per bundled model: CLI destination -> builder keyword.
 _MODEL_OPTIONS = {
@@ -113,24 +109,9 @@ def _percent(x: float) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CLIError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    from .experiments.runs import read_json
 
-
-def _load_torch(path: Path, *, weights_only: bool = True):
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
-        text = _one_line(err)
-        if "Weights only load failed" in text or "Unsupported operand" in text:
-            text = "it holds objects other than tensors and plain containers"
-        raise CLIError(f"{path} is not a model file written by bmrs ({text[:200]})") from None
+    return read_json(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,177 +246,41 @@ def cmd_train(args) -> int:
 # Loading a run's model
 
 
-def _run_files(path: Path) -> tuple[Path, Path]:
-    """(run directory, state file) of a run directory, its model.pt or its checkpoint.pt."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if path.is_dir():
-        run_dir, state = path, path / "model.pt"
-        if not state.is_file():
-            hint = " (the run is unfinished: pass its checkpoint.pt to use the last epoch)" if (path / "checkpoint.pt").is_file() else ""
-            raise CLIError(f"{path} has no model.pt{hint}")
-    else:
-        run_dir, state = path.parent, path
-    if not (run_dir / "config.json").is_file():
-        raise CLIError(f"{run_dir} has no config.json: expected a run directory written by 'bmrs train', "
-                       "or its model.pt or checkpoint.pt")
-    return run_dir, state
-
-
 def _load_run_model(path: Path, data_dir=None, *, need_data: bool = False):
-    """Rebuild a run's gated model with its final (or checkpointed) state.
+    """(config, model, architecture, example input, data or None) of a run (see load_run)."""
+    from .experiments.runs import load_run
 
-    Returns (config, model, architecture, example input, data or None).
-    """
-    import torch
-
-    from .experiments.data import load_dataset
-    from .experiments.models import build_model
-    from .experiments.runs import model_architecture
-
-    run_dir, state_file = _run_files(path)
-    config = RunConfig.from_dict(_read_json(run_dir / "config.json")).resolved()
-    if data_dir is not None:
-        config.data_dir = str(data_dir)
-    if state_file.name == "checkpoint.pt":
-        # the trainer's checkpoint holds random-number states (NumPy objects) besides the
-        # weights: bmrs wrote it into the run directory, so it is unpickled in full
-        checkpoint = _load_torch(state_file, weights_only=False)
-        if not (isinstance(checkpoint, dict) and "model" in checkpoint):
-            raise CLIError(f"{state_file} is not a checkpoint written by 'bmrs train'")
-        state = checkpoint["model"]
-    else:
-        state = _load_torch(state_file)
-    if isinstance(state, dict) and "metadata" in state and "state_dict" in state:
-        raise CLIError(f"{state_file} is already a compacted model (see 'bmrs info {state_file}')")
-    if not isinstance(state, dict):
-        raise CLIError(f"{state_file} does not hold a model state dict")
-    architecture, data = None, None
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.is_file() and not need_data:
-        architecture = (_read_json(metrics_file).get("compaction") or {}).get("architecture")
-    if architecture is None:
-        data = load_dataset(config.dataset, config.data_dir, seed=config.seed, image_size=config.image_size)
-        architecture = model_architecture(config, data.input_shape, data.num_classes)
-    model = build_model(config.model, architecture["input_shape"], architecture["num_classes"], **config.model_options)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CLIError(f"{state_file} does not fit the model of {run_dir / 'config.json'} ({_one_line(err)[:300]})") from None
-    model.eval()
-    if data is not None:
-        example = data.test.tensors[0][:64]
-    else:
-        example = torch.randn(64, *architecture["input_shape"], generator=torch.Generator().manual_seed(0))
-    return config, model, architecture, example, data
+    loaded = load_run(path, data_dir, need_data=need_data)
+    return loaded.config, loaded.model, loaded.architecture, loaded.example, loaded.data
 
 
 # --------------------------------------------------------------------------------------------
 # bmrs sweep
 
 
-def parse_criteria(text: str) -> list[tuple[str, str, dict]]:
-    """Criteria tokens of ``bmrs sweep --criteria`` as (label, criterion name, options).
-
-    ``bmrs-uP`` (e.g. ``bmrs-u8``, ``bmrs-u2.5``) is BMRS_U with P bits; ``bmrs-u`` alone has
-    8 bits. Other tokens are criterion names (``bmrs-n``, ``snr``, ``l2``, ...).
-    """
-    from .pruning.criteria import CRITERIA
-    from .reduction import bmrs_u_prior
-
-    out, seen = [], set()
-    for token in (t.strip().lower().replace("_", "-") for t in text.split(",")):
-        if not token:
-            continue
-        match = re.fullmatch(r"bmrs-u(\d+(?:\.\d+)?)?", token)
-        if match:
-            bits = float(match.group(1)) if match.group(1) else 8.0
-            bmrs_u_prior(bits)  # checks the range
-            label, name, options = f"bmrs-u{bits:g}", "bmrs-u", {"bits": bits}
-        elif token in CRITERIA:
-            label, name, options = token, token, {}
-        else:
-            raise CLIError(f"unknown criterion {token!r}; choose from bmrs-n, bmrs-n-code, bmrs-uP (P bits, "
-                           f"e.g. bmrs-u8), {', '.join(c for c in CRITERIA if not c.startswith('bmrs'))}")
-        if label in seen:
-            raise CLIError(f"criterion {label!r} is given twice")
-        seen.add(label)
-        out.append((label, name, options))
-    if not out:
-        raise CLIError("--criteria names no criterion")
-    return out
-
-
 def cmd_sweep(args) -> int:
-    import torch
-
-    from .experiments.sweep import fine_tuner, sweep, write_sweep_csv
-    from ._io import write_json
-    from .experiments.training import Trainer, seed_everything
-    from .pruning.criteria import make_criterion
+    from .experiments.sweep import sweep_run
 
     _set_threads(args)
-    specs = parse_criteria(args.criteria)
+    _positive("--finetune-epochs", args.finetune_epochs, 0)
     levels = list(DEFAULT_LEVELS) if args.levels is None else args.levels
     bad = [v for v in levels if not 0.0 <= v <= 1.0]
     if bad:
         raise CLIError(f"--levels must lie in [0, 1], got {', '.join(f'{v:g}' for v in bad)}")
-    _positive("--finetune-epochs", args.finetune_epochs, 0)
     out = Path(args.out)
     if (out / "sweep.json").exists() and not args.force:
         raise CLIError(f"{out} already holds a sweep; pass --force to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
-
-    config, model, _, _, data = _load_run_model(Path(args.run), args.data_dir, need_data=True)
-    generator = seed_everything(config.seed)
-    train_loader = torch.utils.data.DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
-    val_loader = torch.utils.data.DataLoader(data.val, batch_size=1000)
-    eval_loader = val_loader if args.split == "val" else torch.utils.data.DataLoader(data.test, batch_size=1000)
-
-    criteria = {}
-    for label, name, options in specs:
-        if name == "taylor":
-            options = {**options, "data": train_loader}
-        if name == "random":
-            options = {**options, "seed": config.seed}
-        criteria[label] = make_criterion(name, **options)
-
-    @torch.no_grad()
-    def evaluate(net) -> float:
-        net.eval()
-        correct = total = 0
-        for inputs, targets in eval_loader:
-            correct += (net(inputs).argmax(dim=1) == targets).sum().item()
-            total += len(targets)
-        return correct / max(total, 1)
-
-    def trainer_factory(net):
-        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
-        return Trainer(net, optimizer, kl_reduction=config.kl_reduction, dataset_size=len(data.train), progress=False)
-
-    began = time.perf_counter()
-    model_accuracy = evaluate(model)
-    records = sweep(
-        model, criteria, evaluate, levels=levels, target_kind=args.target_kind,
-        finetune=fine_tuner(trainer_factory, train_loader, val_loader, args.finetune_epochs),
-        progress=not args.no_progress,
+    result = sweep_run(
+        args.run, out, criteria=args.criteria, levels=levels,
+        finetune_epochs=args.finetune_epochs, split=args.split, target_kind=args.target_kind,
+        data_dir=args.data_dir, progress=not args.no_progress,
     )
-    result = {
-        "config": {
-            "run": str(args.run), "criteria": [label for label, _, _ in specs], "levels": levels,
-            "finetune_epochs": args.finetune_epochs, "split": args.split, "target_kind": args.target_kind,
-        },
-        "run_config": asdict(config),
-        "model_accuracy": model_accuracy,
-        "seconds": time.perf_counter() - began,
-        "records": records,
-    }
-    write_sweep_csv(records, out / "sweep.csv")
-    write_json(result, out / "sweep.json")  # last: its presence marks the sweep complete
-
-    _say(f"sweep of {args.run} ({config.model} on {config.dataset}): {len(records)} points, "
-         f"{len(criteria)} criteria x {len(levels)} levels, {args.split} accuracy of the run's model {_percent(model_accuracy)}")
+    config, records = result["run_config"], result["records"]
+    _say(f"sweep of {args.run} ({config['model']} on {config['dataset']}): {len(records)} points, "
+         f"{len(result['config']['criteria'])} criteria x {len(result['config']['levels'])} levels, "
+         f"{args.split} accuracy of the run's model {_percent(result['model_accuracy'])}")
     stops = [r for r in records if r["kind"] == "stop"]
     if stops:
         _say("stopping points (BMRS: delta F >= 0; baselines: their threshold):")
@@ -520,7 +365,9 @@ def _describe_compact(path: Path) -> dict:
 
     from .compaction import count_flops, count_parameters, load_compact
 
-    data = _load_torch(path)
+    from .experiments.runs import load_state_file
+
+    data = load_state_file(path)
     if not (isinstance(data, dict) and "metadata" in data and "state_dict" in data):
         raise CLIError(f"{path} is not a compacted model (written by 'bmrs compact' or save_compact)")
     metadata = json.loads(data["metadata"])

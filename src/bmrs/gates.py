@@ -262,7 +262,11 @@ def model_kl(model: nn.Module, reduction: str = "mean", dataset_size: int | None
             mean data loss, the per-example negative ELBO).
         dataset_size: number of training examples, for ``"elbo"``.
 
-    A pruned structure is no longer part of the model, so it contributes nothing.
+    A pruned structure is no longer part of the model, so it contributes nothing; the
+    ``"mean"`` still divides by the gate's full number of structures, so that the weight of
+    each remaining structure's KL does not grow as its neighbours are pruned (dividing by
+    the kept count instead multiplies it by up to C and drives every structure of a layer
+    to the prior once pruning starts).
     """
     if reduction not in ("mean", "sum", "elbo"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'elbo', got {reduction!r}")
@@ -271,10 +275,7 @@ def model_kl(model: nn.Module, reduction: str = "mean", dataset_size: int | None
     per_gate = []
     for gate in gates(model).values():
         kl = gate.kl() * gate.mask
-        if reduction == "mean":
-            per_gate.append(kl.sum() / gate.mask.sum().clamp(min=1.0))
-        else:
-            per_gate.append(kl.sum())
+        per_gate.append(kl.sum() / gate.num_structures if reduction == "mean" else kl.sum())
     if not per_gate:
         return torch.zeros(())
     total = torch.stack(per_gate)

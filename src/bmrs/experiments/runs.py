@@ -28,7 +28,8 @@ from .models import build_model
 from .training import Trainer, atomic_save, seed_everything
 
 __all__ = [
-    "RunConfig", "METHODS", "train_run", "load_metrics", "write_json", "build_criterion",
+    "RunConfig", "METHODS", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",
+    "run_files", "read_json", "load_state_file",
     "model_architecture", "layer_widths", "compact_to_file",
 ]
 
@@ -254,3 +255,97 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
     metrics["compaction"] = _compaction(model, config, data, out)
     write_json(metrics, out / "metrics.json")
     return metrics
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's content; a clear ``ValueError`` when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def load_state_file(path: Path, *, weights_only: bool = True):
+    """``torch.load`` of a model file bmrs wrote; a clear ``ValueError`` for anything else."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        text = " ".join(str(err).split())
+        if "Weights only load failed" in text or "Unsupported operand" in text:
+            text = "it holds objects other than tensors and plain containers"
+        raise ValueError(f"{path} is not a model file written by bmrs ({text[:200]})") from None
+
+
+def run_files(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(run directory, state file) of a run directory, its model.pt or its checkpoint.pt."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir():
+        run_dir, state = path, path / "model.pt"
+        if not state.is_file():
+            hint = " (the run is unfinished: pass its checkpoint.pt to use the last epoch)" if (path / "checkpoint.pt").is_file() else ""
+            raise ValueError(f"{path} has no model.pt{hint}")
+    else:
+        run_dir, state = path.parent, path
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"{run_dir} has no config.json: expected a run directory written by 'bmrs train', "
+                         "or its model.pt or checkpoint.pt")
+    return run_dir, state
+
+
+@dataclass
+class LoadedRun:
+    """A run's gated model with its final (or checkpointed) state, and what goes with it."""
+
+    config: RunConfig
+    model: nn.Module
+    architecture: dict
+    example: torch.Tensor
+    data: object | None
+
+
+def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False) -> LoadedRun:
+    """Rebuild the gated model of a run directory (or of its model.pt / checkpoint.pt).
+
+    The data set is loaded when ``need_data`` or when the run's metrics do not record the
+    architecture; ``example`` is a batch of 64 inputs (test images, or seeded noise).
+    """
+    run_dir, state_file = run_files(path)
+    config = RunConfig.from_dict(read_json(run_dir / "config.json")).resolved()
+    if data_dir is not None:
+        config.data_dir = str(data_dir)
+    if state_file.name == "checkpoint.pt":
+        # the trainer's checkpoint holds random-number states (NumPy objects) besides the
+        # weights: bmrs wrote it into the run directory, so it is unpickled in full
+        checkpoint = load_state_file(state_file, weights_only=False)
+        if not (isinstance(checkpoint, dict) and "model" in checkpoint):
+            raise ValueError(f"{state_file} is not a checkpoint written by 'bmrs train'")
+        state = checkpoint["model"]
+    else:
+        state = load_state_file(state_file)
+    if isinstance(state, dict) and "metadata" in state and "state_dict" in state:
+        raise ValueError(f"{state_file} is already a compacted model (see 'bmrs info {state_file}')")
+    if not isinstance(state, dict):
+        raise ValueError(f"{state_file} does not hold a model state dict")
+    architecture, data = None, None
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file() and not need_data:
+        architecture = (read_json(metrics_file).get("compaction") or {}).get("architecture")
+    if architecture is None:
+        data = load_dataset(config.dataset, config.data_dir, seed=config.seed, image_size=config.image_size)
+        architecture = model_architecture(config, data.input_shape, data.num_classes)
+    model = build_model(config.model, architecture["input_shape"], architecture["num_classes"], **config.model_options)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"{state_file} does not fit the model of {run_dir / 'config.json'} ({detail})") from None
+    model.eval()
+    if data is not None:
+        example = data.test.tensors[0][:64]
+    else:
+        example = torch.randn(64, *architecture["input_shape"], generator=torch.Generator().manual_seed(0))
+    return LoadedRun(config, model, architecture, example, data)

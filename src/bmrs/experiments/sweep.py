@@ -12,16 +12,24 @@ import copy
 import csv
 import io
 import os
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._io import write_text
-from ..pruning.criteria import Criterion
+from .._io import write_json, write_text
+from ..pruning.criteria import CRITERIA, Criterion, make_criterion
+from ..reduction import bmrs_u_prior
 from ..pruning.masks import decide, parameter_compression, set_masks, structure_compression
+from .runs import load_run
+from .training import Trainer, seed_everything
 
-__all__ = ["sweep", "DEFAULT_LEVELS", "write_sweep_csv", "fine_tuner"]
+__all__ = ["sweep", "sweep_run", "parse_criteria", "DEFAULT_LEVELS", "DEFAULT_CRITERIA", "write_sweep_csv", "fine_tuner"]
 
 #: Parameter-compression levels of a default sweep.
 DEFAULT_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
@@ -75,6 +83,119 @@ def sweep(
         })
     model.load_state_dict(state)
     return records
+
+
+#: Criteria of a default sweep (``bmrs-uP`` is BMRS_U with P bits).
+DEFAULT_CRITERIA = ("bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-u8", "bmrs-u4", "snr", "etheta", "l2", "taylor", "random")
+
+
+def parse_criteria(text: str) -> list[tuple[str, str, dict]]:
+    """Criteria tokens of ``bmrs sweep --criteria`` as (label, criterion name, options).
+
+    ``bmrs-uP`` (e.g. ``bmrs-u8``, ``bmrs-u2.5``) is BMRS_U with P bits; ``bmrs-u`` alone has
+    8 bits. Other tokens are criterion names (``bmrs-n``, ``snr``, ``l2``, ...).
+    """
+    out, seen = [], set()
+    for token in (t.strip().lower().replace("_", "-") for t in text.split(",")):
+        if not token:
+            continue
+        match = re.fullmatch(r"bmrs-u(\d+(?:\.\d+)?)?", token)
+        if match:
+            bits = float(match.group(1)) if match.group(1) else 8.0
+            bmrs_u_prior(bits)  # checks the range
+            label, name, options = f"bmrs-u{bits:g}", "bmrs-u", {"bits": bits}
+        elif token in CRITERIA:
+            label, name, options = token, token, {}
+        else:
+            raise ValueError(f"unknown criterion {token!r}; choose from bmrs-n, bmrs-n-code, bmrs-n-rel, bmrs-uP (P bits, "
+                           f"e.g. bmrs-u8), {', '.join(c for c in CRITERIA if not c.startswith('bmrs'))}")
+        if label in seen:
+            raise ValueError(f"criterion {label!r} is given twice")
+        seen.add(label)
+        out.append((label, name, options))
+    if not out:
+        raise ValueError("--criteria names no criterion")
+    return out
+
+
+def sweep_run(
+    run: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    criteria: str = ",".join(DEFAULT_CRITERIA),
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    finetune_epochs: int = 0,
+    split: str = "test",
+    target_kind: str = "params",
+    data_dir=None,
+    progress: bool = True,
+) -> dict:
+    """Post-training sweep of a trained run's final model; writes ``out/sweep.json`` (last:
+    its presence marks the sweep complete) and ``out/sweep.csv``; returns the JSON content.
+
+    Args:
+        run: a run directory (typically ``--method none``: trained with gates, unpruned).
+        criteria: comma-separated tokens of :func:`parse_criteria`.
+        levels: parameter (or structure, see ``target_kind``) compressions to prune to.
+        finetune_epochs: epochs of fine-tuning (masks fixed) after each pruning.
+        split: ``"test"`` or ``"val"``: where accuracy is measured.
+    """
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    bad = [v for v in levels if not 0.0 <= v <= 1.0]
+    if bad:
+        raise ValueError(f"levels must lie in [0, 1], got {', '.join(f'{v:g}' for v in bad)}")
+    if finetune_epochs < 0:
+        raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
+    specs = parse_criteria(criteria)
+    loaded = load_run(run, data_dir, need_data=True)
+    config, model, data = loaded.config, loaded.model, loaded.data
+    generator = seed_everything(config.seed)
+    train_loader = torch.utils.data.DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
+    val_loader = torch.utils.data.DataLoader(data.val, batch_size=1000)
+    eval_loader = val_loader if split == "val" else torch.utils.data.DataLoader(data.test, batch_size=1000)
+
+    built = {}
+    for label, name, options in specs:
+        if name == "taylor":
+            options = {**options, "data": train_loader}
+        if name == "random":
+            options = {**options, "seed": config.seed}
+        built[label] = make_criterion(name, **options)
+
+    @torch.no_grad()
+    def evaluate(net) -> float:
+        net.eval()
+        correct = total = 0
+        for inputs, targets in eval_loader:
+            correct += (net(inputs).argmax(dim=1) == targets).sum().item()
+            total += len(targets)
+        return correct / max(total, 1)
+
+    def trainer_factory(net):
+        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+        return Trainer(net, optimizer, kl_reduction=config.kl_reduction, dataset_size=len(data.train), progress=False)
+
+    began = time.perf_counter()
+    model_accuracy = evaluate(model)
+    records = sweep(
+        model, built, evaluate, levels=levels, target_kind=target_kind,
+        finetune=fine_tuner(trainer_factory, train_loader, val_loader, finetune_epochs), progress=progress,
+    )
+    result = {
+        "config": {
+            "run": str(run), "criteria": [label for label, _, _ in specs], "levels": list(levels),
+            "finetune_epochs": finetune_epochs, "split": split, "target_kind": target_kind,
+        },
+        "run_config": asdict(config),
+        "model_accuracy": model_accuracy,
+        "seconds": time.perf_counter() - began,
+        "records": records,
+    }
+    out = Path(out)
+    write_sweep_csv(records, out / "sweep.csv")
+    write_json(result, out / "sweep.json")
+    return result
 
 
 def write_sweep_csv(records: list[dict], path: str | os.PathLike) -> None:
