@@ -13,17 +13,29 @@ import torch
 from tqdm.auto import tqdm
 
 from .runs import RunConfig, train_run
+from .sweep import sweep_run
 
 __all__ = ["SuiteRun", "SUITES", "suite_runs", "run_suite"]
 
 
 @dataclass
 class SuiteRun:
-    """One run of a suite: its directory (relative to the suite's), config and dependency."""
+    """One run of a suite: its directory (relative to the suite's), config and dependency.
+
+    ``kind`` is ``"train"`` (:func:`~bmrs.experiments.runs.train_run` with ``config``) or
+    ``"sweep"`` (:func:`~bmrs.experiments.sweep.sweep_run` of the run ``after``, the
+    unpruned model, with every default criterion and level).
+    """
 
     name: str
     config: RunConfig
     after: str | None = None  # a run whose results this one needs (e.g. to match its compression)
+    kind: str = "train"
+
+    @property
+    def marker(self) -> str:
+        """The file whose presence marks the run complete."""
+        return "sweep.json" if self.kind == "sweep" else "metrics.json"
 
 
 # (label, method, bits): the paper's Table 1 methods, then ours; l2 matches the bmrs-n-code run.
@@ -40,7 +52,9 @@ _PAPER_METHODS = (
 )
 
 
-def _table_runs(dataset: str, models: tuple[str, ...], seeds: int, base: RunConfig) -> list[SuiteRun]:
+def _table_runs(dataset: str, models: tuple[str, ...], seeds: int, base: RunConfig, *, sweeps: bool = True) -> list[SuiteRun]:
+    """Per seed and model: a training run per Table 1 method, and a post-training sweep of
+    the unpruned (``none``) run."""
     runs = []
     for seed in range(seeds):
         for model in models:
@@ -51,6 +65,9 @@ def _table_runs(dataset: str, models: tuple[str, ...], seeds: int, base: RunConf
                 if method == "l2":
                     after = f"train/{model}/bmrs-n-code/seed-{seed}"
                 runs.append(SuiteRun(name, config, after))
+            if sweeps:
+                runs.append(SuiteRun(f"sweep/{model}/seed-{seed}", runs[-len(_PAPER_METHODS)].config,
+                                     f"train/{model}/none/seed-{seed}", kind="sweep"))
     return runs
 
 
@@ -89,25 +106,28 @@ def suite_runs(name: str, seeds: int | None = None) -> list[SuiteRun]:
     return build(seeds)
 
 
-def _worker(config: RunConfig, out_dir: str, threads: int) -> str:
+def _worker(kind: str, config: RunConfig, out_dir: str, source: str | None, threads: int) -> str:
     torch.set_num_threads(threads)
-    train_run(config, out_dir, progress=False)
+    if kind == "sweep":
+        sweep_run(source, out_dir, progress=False)
+    else:
+        train_run(config, out_dir, progress=False)
     return out_dir
 
 
 def run_suite(name: str, out: str | os.PathLike, *, seeds: int | None = None, jobs: int = 1, progress: bool = True) -> list[Path]:
     """Run every incomplete run of the suite under ``out``, ``jobs`` at a time.
 
-    Complete runs (with ``metrics.json``) are skipped and interrupted ones resume from
-    their checkpoint, so the suite can be stopped and continued across days. A run that
+    Complete runs (with ``metrics.json``, or ``sweep.json`` for sweeps) are skipped and
+    interrupted ones resume from their checkpoint, so the suite can be stopped and continued across days. A run that
     depends on another starts when that one is complete. Returns the run directories.
     """
     out = Path(out)
     runs = suite_runs(name, seeds)
     for run in runs:
-        if run.config.match is None and run.after is not None:
+        if run.kind == "train" and run.config.match is None and run.after is not None:
             run.config = replace(run.config, match=str(out / run.after))
-    done = {r.name for r in runs if (out / r.name / "metrics.json").exists()}
+    done = {r.name for r in runs if (out / r.name / r.marker).exists()}
     pending = [r for r in runs if r.name not in done]
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
     bar = tqdm(total=len(runs), initial=len(done), desc=f"{name} runs", disable=not progress)
@@ -121,7 +141,8 @@ def run_suite(name: str, out: str | os.PathLike, *, seeds: int | None = None, jo
                 if run.after is not None and run.after not in done:
                     continue
                 pending.remove(run)
-                running[pool.submit(_worker, run.config, str(out / run.name), threads)] = run
+                source = str(out / run.after) if run.after is not None else None
+                running[pool.submit(_worker, run.kind, run.config, str(out / run.name), source, threads)] = run
             if not running:
                 missing = sorted({r.after for r in pending})
                 raise RuntimeError(f"runs wait for runs that are not in the suite: {missing}")
