@@ -231,7 +231,7 @@ def test_masked_head_contributes_exactly_nothing():
     gate.register_forward_hook(lambda m, a, out: captured.update(out=out))
     x = torch.randn(N, L, E)
     for mode in (True, False):
-        y = attention.train(mode)(x)
+        attention.train(mode)(x)
         assert torch.equal(captured["out"][:, 2], torch.zeros(N, L, E // H))
         assert (captured["out"][:, [0, 1, 3]] != 0).all()
     # in eval, the output is that of the same weights with head 2's output columns zeroed

@@ -295,24 +295,31 @@ def cmd_sweep(args) -> int:
 # bmrs report and bmrs reproduce
 
 
-def _report(paths, out: Path) -> None:
+def _report(paths, out: Path, *, paper: str | None = None, analysis: bool = False) -> None:
     from .reporting import write_report
 
-    report = write_report(paths, out)
+    report = write_report(paths, out, paper=paper, analysis=analysis)
     for note in report.notes:
         print(f"bmrs: note: {note}", file=sys.stderr)
     _say(report.markdown.split("\n## ")[0].rstrip())
     _say("")
     _say(f"report of {report.runs} run(s) and {report.sweeps} sweep(s):")
-    _say(f"  table   {report.files['markdown']}")
-    _say(f"  json    {report.files['json']}")
-    _say(f"  plot    {report.files['accuracy_plot']}")
+    _say(f"  table       {report.files['markdown']}")
+    _say(f"  json        {report.files['json']}")
+    _say(f"  plot        {report.files['accuracy_plot']}")
     if "widths_plot" in report.files:
-        _say(f"  widths  {report.files['widths_plot']}")
+        _say(f"  widths      {report.files['widths_plot']}")
+    for key, label in (("comparison", "paper"), ("paper_json", "paper json"), ("knees", "knees"),
+                       ("diagnostics_md", "diagnostics")):
+        if key in report.files:
+            _say(f"  {label:<11} {report.files[key]}")
+    figures = sum(1 for name in report.files if name.startswith(("posteriors_", "delta-f_")))
+    if figures:
+        _say(f"  {figures} diagnostic figure(s) in {out}")
 
 
 def cmd_report(args) -> int:
-    _report(args.paths, Path(args.out))
+    _report(args.paths, Path(args.out), paper=args.paper)
     return 0
 
 
@@ -324,7 +331,9 @@ def cmd_reproduce(args) -> int:
     out = Path(args.out)
     run_dirs = run_suite(args.suite, out, seeds=args.seeds, jobs=args.jobs, progress=not args.no_progress)
     _say(f"suite {args.suite}: {len(run_dirs)} runs under {out}")
-    _report([out], out / "report")
+    from .reporting.paper import SUITE_PAPERS
+
+    _report([out], out / "report", paper=SUITE_PAPERS.get(args.suite), analysis=True)
     return 0
 
 
@@ -561,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", metavar="DIR", help="run, sweep or suite directories")
     p.add_argument("--out", metavar="DIR", required=True, help="report directory")
+    p.add_argument("--paper", metavar="DATASET", default=None,
+                   help="also compare with the paper's published numbers for DATASET (fashion-mnist or mnist): "
+                   "comparison.md, comparison.json and paper-fmnist.json (paper-mnist.json)")
     p.set_defaults(func=cmd_report)
 
     # compact -------------------------------------------------------------------------------
@@ -598,7 +610,14 @@ def build_parser() -> argparse.ArgumentParser:
         "reproduce", parents=[progress], formatter_class=_Formatter,
         help="run an experiment suite, then report it",
         description="Run every run of SUITE under OUT (complete runs are skipped, interrupted ones\n"
-        "resume), then write the report of OUT into OUT/report (as 'bmrs report OUT --out OUT/report').",
+        "resume), then write the report of OUT into OUT/report as 'bmrs report OUT --out\n"
+        "OUT/report' does, and in addition:\n"
+        "  comparison.md, comparison.json  ours beside the paper's Table 1, and our summary as\n"
+        "  paper-fmnist.json               in the paper (paper-fmnist only)\n"
+        "  knees.md, knees.json            BMRS stopping points of the sweeps against the knees\n"
+        "                                  of the accuracy-vs-compression curves\n"
+        "  diagnostics.md, diagnostics.csv the gates of the lowest-seed runs of none, bmrs-n,\n"
+        "  posteriors_*.png, delta-f_*.png bmrs-n-code, bmrs-n-rel and bmrs-u8, per model",
         epilog=_suites_epilog() + "\n\nexample: bmrs reproduce quick --out runs/quick --jobs 2",
     )
     p.add_argument("suite", choices=tuple(SUITES), metavar="SUITE", help=f"one of {', '.join(SUITES)}")

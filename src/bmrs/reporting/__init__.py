@@ -5,16 +5,22 @@
 * :func:`summarize` and :func:`results_markdown` average the runs over seeds per
   (data set, model, method) into the results table and its JSON form.
 * :func:`plot_sweeps`, :func:`plot_runs` and :func:`plot_widths` draw the figures.
-* :func:`write_report` does all of it into a directory (what ``bmrs report`` calls).
+* :func:`write_report` does all of it into a directory (what ``bmrs report`` calls); with
+  ``paper=`` it adds the comparison with the paper's published numbers
+  (:mod:`bmrs.reporting.paper`), with ``analysis=True`` the knee analysis of the sweeps and
+  the gate diagnostics of trained runs (:mod:`bmrs.reporting.diagnostics`).
 """
 
 from .collect import Collection, RunResult, SweepResult, collect, method_label
+from .diagnostics import knee_analysis, run_diagnostics, write_diagnostics, write_knees
+from .paper import PAPER_TABLES, compare, comparison_markdown, paper_summary, paper_table, write_paper_json
 from .plots import plot_runs, plot_sweeps, plot_widths
 from .report import Report, write_report
 from .tables import format_mean_std, group_runs, mean_std, results_markdown, summarize
 
 __all__ = [
-    "Collection", "Report", "RunResult", "SweepResult", "collect", "format_mean_std", "group_runs",
-    "mean_std", "method_label", "plot_runs", "plot_sweeps", "plot_widths", "results_markdown",
-    "summarize", "write_report",
+    "Collection", "PAPER_TABLES", "Report", "RunResult", "SweepResult", "collect", "compare", "comparison_markdown",
+    "format_mean_std", "group_runs", "knee_analysis", "mean_std", "method_label", "paper_summary", "paper_table",
+    "plot_runs", "plot_sweeps", "plot_widths", "results_markdown", "run_diagnostics", "summarize",
+    "write_diagnostics", "write_knees", "write_paper_json", "write_report",
 ]

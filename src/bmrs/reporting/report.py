@@ -1,4 +1,5 @@
-"""Writing a report directory: results.md, results.json and the plots."""
+"""Writing a report directory: results.md, results.json and the plots; optionally the
+comparison with the paper, the knee analysis of the sweeps and the gate diagnostics."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ RESULTS_MD = "results.md"
 RESULTS_JSON = "results.json"
 ACCURACY_PLOT = "accuracy_vs_compression.png"
 WIDTHS_PLOT = "widths.png"
+COMPARISON_MD = "comparison.md"
+COMPARISON_JSON = "comparison.json"
+KNEES_MD = "knees.md"
+KNEES_JSON = "knees.json"
 
 
 @dataclass
@@ -33,13 +38,22 @@ class Report:
     sweeps: int = 0
 
 
-def write_report(source, out_dir: str | os.PathLike) -> Report:
+def write_report(source, out_dir: str | os.PathLike, *, paper: str | None = None, analysis: bool = False) -> Report:
     """Summarise runs and sweeps into ``out_dir``.
 
     Args:
         source: a :class:`~bmrs.reporting.collect.Collection`, or paths for
             :func:`~bmrs.reporting.collect.collect` (run, sweep or suite directories).
         out_dir: the report directory (created if needed).
+        paper: a data set with published numbers (``"fashion-mnist"``, ``"mnist"``, see
+            :data:`~bmrs.reporting.paper.PAPER_TABLES`): also write ``comparison.md`` and
+            ``comparison.json`` (:func:`~bmrs.reporting.paper.compare`) and our summary of
+            that data set's runs as ``paper-fmnist.json`` (``paper-mnist.json``).
+        analysis: also write the knee analysis of the sweeps (``knees.md``, ``knees.json``,
+            when there are sweeps) and the gate diagnostics of the lowest-seed run of the
+            methods :data:`~bmrs.reporting.diagnostics.DIAGNOSTIC_METHODS` per model
+            (``diagnostics.md``, ``diagnostics.csv`` and two figures per run); runs whose
+            model cannot be rebuilt are noted and left out.
 
     Writes ``results.md`` (the table of :func:`~bmrs.reporting.tables.results_markdown`),
     ``results.json`` (:func:`~bmrs.reporting.tables.summarize`), ``accuracy_vs_compression.png``
@@ -49,8 +63,13 @@ def write_report(source, out_dir: str | os.PathLike) -> Report:
     temporary name first and then renamed.
 
     Raises:
-        ValueError: if there is no complete run and no sweep to report.
+        ValueError: if there is no complete run and no sweep to report, or ``paper`` has no
+            published numbers.
     """
+    if paper is not None:
+        from .paper import paper_table
+
+        paper_table(paper)  # fail on an unknown data set before anything is written
     collection = source if isinstance(source, Collection) else collect(source)
     if not collection.runs and not collection.sweeps:
         detail = f" ({'; '.join(collection.skipped)})" if collection.skipped else ""
@@ -80,4 +99,35 @@ def write_report(source, out_dir: str | os.PathLike) -> Report:
     markdown = results_markdown(collection.runs, collection.sweeps, plots=plots)
     write_text(out / RESULTS_MD, markdown)
     files["markdown"] = out / RESULTS_MD
+    if paper is not None:
+        files.update(_write_comparison(collection, out, paper))
+    if analysis:
+        files.update(_write_analysis(collection, out, notes))
     return Report(out, files, markdown, summary, notes, len(collection.runs), len(collection.sweeps))
+
+
+def _write_comparison(collection: Collection, out: Path, dataset: str) -> dict[str, Path]:
+    from .paper import PAPER_FILES, compare, comparison_markdown, write_paper_json
+
+    stem = PAPER_FILES.get(dataset, f"paper-{dataset}")
+    summary = write_paper_json(collection.runs, out / f"{stem}.json", dataset)
+    write_json(compare(summary, dataset), out / COMPARISON_JSON)
+    write_text(out / COMPARISON_MD, comparison_markdown(summary, dataset))
+    return {"paper_json": out / f"{stem}.json", "comparison_json": out / COMPARISON_JSON,
+            "comparison": out / COMPARISON_MD}
+
+
+def _write_analysis(collection: Collection, out: Path, notes: list[str]) -> dict[str, Path]:
+    from .diagnostics import select_runs, write_diagnostics, write_knees
+
+    files: dict[str, Path] = {}
+    if collection.sweeps:
+        write_knees(collection.sweeps, out)
+        files["knees"] = out / KNEES_MD
+        files["knees_json"] = out / KNEES_JSON
+    chosen = select_runs(collection.runs)
+    if chosen:
+        _, written, more = write_diagnostics(chosen, out)
+        notes.extend(more)
+        files.update(written)
+    return files
