@@ -26,7 +26,7 @@ METRIC_KEYS = {
 }
 
 
-def bmrs(*args, env=None, timeout=120):
+def bmrs(*args, env=None, timeout=900):  # a guard against hangs, not a speed test
     """Run the real command in a subprocess; return (exit status, stdout, stderr)."""
     proc = subprocess.run([sys.executable, "-m", "bmrs.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
@@ -294,7 +294,7 @@ def test_resume_after_kill_gives_the_uninterrupted_metrics(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bmrs.cli", *args, "--out", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # generous: CI machines can be busy
         while _epochs_done(killed / "checkpoint.pt") < 2:
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the run did not get going"

@@ -31,6 +31,7 @@ def test_model_kl_reductions_by_hand():
     assert torch.allclose(bmrs.model_kl(model, "sum"), k1[1:].sum() + k2.sum())
     assert torch.allclose(bmrs.model_kl(model, "mean"), (k1[1:].sum() / 4 + k2.mean()) / 2)
     assert torch.allclose(bmrs.model_kl(model, "elbo", 500), (k1[1:].sum() + k2.sum()) / 500)
+    assert torch.allclose(bmrs.model_kl(model, "structures"), (k1[1:].sum() + k2.sum()) / 8)
     with pytest.raises(ValueError, match="training set size"):
         bmrs.model_kl(model, "elbo")
     with pytest.raises(ValueError, match="reduction"):

@@ -514,8 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation, order and noise")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the paper's for the model)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the paper's for the model)")
-    p.add_argument("--kl-reduction", choices=("mean", "sum", "elbo"), default="mean",
-                   help="KL term: mean per layer then over layers (the paper), sum, or elbo (sum / training set size)")
+    p.add_argument("--kl-reduction", choices=("mean", "structures", "sum", "elbo"), default="mean",
+                   help="KL term: mean per layer then over layers (the paper), structures (sum / number of "
+                        "structures: equal weight per structure), sum, or elbo (sum / training set size)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to SxS (default 32 for (fashion-)mnist)")
     g = p.add_argument_group("model options (passed to the model builder)")
     g.add_argument("--width", type=int, default=None, help="mlp: hidden units; resnet: base channels; vit: embedding size")

@@ -258,8 +258,10 @@ def model_kl(model: nn.Module, reduction: str = "mean", dataset_size: int | None
 
     Args:
         reduction: ``"mean"`` (the paper's: mean over each gate's structures, then over
-            gates), ``"sum"`` (total), or ``"elbo"`` (total divided by ``dataset_size``: with a
-            mean data loss, the per-example negative ELBO).
+            gates), ``"structures"`` (total divided by the number of gated structures: every
+            structure weighs the same, as in the ELBO, at the paper's overall strength),
+            ``"sum"`` (total), or ``"elbo"`` (total divided by ``dataset_size``: with a mean
+            data loss, the per-example negative ELBO).
         dataset_size: number of training examples, for ``"elbo"``.
 
     A pruned structure is no longer part of the model, so it contributes nothing; the
@@ -268,17 +270,19 @@ def model_kl(model: nn.Module, reduction: str = "mean", dataset_size: int | None
     the kept count instead multiplies it by up to C and drives every structure of a layer
     to the prior once pruning starts).
     """
-    if reduction not in ("mean", "sum", "elbo"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'elbo', got {reduction!r}")
+    if reduction not in ("mean", "structures", "sum", "elbo"):
+        raise ValueError(f"reduction must be 'mean', 'structures', 'sum' or 'elbo', got {reduction!r}")
     if reduction == "elbo" and not (isinstance(dataset_size, int) and dataset_size > 0):
         raise ValueError(f"reduction='elbo' needs the training set size as a positive int, got {dataset_size!r}")
-    per_gate = []
+    per_gate, structures = [], 0
     for gate in gates(model).values():
         kl = gate.kl() * gate.mask
         per_gate.append(kl.sum() / gate.num_structures if reduction == "mean" else kl.sum())
+        structures += gate.num_structures
     if not per_gate:
         return torch.zeros(())
     total = torch.stack(per_gate)
     if reduction == "mean":
         return total.mean()
-    return total.sum() if reduction == "sum" else total.sum() / dataset_size
+    divisor = {"sum": 1, "structures": structures, "elbo": dataset_size}[reduction]
+    return total.sum() / divisor
