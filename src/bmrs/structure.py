@@ -111,10 +111,13 @@ class GateLayout:
 
 
 @dataclass
-class _Call:
+class Call:
+    """One call of a leaf module in a traced forward pass."""
+
     module: nn.Module
     name: str
-    in_fns: list
+    order: int  # position in execution order
+    in_fns: list  # grad_fns of its tensor inputs, as they were when it was called
     out_fn: object = None
     out_shape: tuple = ()
 
@@ -125,20 +128,22 @@ def _as_inputs(example_input) -> tuple:
     out = []
     for x in example_input:
         if isinstance(x, Tensor) and x.is_floating_point():
-            x = x.detach().clone().requires_grad_(True)  # every op downstream gets a grad_fn
+            # every op downstream gets a grad_fn; clone() gives the input one of its own
+            x = x.detach().requires_grad_(True).clone()
         out.append(x)
     return tuple(out)
 
 
-def _trace(model: nn.Module, example_input, leaf_types: tuple = ()) -> tuple[list[_Call], dict, list]:
-    """Module calls (in execution order), consumers of every grad_fn, and the output grad_fns."""
+def trace(model: nn.Module, example_input, leaf_types: tuple = ()) -> tuple[list[Call], dict, list]:
+    """One forward pass in eval mode (the mode is restored): the leaf modules' calls in
+    execution order, the consumers of every grad_fn, and the outputs' grad_fns."""
     names = {m: n for n, m in model.named_modules()}
-    calls: list[_Call] = []
-    open_calls: dict[int, list[_Call]] = {}
+    calls: list[Call] = []
+    open_calls: dict[int, list[Call]] = {}
     handles = []
 
     def pre(module, args):
-        call = _Call(module, names[module], [a.grad_fn for a in args if isinstance(a, Tensor)])
+        call = Call(module, names[module], len(calls), [a.grad_fn for a in args if isinstance(a, Tensor)])
         open_calls.setdefault(id(module), []).append(call)
         calls.append(call)
 
@@ -227,7 +232,7 @@ def find_sites(
     skipped: dict[str, str] = {}
     if heads:
         _expose_attention_heads(model, exclude, skipped)
-    calls, consumers, outputs = _trace(model, example_input)
+    calls, consumers, outputs = trace(model, example_input)
     by_in_fn: dict = {}
     for call in calls:
         for fn in call.in_fns:
@@ -327,7 +332,7 @@ def _expose_attention_heads(model: nn.Module, exclude: Sequence, skipped: dict[s
 
 
 def _head_site(
-    call: _Call, name: str, attention: dict, counts: dict, exclude: Sequence,
+    call: Call, name: str, attention: dict, counts: dict, exclude: Sequence,
     sites: list[GateSite], skipped: dict[str, str],
 ) -> None:
     """Add the head site of attention module ``name`` (its ``heads`` was called in ``call``)."""

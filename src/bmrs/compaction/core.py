@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..attention import compact_attention
 from ..gates import detach_gates, gate_layout, gates
-from ..structure import Family, GateSite, build_dependency_graph
+from ..structure import Call, Family, GateSite, build_dependency_graph, trace
 
 __all__ = ["compact"]
 
@@ -132,63 +132,14 @@ def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
 # --- tracing the plain network ----------------------------------------------------------------
 
 
-@dataclass
-class _Call:
-    name: str
-    module: nn.Module
-    order: int
-    in_fns: list
-    out_fn: object = None
-
-
 class _Trace:
     """One forward pass of a plain model: leaf-module calls and the autograd graph."""
 
     def __init__(self, model: nn.Module, inputs: tuple) -> None:
-        names = {m: n for n, m in model.named_modules()}
-        self.calls: list[_Call] = []
-        pending: dict[int, list[_Call]] = {}
+        self.calls, self.users, outputs = trace(model, inputs)
+        self.outputs = set(outputs)
 
-        def pre(module, args):
-            call = _Call(names[module], module, len(self.calls), [a.grad_fn for a in args if isinstance(a, Tensor)])
-            self.calls.append(call)
-            pending.setdefault(id(module), []).append(call)
-
-        def post(module, args, output):
-            call = pending[id(module)].pop()
-            output = output[0] if isinstance(output, tuple) else output
-            if isinstance(output, Tensor):
-                call.out_fn = output.grad_fn
-
-        handles = []
-        for module in model.modules():
-            if next(module.children(), None) is None:
-                handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-        # clone() gives every input a grad_fn of its own, so the first layer has a predecessor
-        traced = tuple(
-            x.detach().requires_grad_(True).clone() if isinstance(x, Tensor) and x.is_floating_point() else x
-            for x in inputs
-        )
-        try:
-            with torch.enable_grad():
-                output = model(*traced)
-        finally:
-            for handle in handles:
-                handle.remove()
-        self.outputs = {t.grad_fn for t in _tensors(output) if t.grad_fn is not None}
-        self.users: dict = {}
-        stack, seen = list(self.outputs), set()
-        while stack:
-            fn = stack.pop()
-            if fn in seen:
-                continue
-            seen.add(fn)
-            for nxt, _ in fn.next_functions:
-                if nxt is not None:
-                    self.users.setdefault(nxt, []).append(fn)
-                    stack.append(nxt)
-
-    def call_of(self, name: str) -> _Call:
+    def call_of(self, name: str) -> Call:
         found = [c for c in self.calls if c.name == name]
         if len(found) != 1:
             raise ValueError(
@@ -196,7 +147,7 @@ class _Trace:
             )
         return found[0]
 
-    def predecessor(self, call: _Call) -> _Call | None:
+    def predecessor(self, call: Call) -> Call | None:
         """The module call whose output ``call`` reads, when there is exactly one input."""
         if len(call.in_fns) != 1 or call.in_fns[0] is None:
             return None
@@ -205,7 +156,7 @@ class _Trace:
                 return earlier
         return None
 
-    def consumers(self, site: _Call) -> tuple[set[str], str | None]:
+    def consumers(self, site: Call) -> tuple[set[str], str | None]:
         """Linear/Conv modules reading the output of ``site`` through commuting operations
         only; or the first operation that does not commute, as text."""
         found: set[str] = set()
@@ -298,7 +249,7 @@ def _plan_fold(site: GateSite, coupled_to: list[str], trace: _Trace, graph, modu
     return _Fold(columns=columns)
 
 
-def _backward_target(site: GateSite, call: _Call, trace: _Trace) -> tuple[str | None, str]:
+def _backward_target(site: GateSite, call: Call, trace: _Trace) -> tuple[str | None, str]:
     """The module whose rows absorb the gate, or None and why not."""
     while True:
         module = call.module
