@@ -193,3 +193,19 @@ def test_std_of_identical_seeds_is_zero_not_nan(tmp_path):
     make_run(tmp_path, "b", seed=1, acc=0.5)
     acc = summarize(collect([tmp_path]).runs)["mlp"]["bmrs-n"]["accuracy"]
     assert acc == [50.0, 0.0] and not math.isnan(acc[1])
+
+
+def test_kl_variant_labels_and_their_paper_row():
+    from bmrs.reporting.collect import base_label, method_label
+    from bmrs.reporting.paper import compare
+    from bmrs.reporting.tables import method_order
+
+    assert method_label({"method": "bmrs-u", "bits": 8.0, "kl_reduction": "structures"}) == "bmrs-u8+kl-structures"
+    assert method_label({"method": "bmrs-n-code", "kl_reduction": "mean"}) == "bmrs-n-code"
+    assert base_label("bmrs-n-code+kl-structures") == "bmrs-n-code"
+    labels = ["bmrs-n-code+kl-structures", "none", "bmrs-n-code", "bmrs-u8"]
+    assert sorted(labels, key=method_order) == ["none", "bmrs-n-code", "bmrs-n-code+kl-structures", "bmrs-u8"]
+    summary = {"lenet5": {"bmrs-n-code+kl-structures": {"param_compression": [90.0, 1.0], "accuracy": [87.0, 0.5], "seeds": 2}}}
+    cell = compare(summary)["lenet5"]["bmrs-n-code+kl-structures"]
+    assert cell["paper_row"] == "bmrs-n"
+    assert cell["difference"]["accuracy"] == pytest.approx(87.0 - 77.90)

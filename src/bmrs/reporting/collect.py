@@ -8,19 +8,26 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RunResult", "SweepResult", "Collection", "collect", "method_label", "natural_key"]
+__all__ = ["RunResult", "SweepResult", "Collection", "collect", "method_label", "base_label", "natural_key"]
 
 
 def method_label(config: dict) -> str:
-    """The label a run is reported under: its method, with BMRS_U's precision appended.
+    """The label a run is reported under: its method, with BMRS_U's precision appended, and
+    the KL reduction when it is not the paper's.
 
     ``{"method": "bmrs-u", "bits": 8.0}`` gives ``"bmrs-u8"``, ``bits=2.5`` gives
-    ``"bmrs-u2.5"``; every other method is its own label (``"none"``, ``"bmrs-n"``, ...).
+    ``"bmrs-u2.5"``; every other method is its own label (``"none"``, ``"bmrs-n"``, ...);
+    ``"kl_reduction": "structures"`` appends ``"+kl-structures"``.
     """
     method = config.get("method", "?")
-    if method == "bmrs-u":
-        return f"bmrs-u{float(config.get('bits', 8.0)):g}"
-    return method
+    label = f"bmrs-u{float(config.get('bits', 8.0)):g}" if method == "bmrs-u" else method
+    reduction = config.get("kl_reduction", "mean")
+    return label if reduction == "mean" else f"{label}+kl-{reduction}"
+
+
+def base_label(label: str) -> str:
+    """A method label without its KL-reduction suffix (``"bmrs-u8+kl-structures"`` -> ``"bmrs-u8"``)."""
+    return label.split("+", 1)[0]
 
 
 def natural_key(text: str) -> list:

@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from .._io import write_json
-from .collect import RunResult
+from .collect import RunResult, base_label
 from .tables import format_mean_std, method_order, summarize
 
 __all__ = [
@@ -147,7 +147,8 @@ def compare(summary: dict, dataset: str = "fashion-mnist", *, methods: Sequence[
         out[model] = {}
         for label in _rows(ours_rows, methods):
             ours = ours_rows.get(label)
-            row = PAPER_ROW.get(label, label)
+            base = base_label(label)
+            row = PAPER_ROW.get(base, base)
             published = paper_rows.get(row)
             difference = None
             if ours is not None and published is not None:

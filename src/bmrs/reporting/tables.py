@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-from .collect import RunResult, SweepResult, natural_key
+from .collect import RunResult, SweepResult, base_label, natural_key
 
 __all__ = [
     "mean_std", "format_mean_std", "group_runs", "column_key", "method_order", "summarize",
@@ -40,7 +40,10 @@ def format_mean_std(mean: float, std: float, n: int, digits: int = 2) -> str:
 
 
 def method_order(label: str) -> tuple:
-    """Sort key of a method label for the rows of the table."""
+    """Sort key of a method label for the rows of the table (a KL variant after its method)."""
+    base = base_label(label)
+    if base != label:
+        return method_order(base) + (1, label)
     if label.startswith("bmrs-u"):
         try:
             return (_ORDER.index("bmrs-u"), -float(label[len("bmrs-u"):]), label)
