@@ -211,3 +211,16 @@ def test_bmrs_n_rel_prunes_relaxed_and_pushed_down_structures_only():
     prior = bmrs.LogUniform(torch.tensor(-20.0, dtype=F64), torch.tensor(0.0, dtype=F64))
     expected = exact.delta_f(gate)[0] - bmrs.delta_f(q0, prior, bmrs.bmrs_n_prior())
     assert rel.delta_f(gate)[0].item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_bmrs_n_kr_keeps_only_positive_evidence():
+    model = gated_mlp(hidden=4)
+    gate = bmrs.gates(model)["1"]
+    # relaxed short of the clamp (delta F ~ -0.07 and -0.2), a needed unit, one near -1
+    set_posterior(gate, [-1.3, -0.7, 0.0, -4.0], [3.8, 3.3, -2.0, 1.3])
+    exact = make_criterion("bmrs-n").delta_f(gate)
+    kr = make_criterion("bmrs-n-kr")
+    assert torch.allclose(kr.delta_f(gate), exact + 1.0)
+    assert (exact[:2] > -0.3).all() and (exact[:2] < 0).all() and exact[2] < -100
+    assert decide(model, kr)["1"].tolist() == (exact < -1.0).tolist()
+    assert decide(model, kr)["1"][:3].tolist() == [False, False, True]

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 #: Methods of ``bmrs train --method``: no pruning, the BMRS criteria and the baselines.
-METHODS = ("none", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-u", "snr", "etheta", "l2", "taylor", "random")
+METHODS = ("none", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u", "snr", "etheta", "l2", "taylor", "random")
 
 # The paper's optimiser settings (MATH.md section 5); other models get the LeNet5 ones.
 _PAPER_SETTINGS = {"mlp": {"batch_size": 128, "lr": 1.5e-3}, "lenet5": {"batch_size": 32, "lr": 1.4e-3}}

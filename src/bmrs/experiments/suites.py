@@ -44,6 +44,7 @@ _PAPER_METHODS = (
     ("bmrs-n", "bmrs-n", 8.0),
     ("bmrs-n-code", "bmrs-n-code", 8.0),
     ("bmrs-n-rel", "bmrs-n-rel", 8.0),
+    ("bmrs-n-kr", "bmrs-n-kr", 8.0),
     ("bmrs-u8", "bmrs-u", 8.0),
     ("bmrs-u4", "bmrs-u", 4.0),
     ("etheta", "etheta", 8.0),

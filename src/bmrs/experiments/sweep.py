@@ -86,7 +86,7 @@ def sweep(
 
 
 #: Criteria of a default sweep (``bmrs-uP`` is BMRS_U with P bits).
-DEFAULT_CRITERIA = ("bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-u8", "bmrs-u4", "snr", "etheta", "l2", "taylor", "random")
+DEFAULT_CRITERIA = ("bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u8", "bmrs-u4", "snr", "etheta", "l2", "taylor", "random")
 
 
 def parse_criteria(text: str) -> list[tuple[str, str, dict]]:
@@ -107,7 +107,7 @@ def parse_criteria(text: str) -> list[tuple[str, str, dict]]:
         elif token in CRITERIA:
             label, name, options = token, token, {}
         else:
-            raise ValueError(f"unknown criterion {token!r}; choose from bmrs-n, bmrs-n-code, bmrs-n-rel, bmrs-uP (P bits, "
+            raise ValueError(f"unknown criterion {token!r}; choose from bmrs-n, bmrs-n-code, bmrs-n-rel, bmrs-n-kr, bmrs-uP (P bits, "
                            f"e.g. bmrs-u8), {', '.join(c for c in CRITERIA if not c.startswith('bmrs'))}")
         if label in seen:
             raise ValueError(f"criterion {label!r} is given twice")

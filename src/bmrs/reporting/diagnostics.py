@@ -19,9 +19,10 @@ closed forms on the trained posteriors):
   Markdown summary and two figures per run (posteriors in the (mu, log sigma) plane, and
   the histogram of the exact delta F on a symlog axis).
 
-A structure is *relaxed* when its (clamped) log sigma is at least ``relaxed_at`` (4.5, just
-under the clamp of 5): its posterior has drifted back toward the prior, so every reduced
-prior gives delta F close to 0 (MATH.md section 6).
+A structure is *relaxed* when its (clamped) log sigma is at least ``relaxed_at`` (2.3: the
+posterior is wider than half the prior's interval of log theta): it has drifted back toward
+the prior, so every reduced prior gives delta F close to 0 (MATH.md section 6). In our runs
+such posteriors stop at log sigma 3 to 4.4, short of the clamp at 5.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ __all__ = [
 # Knees of post-training sweeps
 
 #: The stopping rules analysed (criteria that stop where delta F >= 0).
-KNEE_STOPS = ("bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-u8", "bmrs-u4")
+KNEE_STOPS = ("bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u8", "bmrs-u4")
 
 #: How knees are found (written into knees.md and knees.json).
 KNEE_METHOD = (
@@ -266,18 +267,19 @@ def write_knees(sweeps: Sequence[SweepResult], out_dir: str | os.PathLike, stops
 # Gate diagnostics of trained runs
 
 #: Methods whose runs :func:`select_runs` picks for the gate diagnostics by default.
-DIAGNOSTIC_METHODS = ("none", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-u8")
+DIAGNOSTIC_METHODS = ("none", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u8")
 #: The criteria evaluated on every gate, in column order.
-DIAGNOSTIC_CRITERIA = ("bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-u8", "bmrs-u4")
-#: A structure whose clamped log sigma is at least this is "relaxed" (prior-like).
-RELAXED_LOG_SIGMA = 4.5
+DIAGNOSTIC_CRITERIA = ("bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u8", "bmrs-u4")
+#: A structure whose clamped log sigma is at least this is "relaxed" (prior-like): its
+#: posterior is wider than half the prior's interval of log theta (20 / 2 = e^2.3).
+RELAXED_LOG_SIGMA = 2.3
 
 
 def _criteria() -> dict:
-    from ..pruning.criteria import BMRSN, BMRSU, BMRSNCode, BMRSNRelative
+    from ..pruning.criteria import BMRSN, BMRSU, BMRSNCode, BMRSNKassRaftery, BMRSNRelative
 
-    return {"bmrs-n": BMRSN(), "bmrs-n-code": BMRSNCode(), "bmrs-n-rel": BMRSNRelative(), "bmrs-u8": BMRSU(8),
-            "bmrs-u4": BMRSU(4)}
+    return {"bmrs-n": BMRSN(), "bmrs-n-code": BMRSNCode(), "bmrs-n-rel": BMRSNRelative(),
+            "bmrs-n-kr": BMRSNKassRaftery(), "bmrs-u8": BMRSU(8), "bmrs-u4": BMRSU(4)}
 
 
 @dataclass
@@ -417,7 +419,7 @@ def diagnostics_markdown(diagnostics: Sequence[RunDiagnostics], *, images: dict[
         "number of structures, how many the run's own final mask removed, how many each criterion would "
         "prune now (delta F >= 0): `bmrs-n` (exact, the paper's Eq. 8), `bmrs-n-code` (exact + ½ log 2π, as "
         "the paper's code), `bmrs-n-rel` (ours: relative to the uninformed posterior), `bmrs-u8`, `bmrs-u4`; "
-        f"and how many are *relaxed* (log σ ≥ {relaxed_at:g}, at the clamp of the posterior's scale: prior-like), "
+        f"and how many are *relaxed* (log σ ≥ {relaxed_at:g}: wider than half the prior's interval, prior-like), "
         "with the median exact delta F of those. A relaxed structure sits just below delta F = 0 under the "
         "exact criterion, a tie it never breaks; the code's +0.919 nats breaks it toward pruning.",
         "",

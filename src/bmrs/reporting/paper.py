@@ -89,7 +89,7 @@ PAPER_FILES: dict[str, str] = {"fashion-mnist": "paper-fmnist", "mnist": "paper-
 SUITE_PAPERS: dict[str, str] = {"paper-fmnist": "fashion-mnist"}
 
 #: Rows of the comparison, in order (other labels present follow, in the results' order).
-COMPARISON_METHODS = ("none", "l2", "etheta", "snr", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-u8", "bmrs-u4")
+COMPARISON_METHODS = ("none", "l2", "etheta", "snr", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u8", "bmrs-u4")
 
 
 def paper_table(dataset: str) -> dict[str, dict[str, dict]]:
