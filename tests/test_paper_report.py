@@ -147,7 +147,7 @@ def test_compare_differences_and_rows(tmp_path):
     table = compare(summary, "fashion-mnist")
     assert list(table) == ["mlp", "lenet5"]
     mlp = table["mlp"]
-    assert list(mlp) == ["none", "l2", "etheta", "snr", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-u8", "bmrs-u4",
+    assert list(mlp) == ["none", "l2", "etheta", "snr", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u8", "bmrs-u4",
                          "taylor"]
     # both BMRS_N variants of ours meet the paper's BMRS_N row
     assert mlp["bmrs-n-code"]["paper_row"] == mlp["bmrs-n"]["paper_row"] == "bmrs-n"
@@ -338,10 +338,10 @@ def test_diagnostics_of_hand_set_posteriors(tiny_run, tmp_path):
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
             if line.startswith("| mlp / digits")]
     assert len(rows) == 2
-    # run, layer, structures, masked, bmrs-n, bmrs-n-code, bmrs-n-rel, bmrs-u8, bmrs-u4, relaxed, median
-    assert rows[0][1:10] == ["`2`", "8", "2", "2", "5", "5", str(expected_u8), str(expected_u4), "3"]
-    assert float(rows[0][10]) == pytest.approx(median_relaxed, rel=1e-3)
-    assert rows[1][1:] == ["`4`", "8", "0", "0", "0", "0", "0", "0", "0", "—"]
+    # run, layer, structures, masked, bmrs-n, bmrs-n-code, bmrs-n-rel, bmrs-n-kr, bmrs-u8, bmrs-u4, relaxed, median
+    assert rows[0][1:11] == ["`2`", "8", "2", "2", "5", "5", "5", str(expected_u8), str(expected_u4), "3"]
+    assert float(rows[0][11]) == pytest.approx(median_relaxed, rel=1e-3)
+    assert rows[1][1:] == ["`4`", "8", "0", "0", "0", "0", "0", "0", "0", "0", "—"]
 
     with open(tmp_path / "out" / "diagnostics.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
