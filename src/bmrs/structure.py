@@ -166,7 +166,7 @@ def trace(model: nn.Module, example_input, leaf_types: tuple = ()) -> tuple[list
         model.train(training)
         for h in handles:
             h.remove()
-    outputs = [o.grad_fn for o in _flatten(out) if isinstance(o, Tensor) and o.grad_fn is not None]
+    outputs = [o.grad_fn for o in output_tensors(out) if isinstance(o, Tensor) and o.grad_fn is not None]
     consumers: dict = {}
     stack, seen = list(outputs), set()
     while stack:
@@ -181,17 +181,18 @@ def trace(model: nn.Module, example_input, leaf_types: tuple = ()) -> tuple[list
     return calls, consumers, outputs
 
 
-def _flatten(out) -> list:
+def output_tensors(out) -> list[Tensor]:
+    """The tensors of a model's output (a tensor, or nested lists, tuples and dicts of them)."""
     if isinstance(out, Tensor):
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten(o)]
+        return [t for o in out for t in output_tensors(o)]
     return []
 
 
-def _upstream(fns: Iterable, stop: set | None = None) -> set:
+def _upstream(fns: Iterable) -> set:
     seen, stack = set(), [f for f in fns if f is not None]
     while stack:
         fn = stack.pop()

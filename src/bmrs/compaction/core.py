@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..attention import compact_attention
 from ..gates import detach_gates, gate_layout, gates
-from ..structure import Call, Family, GateSite, build_dependency_graph, trace
+from ..structure import Call, Family, GateSite, build_dependency_graph, output_tensors, trace
 
 __all__ = ["compact"]
 
@@ -336,18 +336,8 @@ def _as_tuple(example_input) -> tuple:
     return (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
 
 
-def _tensors(output) -> list[Tensor]:
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        return [t for o in output for t in _tensors(o)]
-    return []
-
-
 def _check_outputs(reference, output) -> None:
-    for ref, out in zip(_tensors(reference), _tensors(output), strict=True):
+    for ref, out in zip(output_tensors(reference), output_tensors(output), strict=True):
         if not ref.is_floating_point():
             continue
         tol = torch.finfo(ref.dtype).eps ** 0.5
