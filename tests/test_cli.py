@@ -94,19 +94,20 @@ def test_report_end_to_end(runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert str(out / "results.md") in printed and str(out / "accuracy_vs_compression.png") in printed
     md = (out / "results.md").read_text()
-    for label in ("none", "bmrs-n-code", "random"):
+    labels = ("none+kl-elbo", "bmrs-n-code+kl-elbo", "random+kl-elbo")  # TINY trains with --kl-reduction elbo
+    for label in labels:
         assert f"\n| {label} | " in md
     assert "| method | mlp / digits Comp. (%) | mlp / digits Acc. (%) | n |" in md
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"mlp"} and set(results["mlp"]) == {"none", "bmrs-n-code", "random"}
+    assert set(results) == {"mlp"} and set(results["mlp"]) == set(labels)
     metrics = json.loads((runs / "random" / "metrics.json").read_text())
-    entry = results["mlp"]["random"]
+    entry = results["mlp"]["random+kl-elbo"]
     assert entry == {
         "param_compression": [pytest.approx(100 * metrics["parameter_compression"]), 0.0],
         "accuracy": [pytest.approx(100 * metrics["test_accuracy"]), 0.0],
         "seeds": 1,
     }
-    assert results["mlp"]["none"]["param_compression"] == [0.0, 0.0]
+    assert results["mlp"]["none+kl-elbo"]["param_compression"] == [0.0, 0.0]
     for png in ("accuracy_vs_compression.png", "widths.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC)
         image = matplotlib.image.imread(out / png)  # decodes: a valid image
