@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         "configuration, records) and OUT/sweep.csv (the records).",
         epilog="example: bmrs sweep --run runs/none --criteria bmrs-n-code,bmrs-u8,l2 --out runs/none-sweep",
     )
-    p.add_argument("--run", metavar="RUN_DIR", required=True, help="a complete run directory (or its model.pt)")
+    p.add_argument("--run", metavar="RUN_DIR", required=True, help="a complete run directory (its model.pt: the best validation epoch), or a run's checkpoint.pt (the last epoch)")
     p.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
                    help="comma-separated criteria; bmrs-uP is BMRS_U with P bits (bmrs-u8, bmrs-u4, ...)")
     p.add_argument("--levels", type=_float_list, default=None,
@@ -618,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  knees.md, knees.json            BMRS stopping points of the sweeps against the knees\n"
         "                                  of the accuracy-vs-compression curves\n"
         "  diagnostics.md, diagnostics.csv the gates of the lowest-seed runs of none, bmrs-n,\n"
-        "  posteriors_*.png, delta-f_*.png bmrs-n-code, bmrs-n-rel and bmrs-u8, per model",
+        "  posteriors_*.png, delta-f_*.png bmrs-n-code, bmrs-n-rel, bmrs-n-kr and bmrs-u8, per model",
         epilog=_suites_epilog() + "\n\nexample: bmrs reproduce quick --out runs/quick --jobs 2",
     )
     p.add_argument("suite", choices=tuple(SUITES), metavar="SUITE", help=f"one of {', '.join(SUITES)}")

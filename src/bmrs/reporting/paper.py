@@ -188,8 +188,10 @@ def comparison_markdown(summary: dict, dataset: str = "fashion-mnist", *, method
         "",
         "The paper's BMRS_N row was produced by its released code, whose delta F is the exact one "
         "plus ½ log 2π ≈ 0.919 nats; that criterion is our `bmrs-n-code`, the like-for-like row. "
-        "Our exact `bmrs-n` (the paper's Eq. 8) is set against the same row, and `bmrs-n-rel` "
-        "(our threshold-free treatment of ties) has no published counterpart.",
+        "Our exact `bmrs-n` (the paper's Eq. 8) is set against the same row; `bmrs-n-rel` and "
+        "`bmrs-n-kr` (our threshold-free treatments of ties) have no published counterpart. A label "
+        "ending in `+kl-structures` is a run with the KL weighted per structure instead of the "
+        "paper's per-layer mean, set against the paper's row of its method.",
         "",
     ]
     dash = "—"
