@@ -323,6 +323,7 @@ def test_diagnostics_of_hand_set_posteriors(tiny_run, tmp_path):
         assert r["mu"] == pytest.approx(mu) and r["log_sigma_clamped"] == pytest.approx(log_sigma)
         assert r["delta_f[bmrs-n]"] == pytest.approx(delta_f_n(mu, log_sigma), abs=1e-4, rel=1e-6)
         assert r["delta_f[bmrs-n-code]"] == pytest.approx(r["delta_f[bmrs-n]"] + 0.5 * math.log(2 * math.pi))
+        assert r["delta_f[bmrs-n-kr]"] == pytest.approx(r["delta_f[bmrs-n]"] + 1.0)
         if delta_f_u(mu, log_sigma, 8) > -700:
             assert r["delta_f[bmrs-u8]"] == pytest.approx(delta_f_u(mu, log_sigma, 8), abs=1e-6, rel=1e-6)
     assert [r["delta_f[bmrs-n-rel]"] for r in gate2[:3]] == [0.0, 0.0, 0.0]  # the tie, exactly

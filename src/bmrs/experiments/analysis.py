@@ -116,15 +116,17 @@ def stop_vs_knee(records: list[dict], stops: Sequence[str]) -> dict[str, dict]:
 
 def gate_diagnostics(model: nn.Module, criteria: dict[str, Criterion] | None = None) -> list[dict]:
     """One record per gated structure: gate, index, mu, log sigma, E[theta], SNR, the delta F
-    of the BMRS reduced priors (exact N, the code's N, U-8, U-4), and per criterion whether
-    it prunes the structure (``criteria`` default: the four BMRS variants)."""
+    of the BMRS reduced priors (exact N, the code's N, U-8, U-4, and of every other BMRS
+    criterion in ``criteria``), and per criterion whether it prunes the structure
+    (``criteria`` default: the four BMRS variants)."""
     bmrs_criteria = {"bmrs-n": BMRSN(), "bmrs-n-code": BMRSNCode(), "bmrs-u8": BMRSU(8), "bmrs-u4": BMRSU(4)}
     criteria = bmrs_criteria if criteria is None else criteria
     decisions = {name: decide(model, c) for name, c in criteria.items()}
+    evidence = {**bmrs_criteria, **{label: c for label, c in criteria.items() if c.evidence_based}}
     records = []
     for name, gate in gates(model).items():
         q = gate.posterior(torch.float64)
-        delta = {label: c.delta_f(gate) for label, c in bmrs_criteria.items()}
+        delta = {label: c.delta_f(gate) for label, c in evidence.items()}
         mean, snr = q.mean, q.snr
         for i in range(gate.num_structures):
             record = {

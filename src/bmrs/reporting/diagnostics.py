@@ -336,13 +336,10 @@ def run_diagnostics(run_dir: str | os.PathLike, *, relaxed_at: float = RELAXED_L
     with torch.no_grad():
         records = gate_diagnostics(model, criteria)
         named = gates(model)
-        extra = {}
-        for name, gate in named.items():
-            extra[name] = (criteria["bmrs-n-rel"].delta_f(gate).tolist(), gate.mask.tolist(), gate.log_scale_bounds)
+        extra = {name: (gate.mask.tolist(), gate.log_scale_bounds) for name, gate in named.items()}
     for r in records:
-        rel, mask, bounds = extra[r["gate"]]
+        mask, bounds = extra[r["gate"]]
         i = r["index"]
-        r["delta_f[bmrs-n-rel]"] = float(rel[i])
         r["log_sigma_clamped"] = min(max(r["log_sigma"], bounds[0]), bounds[1])
         r["masked"] = mask[i] == 0
         r["relaxed"] = r["log_sigma_clamped"] >= relaxed_at
