@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model with noise gates (the ELBO) and, unless --method none, prune it\n"
         "every --prune-every epochs of the training phase; then fine-tune --finetune-epochs with\n"
         "the masks fixed. Writes OUT/config.json, OUT/checkpoint.pt (after every epoch),\n"
-        "OUT/model.pt (final gated state dict), OUT/compact.pt (the compacted network) and\n"
+        "OUT/model.pt (gated state dict of the best validation epoch), OUT/compact.pt (the compacted network) and\n"
         "OUT/metrics.json (written last: accuracy, compression, kept structures, sizes).\n\n"
         "An OUT holding a complete run is never overwritten: with --resume it is only reported.\n"
         "An interrupted run continues from its checkpoint with --resume (same options) and ends\n"
@@ -498,8 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=tuple(MODELS), required=True, help="bundled model")
     p.add_argument("--method", choices=METHODS, required=True,
                    help="pruning criterion: none (train with gates, no pruning); the BMRS criteria prune where "
-                   "delta F >= 0 (bmrs-n: exact, bmrs-n-code: as the paper's code, bmrs-u: log-uniform reduced "
-                   "prior of --bits); baselines snr and etheta have thresholds (1 and 0.1), l2, taylor and "
+                   "delta F >= 0 (bmrs-n: exact, bmrs-n-code: as the paper's code, bmrs-n-rel: relative to an "
+                   "uninformed posterior, bmrs-n-kr: delta F >= -1, Kass and Raftery's scale, bmrs-u: "
+                   "log-uniform reduced prior of --bits); baselines snr and etheta have thresholds (1 and 0.1), l2, taylor and "
                    "random need --target or --match")
     p.add_argument("--bits", type=float, default=None, help="precision of bmrs-u in bits (default 8; fewer prune more)")
     p.add_argument("--threshold", type=float, default=None, help="threshold of a baseline (snr, etheta, l2, taylor, random)")
