@@ -27,12 +27,22 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
-def _grid(n: int, width: float = 5.5, height: float = 4.2) -> tuple[Figure, list]:
-    cols = min(n, 2)
+def _grid(n: int, width: float = 5.5, height: float = 4.2, max_cols: int = 2) -> tuple[Figure, list]:
+    cols = min(n, max_cols)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(width * cols, height * rows))
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
     return fig, axes
+
+
+def _legends_right(fig: Figure, axes: list) -> None:
+    """Each panel's legend beside it, where it hides no data, and the panels tall enough
+    for their legends however many entries they have."""
+    entries = max(len(ax.get_legend_handles_labels()[0]) for ax in axes)
+    for ax in axes:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, max(height, len(axes) * (0.21 * entries + 0.8)))
 
 
 def _colors(labels: Sequence[str], name: str | None = None) -> dict[str, object]:
@@ -59,7 +69,7 @@ def plot_sweeps(sweeps: Sequence[SweepResult], path: str | os.PathLike, runs: Se
     accuracy after continuous pruning), one colour per method.
     """
     panels = _panels(sweeps, lambda s: (s.model, s.dataset))
-    fig, axes = _grid(len(panels))
+    fig, axes = _grid(len(panels), max_cols=1)
     criteria = sorted({r["criterion"] for s in sweeps for r in s.records}, key=method_order)
     colors = _colors(criteria)
     for ax, ((model, dataset), members) in zip(axes, panels.items()):
@@ -99,7 +109,7 @@ def plot_sweeps(sweeps: Sequence[SweepResult], path: str | os.PathLike, runs: Se
         ax.set_xlabel("parameter compression (%)")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    _legends_right(fig, axes)
     save_figure(fig, path)
 
 
@@ -108,7 +118,7 @@ def plot_runs(runs: Sequence[RunResult], path: str | os.PathLike) -> None:
     one colour per method, one panel per (model, data set); a cross marks each method's mean."""
     groups = group_runs(runs)
     panels = _panels(groups.items(), lambda item: (item[0][1], item[0][0]))
-    fig, axes = _grid(len(panels))
+    fig, axes = _grid(len(panels), max_cols=1)
     colors = _colors(sorted({k[2] for k in groups}, key=method_order))
     for ax, ((model, dataset), items) in zip(axes, panels.items()):
         for (_, _, label), members in sorted(items, key=lambda item: method_order(item[0][2])):
@@ -121,7 +131,7 @@ def plot_runs(runs: Sequence[RunResult], path: str | os.PathLike) -> None:
         ax.set_xlabel("parameter compression (%)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    _legends_right(fig, axes)
     save_figure(fig, path)
 
 
@@ -130,7 +140,7 @@ def plot_widths(runs: Sequence[RunResult], path: str | os.PathLike) -> None:
     one bar per method in each layer's group, the layer's full width as a dashed outline."""
     groups = group_runs(runs)
     panels = _panels(groups.items(), lambda item: (item[0][1], item[0][0]))
-    fig, axes = _grid(len(panels), width=6.5)
+    fig, axes = _grid(len(panels), width=6.5, max_cols=1)
     colors = _colors(sorted({k[2] for k in groups}, key=method_order))
     for ax, ((model, dataset), items) in zip(axes, panels.items()):
         items = sorted(items, key=lambda item: method_order(item[0][2]))
@@ -153,7 +163,6 @@ def plot_widths(runs: Sequence[RunResult], path: str | os.PathLike) -> None:
         ax.set_title(f"{model} / {dataset}: kept structures per layer (mean over seeds)")
         ax.set_xlabel("gated layer")
         ax.set_ylabel("kept structures")
-        ax.set_ylim(0, 1.3 * max(ax.get_ylim()[1], 1))  # room for the legend above the bars
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", ncol=min(len(items) + 1, 4))
+    _legends_right(fig, axes)
     save_figure(fig, path)
