@@ -6,7 +6,6 @@ backend change) and saved atomically as PNG.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -27,11 +26,10 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
-def _grid(n: int, width: float = 5.5, height: float = 4.2, max_cols: int = 2) -> tuple[Figure, list]:
-    cols = min(n, max_cols)
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+def _grid(n: int, width: float = 5.5, height: float = 4.2) -> tuple[Figure, list]:
+    """``n`` panels stacked in one column (their legends go beside them)."""
+    fig = Figure(figsize=(width, height * n), layout="constrained")
+    axes = [fig.add_subplot(n, 1, i + 1) for i in range(n)]
     return fig, axes
 
 
@@ -69,7 +67,7 @@ def plot_sweeps(sweeps: Sequence[SweepResult], path: str | os.PathLike, runs: Se
     accuracy after continuous pruning), one colour per method.
     """
     panels = _panels(sweeps, lambda s: (s.model, s.dataset))
-    fig, axes = _grid(len(panels), max_cols=1)
+    fig, axes = _grid(len(panels))
     criteria = sorted({r["criterion"] for s in sweeps for r in s.records}, key=method_order)
     colors = _colors(criteria)
     for ax, ((model, dataset), members) in zip(axes, panels.items()):
@@ -118,7 +116,7 @@ def plot_runs(runs: Sequence[RunResult], path: str | os.PathLike) -> None:
     one colour per method, one panel per (model, data set); a cross marks each method's mean."""
     groups = group_runs(runs)
     panels = _panels(groups.items(), lambda item: (item[0][1], item[0][0]))
-    fig, axes = _grid(len(panels), max_cols=1)
+    fig, axes = _grid(len(panels))
     colors = _colors(sorted({k[2] for k in groups}, key=method_order))
     for ax, ((model, dataset), items) in zip(axes, panels.items()):
         for (_, _, label), members in sorted(items, key=lambda item: method_order(item[0][2])):
@@ -140,7 +138,7 @@ def plot_widths(runs: Sequence[RunResult], path: str | os.PathLike) -> None:
     one bar per method in each layer's group, the layer's full width as a dashed outline."""
     groups = group_runs(runs)
     panels = _panels(groups.items(), lambda item: (item[0][1], item[0][0]))
-    fig, axes = _grid(len(panels), width=6.5, max_cols=1)
+    fig, axes = _grid(len(panels), width=6.5)
     colors = _colors(sorted({k[2] for k in groups}, key=method_order))
     for ax, ((model, dataset), items) in zip(axes, panels.items()):
         items = sorted(items, key=lambda item: method_order(item[0][2]))
