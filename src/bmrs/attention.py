@@ -104,6 +104,20 @@ def _attend(
     return out.transpose(1, 2).reshape(n, length, h * d), weights
 
 
+def _canonical_masks(key_padding_mask: Tensor | None, attn_mask: Tensor | None, dtype: torch.dtype):
+    """Both masks in ``nn.MultiheadAttention``'s canonical form (float, added to the scores),
+    checked as it checks them."""
+    key_padding_mask = F._canonical_mask(
+        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
+        other_name="attn_mask", target_type=dtype,
+    )
+    attn_mask = F._canonical_mask(
+        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=dtype,
+        check_other=False,
+    )
+    return key_padding_mask, attn_mask
+
+
 def _split_heads(x: Tensor, num_heads: int) -> Tensor:
     """``(N, T, H * D)`` to ``(N, H, T, D)``."""
     n, t, width = x.shape
@@ -176,14 +190,7 @@ class MultiheadSelfAttention(nn.Module):
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"MultiheadSelfAttention expects input (N, T, {self.embed_dim}), got {tuple(x.shape)}")
-        key_padding_mask = F._canonical_mask(
-            mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-            other_name="attn_mask", target_type=x.dtype,
-        )
-        attn_mask = F._canonical_mask(
-            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=x.dtype,
-            check_other=False,
-        )
+        key_padding_mask, attn_mask = _canonical_masks(key_padding_mask, attn_mask, x.dtype)
         q, k, v = (_split_heads(layer(x), self.num_heads) for layer in (self.q, self.k, self.v))
         merged, _ = _attend(
             q, k, v, self.heads, attn_mask, key_padding_mask,
@@ -219,14 +226,7 @@ class _MultiheadAttentionCall:
                 f"{type(self).__name__} does not take nested tensors; an nn.TransformerEncoder holding it "
                 "needs use_nested_tensor = False"
             )
-        key_padding_mask = F._canonical_mask(
-            mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-            other_name="attn_mask", target_type=query.dtype,
-        )
-        attn_mask = F._canonical_mask(
-            mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype,
-            check_other=False,
-        )
+        key_padding_mask, attn_mask = _canonical_masks(key_padding_mask, attn_mask, query.dtype)
         batched = query.dim() == 3
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
