@@ -34,7 +34,7 @@ import os
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -325,12 +325,12 @@ def run_diagnostics(run_dir: str | os.PathLike, *, relaxed_at: float = RELAXED_L
     import torch
 
     from ..experiments.analysis import gate_diagnostics
-    from ..experiments.runs import load_run, read_json
+    from ..experiments.runs import load_run, run_files
     from ..gates import gates
 
     loaded = load_run(run_dir)
-    run_dir = Path(run_dir)
-    config = read_json(run_dir / "config.json") if run_dir.is_dir() else read_json(run_dir.parent / "config.json")
+    run_dir, _ = run_files(run_dir)
+    config = asdict(loaded.config)
     model = loaded.model
     criteria = _criteria()
     with torch.no_grad():
@@ -344,8 +344,8 @@ def run_diagnostics(run_dir: str | os.PathLike, *, relaxed_at: float = RELAXED_L
         r["masked"] = mask[i] == 0
         r["relaxed"] = r["log_sigma_clamped"] >= relaxed_at
     return RunDiagnostics(
-        path=run_dir if run_dir.is_dir() else run_dir.parent, dataset=config.get("dataset", "?"),
-        model=config.get("model", "?"), label=method_label(config), seed=config.get("seed"),
+        path=run_dir, dataset=config["dataset"], model=config["model"], label=method_label(config),
+        seed=config["seed"],
         layers=list(named), log_sigma_max={name: g.log_scale_bounds[1] for name, g in named.items()},
         records=records, relaxed_at=relaxed_at,
     )
