@@ -1,4 +1,4 @@
-"""Atomic file writing: a temporary file beside the target, then a rename.
+"""Atomic file writing (a temporary file beside the target, then a rename), and reading JSON.
 
 Every file bmrs writes goes through :func:`write_atomic`, so an interrupted process never
 leaves a half-written result (at worst a hidden ``.*.tmp`` file beside it).
@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomic", "write_bytes", "write_json", "write_text"]
+__all__ = ["read_json", "write_atomic", "write_bytes", "write_json", "write_text"]
 
 _MODE: int | None = None
 
@@ -56,3 +56,15 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def write_json(data, path: str | os.PathLike) -> None:
     """Write ``data`` as indented, key-sorted JSON atomically."""
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON file holding an object; a clear ``ValueError`` when it is not valid JSON or
+    not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data

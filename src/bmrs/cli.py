@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
+from ._io import read_json
 from .experiments.data import DATASETS, ChecksumError
 from .experiments.models import MODELS
 from .experiments.runs import METHODS, RunConfig
@@ -106,12 +107,6 @@ def _float_list(text: str) -> list[float]:
 
 def _percent(x: float) -> str:
     return f"{100 * x:.2f} %"
-
-
-def _read_json(path: Path) -> dict:
-    from .experiments.runs import read_json
-
-    return read_json(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,14 +211,14 @@ def cmd_train(args) -> int:
     if started and not complete and not args.resume:
         raise CLIError(f"{out} holds an unfinished run (checkpoint.pt); pass --resume to continue it, or choose another --out")
     if complete or started:
-        previous = _read_json(out / "config.json") if (out / "config.json").is_file() else {}
+        previous = read_json(out / "config.json") if (out / "config.json").is_file() else {}
         differing = _differences(previous, asdict(config.resolved()))
         if differing:
             raise CLIError(f"{out} holds a run with other options ({', '.join(differing)} differ); "
                            "repeat the original options with --resume, or choose another --out")
     if complete:
         _say(f"{out} is complete; nothing to train.")
-        _print_run_summary(out, _read_json(out / "config.json"), _read_json(out / "metrics.json"))
+        _print_run_summary(out, read_json(out / "config.json"), read_json(out / "metrics.json"))
         return 0
     created = not out.exists()
     had_config = (out / "config.json").exists()

@@ -9,7 +9,6 @@ complete). Every file is written atomically.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import write_json
+from .._io import read_json, write_json
 from ..compaction import compact, count_flops, count_parameters, save_compact
 from ..gates import gates
 from ..pruning.criteria import Criterion, make_criterion
@@ -29,7 +28,7 @@ from .training import Trainer, atomic_save, seed_everything
 
 __all__ = [
     "RunConfig", "METHODS", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",
-    "run_files", "read_json", "load_state_file",
+    "run_files", "load_state_file",
     "model_architecture", "layer_widths", "compact_to_file",
 ]
 
@@ -94,7 +93,7 @@ def load_metrics(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / "metrics.json"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a complete run (no metrics.json)")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 class _MatchedTarget:
@@ -205,7 +204,7 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
     if (out / "metrics.json").exists() and resume:
         return load_metrics(out)
     if (out / "config.json").exists() and resume:
-        previous = json.loads((out / "config.json").read_text())
+        previous = read_json(out / "config.json")
         if previous != asdict(config):
             raise ValueError(f"{out} holds a run with another configuration; choose another --out")
     elif not resume:
@@ -255,14 +254,6 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
     metrics["compaction"] = _compaction(model, config, data, out)
     write_json(metrics, out / "metrics.json")
     return metrics
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file's content; a clear ``ValueError`` when it is not valid JSON."""
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
 def load_state_file(path: Path, *, weights_only: bool = True):

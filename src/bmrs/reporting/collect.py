@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .._io import read_json
 
 __all__ = ["RunResult", "SweepResult", "Collection", "collect", "method_label", "base_label", "natural_key"]
 
@@ -94,25 +95,15 @@ class Collection:
     skipped: list[str] = field(default_factory=list)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return data
-
-
 def _classify(folder: Path, collection: Collection) -> bool:
     """Add ``folder`` to ``collection`` if it is a run or sweep directory; say whether it was."""
     found = False
     if (folder / "sweep.json").is_file():
-        collection.sweeps.append(SweepResult(folder, _read_json(folder / "sweep.json")))
+        collection.sweeps.append(SweepResult(folder, read_json(folder / "sweep.json")))
         found = True
     if (folder / "config.json").is_file():
         if (folder / "metrics.json").is_file():
-            collection.runs.append(RunResult(folder, _read_json(folder / "config.json"), _read_json(folder / "metrics.json")))
+            collection.runs.append(RunResult(folder, read_json(folder / "config.json"), read_json(folder / "metrics.json")))
         else:
             collection.skipped.append(f"{folder}: unfinished run (no metrics.json), skipped")
         found = True
