@@ -107,8 +107,8 @@ def parse_criteria(text: str) -> list[tuple[str, str, dict]]:
         elif token in CRITERIA:
             label, name, options = token, token, {}
         else:
-            raise ValueError(f"unknown criterion {token!r}; choose from bmrs-n, bmrs-n-code, bmrs-n-rel, bmrs-n-kr, bmrs-uP (P bits, "
-                           f"e.g. bmrs-u8), {', '.join(c for c in CRITERIA if not c.startswith('bmrs'))}")
+            names = ", ".join("bmrs-uP (P bits, e.g. bmrs-u8)" if c == "bmrs-u" else c for c in CRITERIA)
+            raise ValueError(f"unknown criterion {token!r}; choose from {names}")
         if label in seen:
             raise ValueError(f"criterion {label!r} is given twice")
         seen.add(label)

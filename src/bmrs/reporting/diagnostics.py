@@ -276,10 +276,11 @@ RELAXED_LOG_SIGMA = 2.3
 
 
 def _criteria() -> dict:
-    from ..pruning.criteria import BMRSN, BMRSU, BMRSNCode, BMRSNKassRaftery, BMRSNRelative
+    """The criteria of :data:`DIAGNOSTIC_CRITERIA`, by label."""
+    from ..experiments.sweep import parse_criteria
+    from ..pruning.criteria import make_criterion
 
-    return {"bmrs-n": BMRSN(), "bmrs-n-code": BMRSNCode(), "bmrs-n-rel": BMRSNRelative(),
-            "bmrs-n-kr": BMRSNKassRaftery(), "bmrs-u8": BMRSU(8), "bmrs-u4": BMRSU(4)}
+    return {label: make_criterion(name, **options) for label, name, options in parse_criteria(",".join(DIAGNOSTIC_CRITERIA))}
 
 
 @dataclass
