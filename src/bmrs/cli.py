@@ -562,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
         "                               when several data sets are reported)\n"
         "  accuracy_vs_compression.png  from the sweeps if any, else one point per run\n"
         "  widths.png                   kept structures per layer, mean over seeds, per method\n"
-        "Runs are grouped by data set, model and method (bmrs-u as bmrs-u<bits>, e.g. bmrs-u8).",
+        "Runs are grouped by data set, model and method (bmrs-u as bmrs-u<bits>, e.g. bmrs-u8;\n"
+        "a KL reduction other than the paper's mean appended, e.g. bmrs-n-code+kl-structures).",
         epilog="example: bmrs report runs/quick --out runs/quick/report",
     )
     p.add_argument("paths", nargs="+", metavar="DIR", help="run, sweep or suite directories")
