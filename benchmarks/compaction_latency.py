@@ -27,7 +27,7 @@ import torch
 
 from bmrs import detach_gates, gate_layout, gates
 from bmrs.compaction import compact, count_flops, count_parameters
-from bmrs.experiments.models import build_model
+from bmrs.models import build_model
 from bmrs.pruning import set_masks
 
 SHAPES = {"lenet5": (1, 32, 32), "mlp": (1, 32, 32), "resnet": (3, 32, 32)}

@@ -18,7 +18,7 @@ from bmrs.attention import (
     head_input_weights,
     params_per_head,
 )
-from bmrs.experiments.models import MODELS, build_model, vit
+from bmrs.models import MODELS, build_model, vit
 from bmrs.pruning import L2, BMRSNCode, Random, Taylor, count_parameters, decide, parameter_compression, set_masks
 from bmrs.structure import find_sites
 

@@ -14,8 +14,8 @@ import torch
 
 from bmrs.cli import main, parse_criteria
 from bmrs.compaction import load_compact
-from bmrs.experiments.data import load_dataset
-from bmrs.experiments.models import build_model
+from bmrs.datasets import load_dataset
+from bmrs.models import build_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "4", "--finetune-epochs", "1",

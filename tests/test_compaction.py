@@ -16,7 +16,7 @@ from torch import nn
 
 from bmrs import attach_gates, detach_gates, gate_layout, gates
 from bmrs.compaction import compact, count_flops, count_parameters, load_compact, save_compact
-from bmrs.experiments.models import build_model
+from bmrs.models import build_model
 from bmrs.pruning import decide, make_criterion, parameter_compression, set_masks
 from bmrs.pruning import count_parameters as count_trainable
 

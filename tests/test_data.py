@@ -1,4 +1,4 @@
-"""Tests for the data-set layer (bmrs.experiments.data).
+"""Tests for the data-set layer (bmrs.datasets).
 
 All tests use small files written to temporary directories, except one that
 reads the Debian Fashion-MNIST package when it is installed.  Downloads are
@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bmrs.experiments import data
+from bmrs import datasets as data
 
 DEBIAN_FASHION = data._SYSTEM_DIRS["fashion-mnist"][0]
 IDX_NAMES = data._IDX_FILES

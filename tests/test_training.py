@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import bmrs
-from bmrs.experiments.data import load_dataset
-from bmrs.experiments.models import build_model
-from bmrs.experiments.training import Trainer, elbo_loss, seed_everything
+from bmrs.datasets import load_dataset
+from bmrs.models import build_model
+from bmrs.training import Trainer, elbo_loss, seed_everything
 from bmrs.pruning import ContinuousPruning, decide, make_criterion, set_masks
 from nets import small_mlp
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from . import __version__
 from ._io import read_json
-from .experiments.data import DATASETS, ChecksumError
-from .experiments.models import MODELS
+from .datasets import DATASETS, ChecksumError
+from .models import MODELS
 from .experiments.runs import METHODS, RunConfig
 from .experiments.suites import SUITES
 from .experiments.sweep import DEFAULT_CRITERIA, DEFAULT_LEVELS, parse_criteria

@@ -31,7 +31,7 @@ _ARCHITECTURE_KEYS = {"name", "input_shape", "num_classes", "options"}
 
 #: Builders that :func:`load_compact` can rebuild an architecture from, by name:
 #: ``builder(input_shape, num_classes, **options) -> nn.Module``. The bundled models of
-#: :mod:`bmrs.experiments.models` register themselves; users may add their own.
+#: :mod:`bmrs.models` register themselves; users may add their own.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -74,7 +74,7 @@ def load_compact(path, *, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model written by :func:`save_compact`, in eval mode.
 
     The full-width architecture is built (the bundled builder
-    ``bmrs.experiments.models.MODELS[name]`` from the saved ``architecture``, or a deep copy
+    ``bmrs.models.MODELS[name]`` from the saved ``architecture``, or a deep copy
     of ``model``), every parameter and buffer is replaced by an empty tensor of the saved
     shape and dtype, the recorded widths are written into the layers' attributes, and the
     weights are loaded with ``torch.load(weights_only=True)`` and a strict ``load_state_dict``.

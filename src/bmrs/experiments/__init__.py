@@ -1,1 +1,1 @@
-"""Support code for the experiments (data sets and related helpers)."""
+"""The application: training runs, post-training sweeps, suites of runs and their analyses."""

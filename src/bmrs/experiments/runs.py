@@ -22,9 +22,9 @@ from ..gates import gates
 from ..pruning.criteria import Criterion, make_criterion
 from ..pruning.masks import kept_structures, parameter_compression, structure_compression
 from ..pruning.schedules import ContinuousPruning
-from .data import load_dataset
-from .models import build_model
-from .training import Trainer, atomic_save, seed_everything
+from ..datasets import load_dataset
+from ..models import build_model
+from ..training import Trainer, atomic_save, seed_everything
 
 __all__ = [
     "RunConfig", "METHODS", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",

@@ -27,7 +27,7 @@ from ..pruning.criteria import CRITERIA, Criterion, make_criterion
 from ..reduction import bmrs_u_prior
 from ..pruning.masks import decide, parameter_compression, set_masks, structure_compression
 from .runs import load_run
-from .training import Trainer, seed_everything
+from ..training import Trainer, seed_everything
 
 __all__ = ["sweep", "sweep_run", "parse_criteria", "DEFAULT_LEVELS", "DEFAULT_CRITERIA", "write_sweep_csv", "fine_tuner"]
 

@@ -74,7 +74,7 @@ def column_key(dataset: str, model: str, datasets: set[str]) -> str:
 
 
 def _columns(groups) -> list[tuple[str, str]]:
-    from ..experiments.models import MODELS
+    from ..models import MODELS
 
     order = list(MODELS)
     pairs = {(d, m) for d, m, _ in groups}

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._io import write_atomic
-from ..gates import model_kl
-from ..pruning.masks import kept_structures, parameter_compression, structure_compression
-from ..pruning.schedules import ContinuousPruning
+from ._io import write_atomic
+from .gates import model_kl
+from .pruning.masks import kept_structures, parameter_compression, structure_compression
+from .pruning.schedules import ContinuousPruning
 
 __all__ = ["elbo_loss", "seed_everything", "Trainer", "EpochRecord", "atomic_save"]
 

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..attention import MultiheadSelfAttention
-from ..compaction.storage import register_architecture
-from ..gates import attach_gates
+from .attention import MultiheadSelfAttention
+from .compaction.storage import register_architecture
+from .gates import attach_gates
 
 __all__ = ["mlp", "lenet5", "resnet", "vit", "MODELS", "build_model"]
 

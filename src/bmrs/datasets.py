@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from .._io import write_bytes
+from ._io import write_bytes
 
 __all__ = [
     "DATASETS",
