@@ -236,3 +236,17 @@ def test_float32_parameters_stay_finite():
     q = TruncatedLogNormal(mu, torch.exp(log_sigma))
     for v in (q.mean, q.stddev, q.snr, kl_divergence(q, LogUniform(-20.0, 0.0)), q.rsample((3,))):
         assert v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("mu,log_sigma", [(0.5, -11.5), (3.0, -6.0), (-0.5, -2.0), (-25.0, -6.0), (-21.0, -1.0)])
+def test_cdf_near_one_keeps_the_complement(mu, log_sigma):
+    # 1 - F where F is near 1, in both tails: computed from the other bound, not as 1 - exp(log F).
+    q = TruncatedLogNormal(*t64(mu, math.exp(log_sigma)))
+    x = q.icdf_log(torch.tensor([1 - 1e-6, 1 - 1e-3], dtype=F64))
+    sigma = mp.exp(mp.mpf(log_sigma))
+    for xv, cv in zip(x.tolist(), q.cdf_log(x).tolist()):
+        al, be, xi = ((mp.mpf(v) - mu) / sigma for v in (-20, 0, xv))
+        exact = (mp.ncdf(-xi) - mp.ncdf(-be)) / (mp.ncdf(-al) - mp.ncdf(-be)) if al > 0 else (
+            (mp.ncdf(be) - mp.ncdf(xi)) / (mp.ncdf(be) - mp.ncdf(al))
+        )
+        assert abs((1 - mp.mpf(cv)) - exact) <= 1e-9 * exact + 2 * 2.0**-53

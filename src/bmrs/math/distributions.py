@@ -141,7 +141,26 @@ class TruncatedLogNormal(Distribution):
             -0.5 * ((x - self.log_high) / self.scale) * (xi + self.beta),
             torch.where(both_upper, 0.0, generic),
         )
-        return torch.clamp(torch.exp(quad + rest_x - rest), 0.0, 1.0)
+        cdf = torch.exp(quad + rest_x - rest)
+        # In a tail the ratio above is exp of a difference of two logs of size ~log|bound|, so
+        # 1 - F near 1 keeps only ~1e-14 absolute accuracy. There 1 - F is computed from the
+        # other bound instead, with relative accuracy: the mass of [xi, beta] over Z.
+        lower, upper = reg == sp.LOWER, reg == sp.UPPER
+        # Lower tail: 1 - F = expm1(G) / expm1(d), G = log Phi(xi) - log Phi(beta) from
+        # t = beta - xi with the quadratic parts cancelled, d = log Phi(alpha) - log Phi(beta).
+        beta_l = torch.where(lower, self.beta, -1.0)
+        alpha_l = torch.where(lower, self.alpha, -2.0)
+        g, _ = sp.lower_tail_log_cdf_ratio(beta_l, torch.where(lower, (self.log_high - x) / self.scale, 0.0))
+        d = sp._lower_tail_core(alpha_l, beta_l)[4]
+        comp_lower = torch.expm1(g) / torch.expm1(d)
+        # Upper tail: log(Phi(-xi) - Phi(-beta)) - log Z, both quadratic parts in that tail.
+        xi_u = torch.where(upper, xi, 1.0)
+        beta_u = torch.where(upper, torch.maximum(self.beta, xi_u), 2.0)
+        rest_c, _ = sp.log_z_parts(xi_u, beta_u)
+        comp_upper = torch.exp(-0.5 * torch.where(upper, (x - self.log_low) / self.scale, 0.0) * (xi_u + self.alpha) + rest_c - rest)
+        comp = torch.where(lower, comp_lower, comp_upper)
+        cdf = torch.where((lower | upper) & (cdf > 0.5), 1.0 - comp, cdf)
+        return torch.clamp(cdf, 0.0, 1.0)
 
     # --- quantiles and sampling ------------------------------------------------------------------
     @lazy_property
