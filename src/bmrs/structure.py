@@ -23,6 +23,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from .adapters import INPUT_ATTR
 from .attention import HEAD_MODULES, expose_heads, params_per_head
 
 __all__ = ["GateSite", "Family", "GateLayout"]
@@ -49,7 +50,9 @@ class GateSite:
         site: name of the module after whose output the gate multiplies.
         dim: the gated axis of that output.
         num_structures: number of structures.
-        kind: ``"channels"`` or ``"heads"``.
+        kind: ``"channels"`` or ``"heads"``, or a kind of a model adapter
+            (:mod:`bmrs.adapters`), such as ``"attention-heads"`` and ``"ffn-neurons"`` of
+            Hugging Face transformers.
     """
 
     name: str
@@ -98,6 +101,8 @@ class GateLayout:
         lines = [f"{len(self.sites)} gates, {sum(s.num_structures for s in self.sites.values())} structures"]
         for s in self.sites.values():
             where = "" if s.site == s.producer else f" (after {s.site})"
+            if s.site.endswith(f".{INPUT_ATTR}"):
+                where = f" (at the input of {s.site.removesuffix(f'.{INPUT_ATTR}')})"
             lines.append(f"  gate {s.name}: {s.num_structures} {s.kind} of {s.producer}{where}")
         coupled = [f for f in self.families if len(f.members) > 1]
         for f in coupled:
@@ -122,16 +127,29 @@ class Call:
     out_shape: tuple = ()
 
 
-def _as_inputs(example_input) -> tuple:
+def _as_inputs(example_input) -> tuple | dict:
+    """The example input as positional inputs (a tuple) or keyword inputs (a dict), with
+    every floating-point tensor given a grad_fn of its own (so every op downstream has one)."""
+    def traced(x):
+        if isinstance(x, Tensor) and x.is_floating_point():
+            x = x.detach().requires_grad_(True).clone()
+        return x
+
+    if isinstance(example_input, dict):
+        return {k: traced(x) for k, x in example_input.items()}
     if isinstance(example_input, Tensor):
         example_input = (example_input,)
-    out = []
-    for x in example_input:
-        if isinstance(x, Tensor) and x.is_floating_point():
-            # every op downstream gets a grad_fn; clone() gives the input one of its own
-            x = x.detach().requires_grad_(True).clone()
-        out.append(x)
-    return tuple(out)
+    return tuple(traced(x) for x in example_input)
+
+
+def call_model(model: nn.Module, example_input):
+    """``model`` called on an example input: a tensor, a tuple of positional inputs, or a
+    dict of keyword inputs (such as ``input_ids`` and ``attention_mask``)."""
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    if isinstance(example_input, Tensor):
+        return model(example_input)
+    return model(*example_input)
 
 
 def trace(model: nn.Module, example_input, leaf_types: tuple = ()) -> tuple[list[Call], dict, list]:
@@ -161,7 +179,7 @@ def trace(model: nn.Module, example_input, leaf_types: tuple = ()) -> tuple[list
     model.eval()
     try:
         with torch.enable_grad():
-            out = model(*_as_inputs(example_input))
+            out = call_model(model, _as_inputs(example_input))
     finally:
         model.train(training)
         for h in handles:

@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..gates import NoiseGate
+from ..structure import call_model
 
 __all__ = ["count_parameters", "count_flops"]
 
@@ -30,14 +31,14 @@ def count_flops(module: nn.Module, example_input) -> int:
     convolutions and attention, with one multiply-add counted as 2 FLOPs. Element-wise
     operations (activations, BatchNorm, biases, pooling, and the gates' multiplies) count
     0, so a gated model counts as the same network without gates, whatever its masks.
-    The count is for the whole batch of ``example_input``.
+    The count is for the whole batch of ``example_input`` (a tensor, a tuple of positional
+    inputs or a dict of keyword inputs).
     """
-    inputs = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
     training = module.training
     module.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(*inputs)
+            call_model(module, example_input)
     finally:
         module.train(training)
     return int(counter.get_total_flops())
