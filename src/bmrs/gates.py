@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .adapters import find_adapter, remove_input_groups
 from .math import fast
 from .math.distributions import LogUniform, TruncatedLogNormal
 from .structure import GateLayout, couple, find_sites
@@ -181,9 +182,14 @@ def attach_gates(
     The gate is registered as a child module ``bmrs_gate`` of the module it follows, and
     applied by a forward hook, so the model's own code and parameter names are unchanged.
 
+    Model families whose structures live in plain attributes (Hugging Face transformers:
+    heads and feed-forward neurons) are handled by their adapter (:mod:`bmrs.adapters`),
+    which gates at the input of the layer reading the structures instead.
+
     Args:
         model: any ``nn.Module``; traced once with ``example_input`` in eval mode.
-        example_input: a tensor or a tuple of positional inputs.
+        example_input: a tensor, a tuple of positional inputs, or a dict of keyword inputs
+            (e.g. ``input_ids`` and ``attention_mask`` of a Hugging Face model).
         exclude: modules to leave ungated, by qualified name (a prefix matches submodules),
             instance or class.
         heads: gate attention heads (``False`` leaves them ungated).
@@ -196,9 +202,13 @@ def attach_gates(
     """
     if gates(model):
         raise ValueError("the model already has gates; call bmrs.detach_gates(model) first")
-    sites, skipped = find_sites(model, example_input, exclude, heads=heads)
-    sites, families, coupled_skips = couple(model, example_input, sites)
-    skipped.update(coupled_skips)
+    adapter = find_adapter(model)
+    if adapter is not None:  # a model family with its own structures (e.g. Hugging Face transformers)
+        sites, families, skipped = adapter.layout(model, example_input, exclude=exclude, heads=heads)
+    else:
+        sites, skipped = find_sites(model, example_input, exclude, heads=heads)
+        sites, families, coupled_skips = couple(model, example_input, sites)
+        skipped.update(coupled_skips)
     modules = dict(model.named_modules())
     reference = next(model.parameters(), None)
     for site in sites:
@@ -213,7 +223,7 @@ def attach_gates(
         host.register_forward_hook(gate._hook)
     layout = GateLayout(sites={s.name: s for s in sites}, families=families, skipped=skipped)
     setattr(model, _LAYOUT_ATTR, layout)
-    unexpected = {n: why for n, why in skipped.items() if why != "excluded" and not why.startswith("final layer")}
+    unexpected = {n: why for n, why in skipped.items() if not why.startswith(("excluded", "final layer"))}
     if unexpected:
         warnings.warn(
             "bmrs.attach_gates left these layers ungated:\n"
@@ -241,7 +251,8 @@ def gate_layout(model: nn.Module) -> GateLayout:
 
 
 def detach_gates(model: nn.Module) -> None:
-    """Remove every gate and its hook, leaving the model as it was before attaching."""
+    """Remove every gate and its hook (and the input sites of an adapter), leaving the model
+    as it was before attaching."""
     for module in model.modules():
         gate = getattr(module, GATE_ATTR, None)
         if isinstance(gate, NoiseGate):
@@ -249,6 +260,7 @@ def detach_gates(model: nn.Module) -> None:
                 if getattr(hook, "__self__", None) is gate:
                     del module._forward_hooks[key]
             delattr(module, GATE_ATTR)
+    remove_input_groups(model)
     if hasattr(model, _LAYOUT_ATTR):
         delattr(model, _LAYOUT_ATTR)
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..adapters import find_adapter
 from ..attention import compact_attention
 from ..gates import detach_gates, gate_layout, gates
-from ..structure import Call, Family, GateSite, build_dependency_graph, output_tensors, trace
+from ..structure import Call, Family, GateSite, build_dependency_graph, call_model, output_tensors, trace
 
 __all__ = ["compact"]
 
@@ -65,7 +66,8 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
 
     Args:
         model: a model with gates from :func:`bmrs.attach_gates`.
-        example_input: a tensor or a tuple of positional inputs, to trace the model.
+        example_input: a tensor, a tuple of positional inputs or a dict of keyword inputs,
+            to trace the model.
         check: compare the result's outputs with the gated model's (eval mode) on
             ``example_input`` and raise ``RuntimeError`` if they differ by more than
             ``sqrt(eps)`` of the dtype, relative to the largest output.
@@ -75,26 +77,41 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
 
     Attention heads are removed whole: each attention module with a head gate is replaced
     by :func:`bmrs.attention.compact_attention`, which keeps the unmasked heads and folds
-    their scale into the output projection (one silent head if all are masked).
+    their scale into the output projection (one silent head if all are masked). Gates of
+    other kinds belong to a model adapter (:mod:`bmrs.adapters`; e.g. heads and
+    feed-forward neurons of Hugging Face transformers), which removes them itself.
 
     Raises:
         ValueError: when a gate cannot be folded exactly (see the rules above).
     """
     layout = gate_layout(model)
+    adapter = find_adapter(model)
     for site in layout.sites.values():
-        _check_supported(site)
-    inputs = _as_tuple(example_input)
+        _check_supported(site, adapter)
     net = copy.deepcopy(model).eval()
     with torch.no_grad():
-        reference = net(*inputs) if check else None
+        reference = call_model(net, example_input) if check else None
     scales = {name: gate.expected_gate().detach().clone() for name, gate in gates(net).items()}
     masks = {name: gate.mask.detach().clone() for name, gate in gates(net).items()}
     detach_gates(net)
-    channel_sites = {name: site for name, site in layout.sites.items() if site.kind == "channels"}
     with torch.no_grad():  # heads first: whole heads leave the attention modules
         for name, site in layout.sites.items():
             if site.kind == "heads":
                 _replace(net, site.producer, compact_attention(net.get_submodule(site.producer), masks[name] > 0, scales[name]))
+        adapted = {name: site for name, site in layout.sites.items() if site.kind not in _GENERIC_KINDS}
+        if adapted:
+            adapter.compact(net, adapted, masks, scales)
+    channel_sites = {name: site for name, site in layout.sites.items() if site.kind == "channels"}
+    if channel_sites:
+        _compact_channels(net, example_input, layout, channel_sites, masks, scales)
+    if check:
+        with torch.no_grad():
+            _check_outputs(reference, call_model(net, example_input))
+    return net
+
+
+def _compact_channels(net: nn.Module, inputs, layout, channel_sites: dict, masks: dict, scales: dict) -> None:
+    """Fold the channel gates' scales into the weights and delete the masked channels (in place)."""
     trace = _Trace(net, inputs)
     graph = build_dependency_graph(net, inputs)
     modules = dict(net.named_modules())
@@ -109,18 +126,17 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
             fold.apply(scales[name])
         for family in families:
             _remove_family(family, layout.sites, masks, graph, modules)
-    if check:
-        with torch.no_grad():
-            _check_outputs(reference, net(*inputs))
-    return net
 
 
 # --- gate kinds ------------------------------------------------------------------------------
 
 
-def _check_supported(site: GateSite) -> None:
-    if site.kind not in ("channels", "heads"):
-        raise ValueError(f"gate {site.name!r} has unknown kind {site.kind!r}")
+_GENERIC_KINDS = ("channels", "heads")
+
+
+def _check_supported(site: GateSite, adapter) -> None:
+    if site.kind not in _GENERIC_KINDS and adapter is None:
+        raise ValueError(f"gate {site.name!r} has kind {site.kind!r}, but no adapter handles this model")
 
 
 def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
@@ -330,10 +346,6 @@ def _remove_family(family: Family, sites: dict[str, GateSite], masks: dict[str, 
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _as_tuple(example_input) -> tuple:
-    return (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
 
 
 def _check_outputs(reference, output) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._io import write_atomic
+from ..adapters import find_adapter, integration_of
 from ..attention import CompactMultiheadAttention, MultiheadSelfAttention, compact_attention
 from ..gates import gates
 
@@ -53,10 +54,15 @@ def save_compact(model: nn.Module, path, *, architecture: dict | None = None) ->
         path: the file to write.
         architecture: for a bundled model, what :func:`load_compact` rebuilds it from:
             ``{"name": "mlp" | "lenet5" | "resnet", "input_shape": [...],
-            "num_classes": n, "options": {...}}`` (the builder's keyword options).
+            "num_classes": n, "options": {...}}`` (the builder's keyword options). For a
+            model with an adapter (:mod:`bmrs.adapters`; a Hugging Face model: its class
+            name and configuration), the adapter gives it.
     """
     if gates(model):
         raise ValueError("save_compact takes a plain model; compact the gated model first with bmrs.compaction.compact")
+    adapter = find_adapter(model) if architecture is None else None
+    if adapter is not None:  # e.g. a Hugging Face model: its class and configuration
+        architecture = adapter.architecture(model)
     if architecture is not None:
         architecture = _check_architecture(architecture)
     layers = {}
@@ -114,6 +120,8 @@ def _resize(net: nn.Module, state: dict, layers: dict) -> None:
             raise ValueError(f"the saved weights have {key!r}, which this architecture does not")
         if attr in module._parameters and module._parameters[attr] is not None:
             old = module._parameters[attr]
+            if old.shape == tensor.shape and old.dtype == tensor.dtype:
+                continue  # kept as it is, so parameters shared between modules stay shared
             module._parameters[attr] = nn.Parameter(torch.empty_like(tensor), requires_grad=old.requires_grad)
         elif attr in module._buffers and module._buffers[attr] is not None:
             module._buffers[attr] = torch.empty_like(tensor)
@@ -150,6 +158,8 @@ def _check_architecture(architecture: dict) -> dict:
     missing = _ARCHITECTURE_KEYS - set(architecture)
     if missing:
         raise ValueError(f"architecture lacks {sorted(missing)}; expected keys {sorted(_ARCHITECTURE_KEYS)}")
+    if architecture["name"] not in ARCHITECTURES:
+        integration_of(str(architecture["name"]))  # an optional integration registers its own
     if architecture["name"] not in ARCHITECTURES:
         raise ValueError(
             f"architecture {architecture['name']!r} is not registered (known: {', '.join(ARCHITECTURES) or 'none'}); "

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapters import find_adapter
 from ..attention import head_input_weights
 from ..gates import NoiseGate, gate_layout, gates
 from ..math.distributions import TruncatedLogNormal
@@ -214,10 +215,15 @@ def _producer_weights(model: nn.Module) -> dict[str, Tensor]:
     """Per gate, the incoming weights of its structures, one row (or more axes) per structure."""
     layout = gate_layout(model)
     modules = dict(model.named_modules())
-    return {
-        name: head_input_weights(modules[site.producer]) if site.kind == "heads" else modules[site.producer].weight
-        for name, site in layout.sites.items()
-    }
+
+    def weights(site):
+        if site.kind == "heads":
+            return head_input_weights(modules[site.producer])
+        if site.kind == "channels":
+            return modules[site.producer].weight
+        return find_adapter(model).input_weights(model, site)
+
+    return {name: weights(site) for name, site in layout.sites.items()}
 
 
 class L2(Criterion):

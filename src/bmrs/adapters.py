@@ -1,0 +1,114 @@
+"""Model adapters: how bmrs finds and removes structures in model families whose layers the
+generic analysis of :mod:`bmrs.structure` cannot see (e.g. Hugging Face transformers, whose
+attention keeps its head count in plain attributes).
+
+An adapter is an object with
+
+* ``handles(model) -> bool``;
+* ``layout(model, example_input, *, exclude, heads) -> (sites, families, skipped)``: the
+  gate sites of ``model`` (it may add parameter-free site modules in place, such as
+  :class:`InputGroups`), their families and the layers left ungated with why;
+* ``compact(net, sites, masks, scales) -> None``: on a copy whose gates were detached,
+  delete the masked structures of its sites, fold the gates' eval factors into the
+  weights and make the model's attributes and configuration follow;
+* ``input_weights(model, site) -> Tensor``: each structure's incoming weights, one row per
+  structure (the L2 criterion);
+* ``architecture(model) -> dict``: what :func:`bmrs.load_compact` rebuilds the model from,
+  with the name of an architecture the adapter registered.
+
+Adapters live in optional integration modules, which import their library. The library
+never imports them: :func:`find_adapter` imports the integration module named in
+:data:`INTEGRATIONS` for a model's top-level package only when it is given such a model
+(so that library is already imported), and the module registers its adapter.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import Tensor, nn
+
+__all__ = [
+    "ADAPTERS", "INTEGRATIONS", "InputGroups", "find_adapter", "integration_of", "register_adapter", "remove_input_groups",
+]
+
+#: Registered adapters, asked in order.
+ADAPTERS: list = []
+
+#: Integration modules by the top-level package of the models they handle.
+INTEGRATIONS: dict[str, str] = {"transformers": "bmrs.transformers"}
+
+
+def register_adapter(adapter) -> None:
+    """Add ``adapter`` (see the module's docstring) unless it is registered already."""
+    if adapter not in ADAPTERS:
+        ADAPTERS.append(adapter)
+
+
+def find_adapter(model: nn.Module):
+    """The adapter that handles ``model``, or None (the generic analysis applies)."""
+    package = type(model).__module__.partition(".")[0]
+    if package in INTEGRATIONS:
+        importlib.import_module(INTEGRATIONS[package])
+    return next((a for a in ADAPTERS if a.handles(model)), None)
+
+
+def integration_of(architecture_name: str) -> None:
+    """Import the integration that registers ``architecture_name`` for loading, if any."""
+    package = architecture_name.partition(".")[0]
+    if package in INTEGRATIONS:
+        importlib.import_module(INTEGRATIONS[package])
+
+
+class InputGroups(nn.Module):
+    """A gate site on the input of a projection: its last axis viewed as ``groups`` groups
+    of ``width`` consecutive features.
+
+    Installed on a layer (a child ``bmrs_input``) with a forward pre-hook, it hands the
+    layer's input ``(..., groups * width)`` to its own forward as ``(..., groups, width)``
+    and merges the result back, so a :class:`~bmrs.NoiseGate` on it (``dim=-2``) multiplies
+    each group by one factor: the heads of an attention module at the input of its output
+    projection (``width`` = head dimension), or the hidden neurons of a feed-forward block
+    at the input of its second layer (``width`` = 1). Without a gate it changes nothing.
+    """
+
+    def __init__(self, groups: int, width: int) -> None:
+        super().__init__()
+        self.groups, self.width = int(groups), int(width)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, width={self.width}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def _pre_hook(self, module: nn.Module, args: tuple):
+        x = args[0]
+        if x.shape[-1] != self.groups * self.width:
+            raise ValueError(
+                f"InputGroups expects {self.groups} x {self.width} input features, got input of shape {tuple(x.shape)}"
+            )
+        out = self(x.unflatten(-1, (self.groups, self.width)))
+        return (out.flatten(-2), *args[1:])
+
+    @classmethod
+    def install(cls, layer: nn.Module, groups: int, width: int) -> InputGroups:
+        """Put a site on ``layer``'s input (in place) and return it."""
+        site = cls(groups, width)
+        layer.add_module(INPUT_ATTR, site)
+        layer.register_forward_pre_hook(site._pre_hook)
+        return site
+
+
+INPUT_ATTR = "bmrs_input"
+
+
+def remove_input_groups(model: nn.Module) -> None:
+    """Remove every :class:`InputGroups` site and its pre-hook from ``model`` (in place)."""
+    for module in model.modules():
+        site = getattr(module, INPUT_ATTR, None)
+        if isinstance(site, InputGroups):
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if getattr(hook, "__self__", None) is site:
+                    del module._forward_pre_hooks[key]
+            delattr(module, INPUT_ATTR)
