@@ -49,7 +49,9 @@ def test_bmrs_n_code_adds_half_log_two_pi_and_breaks_near_prior_ties():
     # near-prior posteriors: exact delta F slightly below 0
     set_posterior(gate, [-5.0, -2.0, -3.0, 0.0], [5.0, 5.0, 4.0, -5.0])
     exact, code = make_criterion("bmrs-n"), make_criterion("bmrs-n-code")
-    assert torch.allclose(code.delta_f(gate) - exact.delta_f(gate), torch.full((4,), 0.5 * math.log(2 * math.pi), dtype=F64))
+    # delta_f is the true delta F; the code's criterion differs in its margin only
+    assert torch.equal(code.delta_f(gate), exact.delta_f(gate))
+    assert code.margin - exact.margin == -0.5 * math.log(2 * math.pi)
     assert (exact.delta_f(gate)[:3] < 0).all() and (exact.delta_f(gate)[:3] > -0.05).all()
     assert decide(model, exact)["1"].tolist() == [True, True, True, True]
     assert decide(model, code)["1"].tolist() == [False, False, False, True]
@@ -60,9 +62,7 @@ def test_posterior_equal_to_the_prior():
     assert bmrs.delta_f(prior, prior, bmrs.bmrs_n_prior()).item() == 0.0
     assert bmrs.delta_f(prior, prior, bmrs.bmrs_u_prior(8)).item() == 0.0
     assert bmrs.delta_f(prior, prior, bmrs.bmrs_u_prior(4)).item() == 0.0
-    code_shift = make_criterion("bmrs-n-code").delta_f(bmrs.gates(gated_mlp())["1"]) - make_criterion("bmrs-n").delta_f(
-        bmrs.gates(gated_mlp())["1"])
-    assert code_shift[0].item() == pytest.approx(0.9189385332, abs=1e-9)
+    assert -make_criterion("bmrs-n-code").margin == pytest.approx(0.9189385332, abs=1e-9)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -199,7 +199,7 @@ def test_bmrs_n_rel_prunes_relaxed_and_pushed_down_structures_only():
     # relaxed to the family's widest posterior at four locations; half relaxed; pushed to 0;
     set_posterior(gate, [0.0, -5.0, -10.0, -15.0, 0.0, -30.0], [5.0, 5.0, 5.0, 5.0, 3.0, -1.0])
     rel, exact = make_criterion("bmrs-n-rel"), make_criterion("bmrs-n")
-    delta = rel.delta_f(gate)
+    delta = rel.delta_f(gate) - rel.gate_margin(gate)  # delta F against the uninformed posterior's
     assert torch.equal(delta[:4], torch.zeros(4, dtype=F64))  # an exact tie with no information
     assert delta[4] < -0.1 and delta[5] > 1.0
     assert decide(model, rel)["1"].tolist() == [False, False, False, False, True, False]
@@ -210,7 +210,7 @@ def test_bmrs_n_rel_prunes_relaxed_and_pushed_down_structures_only():
     set_posterior(gate, [-7.0, -2.0, -3.0, -4.0, -6.0, -8.0], [0.0] * 6)
     prior = bmrs.LogUniform(torch.tensor(-20.0, dtype=F64), torch.tensor(0.0, dtype=F64))
     expected = exact.delta_f(gate)[0] - bmrs.delta_f(q0, prior, bmrs.bmrs_n_prior())
-    assert rel.delta_f(gate)[0].item() == pytest.approx(expected.item(), rel=1e-12)
+    assert (rel.delta_f(gate) - rel.gate_margin(gate))[0].item() == pytest.approx(expected.item(), rel=1e-12)
 
 
 def test_bmrs_n_kr_keeps_only_positive_evidence():
@@ -220,7 +220,104 @@ def test_bmrs_n_kr_keeps_only_positive_evidence():
     set_posterior(gate, [-1.3, -0.7, 0.0, -4.0], [3.8, 3.3, -2.0, 1.3])
     exact = make_criterion("bmrs-n").delta_f(gate)
     kr = make_criterion("bmrs-n-kr")
-    assert torch.allclose(kr.delta_f(gate), exact + 1.0)
+    assert torch.equal(kr.delta_f(gate), exact) and kr.margin == -1.0
     assert (exact[:2] > -0.3).all() and (exact[:2] < 0).all() and exact[2] < -100
     assert decide(model, kr)["1"].tolist() == (exact < -1.0).tolist()
     assert decide(model, kr)["1"][:3].tolist() == [False, False, True]
+
+
+# --- the evidence criteria: one rule, delta F >= margin, against its formula ---------------------
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _gated_models():
+    from bmrs.models import build_model
+
+    mlp = small_mlp(12, 9, 3)
+    bmrs.attach_gates(mlp, torch.randn(2, 12))
+    resnet = TinyResNet()  # channels coupled by residual additions: families
+    bmrs.attach_gates(resnet, torch.randn(2, 3, 8, 8))
+    lenet = lenet_like()
+    bmrs.attach_gates(lenet, torch.randn(2, 1, 32, 32))
+    vit = build_model("vit", (3, 16, 16), 5, depth=2, embed_dim=32, patch_size=4)  # attention heads
+    return {"mlp": mlp, "resnet": resnet, "lenet": lenet, "vit": vit}
+
+
+def _scatter_posteriors(model, seed):
+    """Posteriors all over the (mu, log sigma) plane, a third relaxed to the cap of log sigma."""
+    g = torch.Generator().manual_seed(seed)
+    for gate in bmrs.gates(model).values():
+        n = gate.num_structures
+        log_sigma = torch.empty(n).uniform_(-3, 5, generator=g)
+        log_sigma[torch.rand(n, generator=g) < 0.3] = gate.log_scale_bounds[1]
+        set_posterior(gate, torch.empty(n).uniform_(-25, 2, generator=g).tolist(), log_sigma.tolist())
+
+
+def _expected_masks(model, reduced, margin):
+    """Keep masks written out from the rule: a family (a single structure, or channels tied
+    together) is pruned where the sum over its members of delta F - margin is >= 0."""
+    excess = {}
+    for name, gate in bmrs.gates(model).items():
+        prior = gate.prior()
+        q = gate.posterior(F64)
+        excess[name] = bmrs.delta_f(q, prior, reduced(prior)) - margin(gate, q, prior, reduced(prior))
+    masks = {name: torch.ones(g.num_structures, dtype=torch.bool) for name, g in bmrs.gates(model).items()}
+    for family in bmrs.gate_layout(model).families:
+        total = torch.stack([excess[name][idx] for name, idx in family.members]).sum(dim=0)
+        for name, idx in family.members:
+            masks[name][torch.as_tensor(idx)] = ~(total >= 0)
+    return masks
+
+
+def _uninformed_margin(gate, q, prior, reduced):
+    q0 = bmrs.TruncatedLogNormal(q.loc, torch.full_like(q.loc, math.exp(gate.log_scale_bounds[1])), gate.log_low, gate.log_high)
+    return bmrs.delta_f(q0, prior, reduced)
+
+
+_N = lambda prior: bmrs.bmrs_n_prior(prior)  # noqa: E731
+EVIDENCE_RULES = {
+    # criterion (name, options): (reduced prior, margin)
+    ("bmrs-n", ()): (_N, lambda *_: 0.0),
+    ("bmrs-n-code", ()): (_N, lambda *_: -HALF_LOG_2PI),
+    ("bmrs-n-kr", ()): (_N, lambda *_: -1.0),
+    ("bmrs-n-rel", ()): (_N, _uninformed_margin),
+    ("bmrs-u", (("bits", 8),)): (lambda prior: bmrs.bmrs_u_prior(8, prior), lambda *_: 0.0),
+    ("bmrs-u", (("bits", 4),)): (lambda prior: bmrs.bmrs_u_prior(4, prior), lambda *_: 0.0),
+    ("bmrs-u", (("bits", 2.5),)): (lambda prior: bmrs.bmrs_u_prior(2.5, prior), lambda *_: 0.0),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("key", list(EVIDENCE_RULES), ids=lambda k: k[0] + "".join(f"-{v}" for _, v in k[1]))
+def test_evidence_criteria_decide_by_delta_f_against_their_margin(key, seed):
+    """Every evidence criterion's masks are those of its rule, delta F >= margin, on models
+    with single structures, families of channels and attention heads (the structures with
+    exactly tied posteriors included); delta_f is the true delta F, gate_margin the margin."""
+    (name, options), (reduced, margin) = key, EVIDENCE_RULES[key]
+    criterion = make_criterion(name, **dict(options))
+    assert criterion.evidence_based and criterion.threshold == 0.0
+    pruned_some = kept_some = False
+    for model in _gated_models().values():
+        _scatter_posteriors(model, seed)
+        masks = decide(model, criterion)
+        expected = _expected_masks(model, reduced, margin)
+        assert {k: v.tolist() for k, v in masks.items()} == {k: v.tolist() for k, v in expected.items()}
+        pruned_some |= any((~m).any() for m in masks.values())
+        kept_some |= any(m.any() for m in masks.values())
+        for gate in bmrs.gates(model).values():
+            prior = gate.prior()
+            assert torch.equal(criterion.delta_f(gate), bmrs.delta_f(gate.posterior(F64), prior, reduced(prior)))
+    assert pruned_some and kept_some
+
+
+def test_evidence_margins():
+    assert make_criterion("bmrs-n").margin == 0.0
+    assert make_criterion("bmrs-n-code").margin == -HALF_LOG_2PI
+    assert make_criterion("bmrs-n-kr").margin == -1.0
+    assert make_criterion("bmrs-u", bits=4).margin == 0.0
+    gate = bmrs.gates(gated_mlp())["1"]
+    set_posterior(gate, [-7.0, -2.0, -3.0, -4.0], [5.0, 5.0, 0.0, -1.0])
+    rel = make_criterion("bmrs-n-rel")
+    q0 = bmrs.TruncatedLogNormal(gate.loc.double(), torch.full((4,), math.exp(5.0), dtype=F64), gate.log_low, gate.log_high)
+    assert torch.equal(rel.gate_margin(gate), bmrs.delta_f(q0, gate.prior(), bmrs.bmrs_n_prior(gate.prior())))

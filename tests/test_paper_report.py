@@ -322,11 +322,15 @@ def test_diagnostics_of_hand_set_posteriors(tiny_run, tmp_path):
     for r, (mu, log_sigma) in zip(gate2, GATE2):
         assert r["mu"] == pytest.approx(mu) and r["log_sigma_clamped"] == pytest.approx(log_sigma)
         assert r["delta_f[bmrs-n]"] == pytest.approx(delta_f_n(mu, log_sigma), abs=1e-4, rel=1e-6)
-        assert r["delta_f[bmrs-n-code]"] == pytest.approx(r["delta_f[bmrs-n]"] + 0.5 * math.log(2 * math.pi))
-        assert r["delta_f[bmrs-n-kr]"] == pytest.approx(r["delta_f[bmrs-n]"] + 1.0)
+        # delta_f[c] is the true delta F under c's reduced prior; margin[c] what it must reach
+        for c in ("bmrs-n-code", "bmrs-n-kr", "bmrs-n-rel"):
+            assert r[f"delta_f[{c}]"] == r["delta_f[bmrs-n]"]
+        assert r["margin[bmrs-n]"] == 0.0 and r["margin[bmrs-u8]"] == 0.0
+        assert r["margin[bmrs-n-code]"] == -0.5 * math.log(2 * math.pi)
+        assert r["margin[bmrs-n-kr]"] == -1.0
         if delta_f_u(mu, log_sigma, 8) > -700:
             assert r["delta_f[bmrs-u8]"] == pytest.approx(delta_f_u(mu, log_sigma, 8), abs=1e-6, rel=1e-6)
-    assert [r["delta_f[bmrs-n-rel]"] for r in gate2[:3]] == [0.0, 0.0, 0.0]  # the tie, exactly
+    assert [r["delta_f[bmrs-n-rel]"] - r["margin[bmrs-n-rel]"] for r in gate2[:3]] == [0.0, 0.0, 0.0]  # the tie, exactly
 
     expected_u8 = sum(delta_f_u(*p, 8) >= 0 for p in GATE2)
     expected_u4 = sum(delta_f_u(*p, 4) >= 0 for p in GATE2)

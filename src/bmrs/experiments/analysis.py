@@ -6,7 +6,7 @@
 * :func:`stop_vs_knee` reports, for each BMRS stopping point, its distance to the knee of
   every criterion's curve and to the best accuracy any criterion reaches at that compression.
 * :func:`gate_diagnostics` lists, per gate and structure, the posterior (mu, log sigma),
-  E[theta], SNR and delta F under every BMRS reduced prior, and which criteria prune it.
+  E[theta], SNR, the delta F and margin of every evidence criterion, and which criteria prune it.
 """
 
 from __future__ import annotations
@@ -115,10 +115,11 @@ def stop_vs_knee(records: list[dict], stops: Sequence[str]) -> dict[str, dict]:
 
 
 def gate_diagnostics(model: nn.Module, criteria: dict[str, Criterion] | None = None) -> list[dict]:
-    """One record per gated structure: gate, index, mu, log sigma, E[theta], SNR, the delta F
-    of the BMRS reduced priors (exact N, the code's N, U-8, U-4, and of every other BMRS
-    criterion in ``criteria``), and per criterion whether it prunes the structure
-    (``criteria`` default: the four BMRS variants)."""
+    """One record per gated structure: gate, index, mu, log sigma, E[theta], SNR; the delta F
+    (``delta_f[label]``, the true value under its reduced prior) and the margin
+    (``margin[label]``) of the evidence criteria (exact N, the code's N, U-8, U-4, and every
+    other evidence criterion in ``criteria``); and per criterion whether it prunes the
+    structure (``criteria`` default: the four BMRS variants)."""
     bmrs_criteria = {"bmrs-n": BMRSN(), "bmrs-n-code": BMRSNCode(), "bmrs-u8": BMRSU(8), "bmrs-u4": BMRSU(4)}
     criteria = bmrs_criteria if criteria is None else criteria
     decisions = {name: decide(model, c) for name, c in criteria.items()}
@@ -127,6 +128,8 @@ def gate_diagnostics(model: nn.Module, criteria: dict[str, Criterion] | None = N
     for name, gate in gates(model).items():
         q = gate.posterior(torch.float64)
         delta = {label: c.delta_f(gate) for label, c in evidence.items()}
+        margin = {label: torch.as_tensor(c.gate_margin(gate), dtype=torch.float64).expand(gate.num_structures)
+                  for label, c in evidence.items()}
         mean, snr = q.mean, q.snr
         for i in range(gate.num_structures):
             record = {
@@ -135,6 +138,7 @@ def gate_diagnostics(model: nn.Module, criteria: dict[str, Criterion] | None = N
                 "e_theta": float(mean[i]), "snr": float(snr[i]),
             }
             record.update({f"delta_f[{label}]": float(d[i]) for label, d in delta.items()})
+            record.update({f"margin[{label}]": float(m[i]) for label, m in margin.items()})
             record.update({f"pruned[{c}]": not bool(keep[name][i]) for c, keep in decisions.items()})
             records.append(record)
     return records

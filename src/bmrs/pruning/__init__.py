@@ -1,7 +1,8 @@
-"""Pruning criteria, masks, counting and schedules."""
+"""Pruning criteria (and their registry), masks, counting and schedules."""
 
 from .criteria import (
-    BMRSN, BMRSU, CRITERIA, SNR, BMRSNCode, Criterion, ExpectedTheta, L2, Random, Taylor, make_criterion,
+    BMRSN, BMRSU, CRITERIA, SNR, BMRSNCode, BMRSNKassRaftery, BMRSNRelative, Criterion, EvidenceCriterion,
+    ExpectedTheta, L2, Random, Taylor, make_criterion,
 )
 from .masks import (
     count_parameters, decide, kept_structures, parameter_compression, prune, set_masks, structure_compression,
@@ -9,7 +10,8 @@ from .masks import (
 from .schedules import ContinuousPruning
 
 __all__ = [
-    "BMRSN", "BMRSNCode", "BMRSU", "CRITERIA", "ContinuousPruning", "Criterion", "ExpectedTheta", "L2",
-    "Random", "SNR", "Taylor", "count_parameters", "decide", "kept_structures", "make_criterion",
-    "parameter_compression", "prune", "set_masks", "structure_compression",
+    "BMRSN", "BMRSNCode", "BMRSNKassRaftery", "BMRSNRelative", "BMRSU", "CRITERIA", "ContinuousPruning", "Criterion",
+    "EvidenceCriterion", "ExpectedTheta", "L2", "Random", "SNR", "Taylor", "count_parameters", "decide",
+    "kept_structures", "make_criterion", "parameter_compression", "prune", "set_masks",
+    "structure_compression",
 ]

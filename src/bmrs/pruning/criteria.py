@@ -1,13 +1,20 @@
 """Pruning criteria: from the state of a gated model to a decision per structure.
 
 Every criterion scores each structure (higher: more worth keeping) and has a rule that turns
-scores into keep/prune decisions. The BMRS criteria decide by the sign of the change in
-log-evidence, with no threshold; the baselines cut at a threshold or at a target
-compression (see :func:`bmrs.pruning.decide`).
+scores into keep/prune decisions. Criteria are of two kinds:
+
+* **evidence criteria** (:class:`EvidenceCriterion`): prune a structure where the change in
+  log-evidence under a reduced prior reaches a margin, ``delta F >= margin``, with no
+  threshold to tune. BMRS_N (margin 0), the paper code's BMRS_N (margin -1/2 log 2 pi),
+  Kass and Raftery's reading (margin -1), the relative BMRS_N (margin: delta F of an
+  uninformed posterior) and BMRS_U-p (margin 0) are the same rule with different reduced
+  priors and margins.
+* **ranking baselines**: a score per structure, cut at a threshold or at a target
+  compression (see :func:`bmrs.pruning.decide`).
 
 Structures coupled into a family (channels tied by residual additions) are decided together
-from one family score (:meth:`Criterion.family_score`): for BMRS the sum of the members'
-delta F, which is the delta F of removing them together.
+from one family score (:meth:`Criterion.family_score`): for the evidence criteria the sum of
+the members' ``delta F - margin``, which is the delta F of removing them together.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from ..math.distributions import TruncatedLogNormal
 from ..reduction import bmrs_n_prior, bmrs_u_prior, delta_f
 
 __all__ = [
-    "Criterion", "BMRSN", "BMRSNCode", "BMRSNRelative", "BMRSNKassRaftery", "BMRSU", "SNR", "ExpectedTheta", "L2", "Taylor", "Random",
+    "Criterion", "EvidenceCriterion", "BMRSN", "BMRSNCode", "BMRSNRelative", "BMRSNKassRaftery", "BMRSU", "SNR", "ExpectedTheta", "L2", "Taylor", "Random",
     "CRITERIA", "make_criterion",
 ]
 
@@ -40,7 +47,7 @@ class Criterion:
         name: short name (used by the CLI and in result files).
         threshold: keep a structure when its (family) score is >= this; ``None`` when the
             criterion has no natural threshold and needs a target compression instead.
-        evidence_based: True for the BMRS criteria (score = -delta F, threshold 0).
+        evidence_based: True for the evidence criteria (score = -(delta F - margin), threshold 0).
     """
 
     name = "criterion"
@@ -68,7 +75,42 @@ class _PosteriorCriterion(Criterion):
         raise NotImplementedError
 
 
-class BMRSN(_PosteriorCriterion):
+class EvidenceCriterion(_PosteriorCriterion):
+    """Prune a structure where ``delta F >= margin``: delta F is the change in log-evidence
+    when its prior is replaced by :meth:`reduced_prior` (:func:`bmrs.delta_f`).
+
+    Subclasses give the reduced prior and the margin: the class attribute :attr:`margin`, or
+    a per-structure margin from :meth:`gate_margin`. The score of a structure is
+    ``-(delta F - margin)`` (keep where it is > 0); a family's score is the sum of its
+    members', so a family goes where removing all of it together meets the members' margins.
+    """
+
+    evidence_based = True
+    threshold = 0.0
+    #: The margin delta F must reach for a structure to be pruned (nats).
+    margin = 0.0
+
+    def reduced_prior(self, prior):
+        """The reduced prior that replaces a gate's ``prior`` (a LogUniform)."""
+        raise NotImplementedError
+
+    def delta_f(self, gate: NoiseGate) -> Tensor:
+        """The delta F of removing each structure of ``gate`` (float64, the true value)."""
+        prior = gate.prior()
+        return delta_f(gate.posterior(torch.float64), prior, self.reduced_prior(prior))
+
+    def gate_margin(self, gate: NoiseGate) -> float | Tensor:
+        """The margin of each structure of ``gate`` (a number when it is the same for all)."""
+        return self.margin
+
+    def score_gate(self, gate):
+        return -(self.delta_f(gate) - self.gate_margin(gate))
+
+    def family_score(self, member_scores):
+        return member_scores.sum(dim=0)  # delta F of removing the members together
+
+
+class BMRSN(EvidenceCriterion):
     """BMRS_N: prune when delta F >= 0 under a log-normal spike at theta ~ 0 (the paper's Eq. 8).
 
     Args:
@@ -76,35 +118,28 @@ class BMRSN(_PosteriorCriterion):
     """
 
     name = "bmrs-n"
-    threshold = 0.0
-    evidence_based = True
 
     def __init__(self, scale: float = 1e-6):
         self.scale = scale
 
-    def delta_f(self, gate: NoiseGate) -> Tensor:
-        prior = gate.prior()
-        return delta_f(gate.posterior(torch.float64), prior, bmrs_n_prior(prior, scale=self.scale))
+    def reduced_prior(self, prior):
+        return bmrs_n_prior(prior, scale=self.scale)
 
-    def score_gate(self, gate):
-        return -self.delta_f(gate)
-
-    def family_score(self, member_scores):
-        return member_scores.sum(dim=0)  # delta F of removing the members together
+    def __repr__(self):
+        return f"{type(self).__name__}(scale={self.scale:g}, margin={self.margin:g})"
 
 
 class BMRSNCode(BMRSN):
-    """BMRS_N as the paper's released code computes it: delta F + 1/2 log(2 pi).
+    """BMRS_N as the paper's released code computes it: margin -1/2 log(2 pi).
 
-    The code leaves the -1/2 log 2 pi of the reduced prior's density out; the +0.919 nats
-    breaks the tie at delta F ~ 0 of structures whose posterior relaxed to the prior, and
-    this is what produced the paper's BMRS_N numbers (docs/math.md).
+    The code leaves the -1/2 log 2 pi of the reduced prior's density out of delta F, so it
+    prunes where delta F + 1/2 log 2 pi >= 0; the 0.919 nats break the tie at delta F ~ 0 of
+    structures whose posterior relaxed to the prior, and this is what produced the paper's
+    BMRS_N numbers (docs/math.md).
     """
 
     name = "bmrs-n-code"
-
-    def delta_f(self, gate):
-        return super().delta_f(gate) + HALF_LOG_2PI
+    margin = -HALF_LOG_2PI
 
 
 class BMRSNRelative(BMRSN):
@@ -114,10 +149,11 @@ class BMRSNRelative(BMRSN):
     prior; but the variational family cannot reach the log-uniform prior (its scale is
     capped at ``exp(log_scale_bounds[1])``), so such a posterior keeps a delta F slightly
     below 0 that depends on where its location happened to drift, and the exact criterion
-    never removes it. Here delta F is compared with that of the *uninformed* member of the
-    family at the same location, ``q0 = TruncatedLogNormal(loc, scale_max)``: prune when
+    never removes it. Here the margin of each structure is the delta F of the *uninformed*
+    member of the family at the same location, ``q0 = TruncatedLogNormal(loc, scale_max)``:
+    prune when
 
-        delta F(q) - delta F(q0) >= 0,
+        delta F(q) >= delta F(q0),
 
     i.e. when the spread the data gave the posterior makes removal no worse than no
     information at all would. A relaxed posterior (scale at its cap) ties exactly and is
@@ -130,14 +166,13 @@ class BMRSNRelative(BMRSN):
 
     name = "bmrs-n-rel"
 
-    def delta_f(self, gate):
+    def gate_margin(self, gate):
         prior = gate.prior()
-        reduced = bmrs_n_prior(prior, scale=self.scale)
         q = gate.posterior(torch.float64)
         uninformed = TruncatedLogNormal(
             q.loc, torch.full_like(q.loc, math.exp(gate.log_scale_bounds[1])), gate.log_low, gate.log_high,
         )
-        return delta_f(q, prior, reduced) - delta_f(uninformed, prior, reduced)
+        return delta_f(uninformed, prior, self.reduced_prior(prior))
 
 
 class BMRSNKassRaftery(BMRSN):
@@ -150,38 +185,27 @@ class BMRSNKassRaftery(BMRSN):
     training with posteriors that relax towards the prior but stop short of it (the
     optimiser's noise balances the KL's vanishing pull), at delta F between about -0.2 and 0
     (docs/results.md); they are such ties, and removing them costs nothing. So this
-    criterion prunes where ``delta F >= -1``: a convention about what counts as evidence,
-    fixed before seeing any data, not a threshold tuned per model. (The paper's code prunes
-    where ``delta F >= -0.919`` by an accident of a missing constant; the two agree on
-    every structure in our runs.)
+    criterion prunes where ``delta F >= -1`` (margin -1): a convention about what counts as
+    evidence, fixed before seeing any data, not a threshold tuned per model. (The paper's
+    code prunes where ``delta F >= -0.919`` by an accident of a missing constant; the two
+    agree on every structure in our runs.)
     """
 
     name = "bmrs-n-kr"
-
-    def delta_f(self, gate):
-        return super().delta_f(gate) + 1.0
+    margin = -1.0
 
 
-class BMRSU(_PosteriorCriterion):
+class BMRSU(EvidenceCriterion):
     """BMRS_U-p: prune when delta F >= 0 under a log-uniform prior on [log 2^-23, log 2^-bits]."""
 
     name = "bmrs-u"
-    threshold = 0.0
-    evidence_based = True
 
     def __init__(self, bits: float = 8):
         bmrs_u_prior(bits)  # validates
         self.bits = bits
 
-    def delta_f(self, gate: NoiseGate) -> Tensor:
-        prior = gate.prior()
-        return delta_f(gate.posterior(torch.float64), prior, bmrs_u_prior(self.bits, prior))
-
-    def score_gate(self, gate):
-        return -self.delta_f(gate)
-
-    def family_score(self, member_scores):
-        return member_scores.sum(dim=0)
+    def reduced_prior(self, prior):
+        return bmrs_u_prior(self.bits, prior)
 
     def __repr__(self):
         return f"BMRSU(bits={self.bits})"

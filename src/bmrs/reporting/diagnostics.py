@@ -13,9 +13,9 @@ closed forms on the trained posteriors):
   highest mean accuracy over the compression range all curves cover (the area under the
   curve divided by the range), averaged over the sweeps.
 * **Gates** (:func:`run_diagnostics`, :func:`write_diagnostics`): per trained run, every
-  gated structure's posterior (mu, log sigma), E[theta], SNR, delta F under the exact
-  BMRS_N, the code's BMRS_N, our ``bmrs-n-rel``, BMRS_U-8 and BMRS_U-4, and which of them
-  prune it (:func:`bmrs.experiments.analysis.gate_diagnostics`); written as a CSV, a
+  gated structure's posterior (mu, log sigma), E[theta], SNR, delta F and the margin it must
+  reach under the exact BMRS_N, the code's BMRS_N, our ``bmrs-n-rel`` and ``bmrs-n-kr``,
+  BMRS_U-8 and BMRS_U-4, and which of them prune it (:func:`bmrs.experiments.analysis.gate_diagnostics`); written as a CSV, a
   Markdown summary and two figures per run (posteriors in the (mu, log sigma) plane, and
   the histogram of the exact delta F on a symlog axis).
 
@@ -289,7 +289,8 @@ class RunDiagnostics:
 
     Each record holds ``gate``, ``index``, ``mu``, ``log_sigma`` (the parameter),
     ``log_sigma_clamped`` (what the posterior uses), ``e_theta``, ``snr``,
-    ``delta_f[c]`` and ``pruned[c]`` for every criterion ``c`` of
+    ``delta_f[c]`` (the true delta F under ``c``'s reduced prior), ``margin[c]`` (what
+    delta F must reach for ``c`` to prune) and ``pruned[c]`` for every criterion ``c`` of
     :data:`DIAGNOSTIC_CRITERIA`, ``masked`` (the run's own mask removed it) and ``relaxed``.
     """
 
@@ -367,7 +368,8 @@ def select_runs(runs: Iterable[RunResult], methods: Sequence[str] = DIAGNOSTIC_M
 
 _CSV_FIELDS = (
     ["run", "dataset", "model", "method", "seed", "gate", "index", "mu", "log_sigma", "log_sigma_clamped", "e_theta", "snr"]
-    + [f"delta_f[{c}]" for c in DIAGNOSTIC_CRITERIA] + [f"pruned[{c}]" for c in DIAGNOSTIC_CRITERIA]
+    + [f"delta_f[{c}]" for c in DIAGNOSTIC_CRITERIA] + [f"margin[{c}]" for c in DIAGNOSTIC_CRITERIA]
+    + [f"pruned[{c}]" for c in DIAGNOSTIC_CRITERIA]
     + ["masked", "relaxed"]
 )
 
@@ -415,7 +417,7 @@ def diagnostics_markdown(diagnostics: Sequence[RunDiagnostics], *, images: dict[
         "",
         "The gates of trained runs, evaluated after training (closed forms only). For each gated layer: the "
         "number of structures, how many the run's own final mask removed, how many each criterion would "
-        "prune now (delta F >= 0): `bmrs-n` (exact, the paper's Eq. 8), `bmrs-n-code` (exact + ½ log 2π, as "
+        "prune now (delta F >= its margin): `bmrs-n` (exact, the paper's Eq. 8), `bmrs-n-code` (margin −½ log 2π, as "
         "the paper's code), `bmrs-n-rel` (ours: relative to the uninformed posterior), `bmrs-u8`, `bmrs-u4`; "
         f"and how many are *relaxed* (log σ ≥ {relaxed_at:g}: wider than half the prior's interval, prior-like), "
         "with the median exact delta F of those. A relaxed structure sits just below delta F = 0 under the "
