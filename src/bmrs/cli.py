@@ -20,9 +20,11 @@ from . import __version__
 from ._io import read_json
 from .datasets import DATASETS, ChecksumError
 from .models import MODELS
-from .experiments.runs import METHODS, RunConfig
+from .experiments.runs import RunConfig, methods
 from .experiments.suites import SUITES
-from .experiments.sweep import DEFAULT_CRITERIA, DEFAULT_LEVELS, parse_criteria
+from .experiments.sweep import DEFAULT_LEVELS, default_criteria, parse_criteria
+from .pruning.criteria import CRITERIA, load_plugins
+from .reporting.diagnostics import diagnostic_methods
 
 __all__ = ["main", "build_parser", "parse_criteria"]
 
@@ -119,12 +121,8 @@ def _config_from_args(args) -> RunConfig:
         for flag, value in (("--bits", args.bits), ("--threshold", args.threshold), ("--target", args.target), ("--match", args.match)):
             if value is not None:
                 raise CLIError(f"{flag} applies to a pruning method, not --method none")
-    if args.bits is not None and args.method != "bmrs-u":
-        raise CLIError(f"--bits applies to --method bmrs-u only (got --method {args.method})")
-    if args.bits is not None:
-        from .reduction import bmrs_u_prior
-
-        bmrs_u_prior(args.bits)  # ValueError with the valid range
+    if args.bits is not None and "bits" not in CRITERIA[args.method].needs:
+        raise CLIError(f"--bits applies to --method {_with('bits')} only (got --method {args.method})")
     if args.target is not None and not 0.0 <= args.target < 1.0:
         raise CLIError(f"--target is a compression in [0, 1), got {args.target}")
     if args.target is not None and args.match is not None:
@@ -173,7 +171,8 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def _print_run_summary(out: Path, config: dict, metrics: dict) -> None:
-    label = config["method"] + (f" (bits {config['bits']:g})" if config["method"] == "bmrs-u" else "")
+    takes_bits = config["method"] in CRITERIA and "bits" in CRITERIA[config["method"]].needs
+    label = config["method"] + (f" (bits {config['bits']:g})" if takes_bits else "")
     _say(f"run {out}: {config['model']} on {config['dataset']}, method {label}, seed {config['seed']}")
     _say(f"  test accuracy      {_percent(metrics['test_accuracy'])}   (validation {_percent(metrics['val_accuracy'])}, "
          f"best epoch {metrics['best_epoch']})")
@@ -454,6 +453,26 @@ def _suites_epilog() -> str:
     return "\n".join(lines)
 
 
+def _with(need: str) -> str:
+    """The criteria that take ``need`` from a run, e.g. ``bmrs-u`` for ``bits``."""
+    return ", ".join(name for name, c in CRITERIA.items() if need in c.needs)
+
+
+def _methods_help() -> str:
+    evidence = "; ".join(f"{name}: {c.summary}" for name, c in CRITERIA.items() if c.evidence_based)
+    baselines = "; ".join(f"{name}: {c.summary}" for name, c in CRITERIA.items() if not c.evidence_based)
+    return (f"pruning criterion: none (train with gates, no pruning); the evidence criteria prune where delta F "
+            f"reaches their margin ({evidence}); the baselines ({baselines}) prune at their threshold, or need "
+            "--target or --match when they have none")
+
+
+def _wrap(text: str, width: int, indent: int) -> str:
+    """``text`` broken at spaces into lines of at most ``width``, continued at ``indent``."""
+    import textwrap
+
+    return ("\n" + " " * indent).join(textwrap.wrap(text, width))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bmrs`` command."""
     parser = _Parser(
@@ -491,14 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", type=_dataset_name, choices=DATASETS, required=True, help="data set")
     p.add_argument("--model", choices=tuple(MODELS), required=True, help="bundled model")
-    p.add_argument("--method", choices=METHODS, required=True,
-                   help="pruning criterion: none (train with gates, no pruning); the BMRS criteria prune where "
-                   "delta F >= 0 (bmrs-n: exact, bmrs-n-code: as the paper's code, bmrs-n-rel: relative to an "
-                   "uninformed posterior, bmrs-n-kr: delta F >= -1, Kass and Raftery's scale, bmrs-u: "
-                   "log-uniform reduced prior of --bits); baselines snr and etheta have thresholds (1 and 0.1), l2, taylor and "
-                   "random need --target or --match")
-    p.add_argument("--bits", type=float, default=None, help="precision of bmrs-u in bits (default 8; fewer prune more)")
-    p.add_argument("--threshold", type=float, default=None, help="threshold of a baseline (snr, etheta, l2, taylor, random)")
+    p.add_argument("--method", choices=methods(), required=True, help=_methods_help())
+    p.add_argument("--bits", type=float, default=None, help=f"precision of {_with('bits')} in bits (default 8; fewer prune more)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help=f"threshold of a baseline ({', '.join(n for n, c in CRITERIA.items() if not c.evidence_based)})")
     p.add_argument("--target", type=float, default=None, help="target parameter compression in [0, 1) instead of a threshold")
     p.add_argument("--match", metavar="RUN_DIR", default=None,
                    help="follow another run's per-epoch parameter compression (e.g. l2 matched to a BMRS run)")
@@ -536,8 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: bmrs sweep --run runs/none --criteria bmrs-n-code,bmrs-u8,l2 --out runs/none-sweep",
     )
     p.add_argument("--run", metavar="RUN_DIR", required=True, help="a complete run directory (its model.pt: the best validation epoch), or a run's checkpoint.pt (the last epoch)")
-    p.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
-                   help="comma-separated criteria; bmrs-uP is BMRS_U with P bits (bmrs-u8, bmrs-u4, ...)")
+    p.add_argument("--criteria", default=",".join(default_criteria()),
+                   help="comma-separated criteria: " + ", ".join(c.label_syntax or n for n, c in CRITERIA.items()))
     p.add_argument("--levels", type=_float_list, default=None,
                    help=f"comma-separated compression levels in [0, 1] (default: {','.join(f'{v:g}' for v in DEFAULT_LEVELS)})")
     p.add_argument("--target-kind", choices=("params", "structures"), default="params", help="what the levels count")
@@ -614,8 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  paper-fmnist.json               in the paper (paper-fmnist only)\n"
         "  knees.md, knees.json            BMRS stopping points of the sweeps against the knees\n"
         "                                  of the accuracy-vs-compression curves\n"
-        "  diagnostics.md, diagnostics.csv the gates of the lowest-seed runs of none, bmrs-n,\n"
-        "  posteriors_*.png, delta-f_*.png bmrs-n-code, bmrs-n-rel, bmrs-n-kr and bmrs-u8, per model",
+        "  diagnostics.md, diagnostics.csv the gates of the lowest-seed runs of each of\n"
+        "  posteriors_*.png, delta-f_*.png " + _wrap(", ".join(diagnostic_methods()) + ", per model", 54, 34),
         epilog=_suites_epilog() + "\n\nexample: bmrs reproduce quick --out runs/quick --jobs 2",
     )
     p.add_argument("suite", choices=tuple(SUITES), metavar="SUITE", help=f"one of {', '.join(SUITES)}")
@@ -627,7 +642,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``bmrs`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    """Run the ``bmrs`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    Criteria that installed packages declare in the ``bmrs.criteria`` entry point group are
+    registered first, so every command sees them."""
+    load_plugins()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

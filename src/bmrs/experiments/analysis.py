@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..gates import gates
-from ..pruning.criteria import BMRSN, BMRSU, BMRSNCode, Criterion
+from ..pruning.criteria import Criterion, default_labels, make_criterion, parse_label
 from ..pruning.masks import decide
 
 __all__ = ["knee", "curves_from_sweep", "stop_vs_knee", "gate_diagnostics", "interpolate_accuracy"]
@@ -115,15 +115,18 @@ def stop_vs_knee(records: list[dict], stops: Sequence[str]) -> dict[str, dict]:
 
 
 def gate_diagnostics(model: nn.Module, criteria: dict[str, Criterion] | None = None) -> list[dict]:
-    """One record per gated structure: gate, index, mu, log sigma, E[theta], SNR; the delta F
-    (``delta_f[label]``, the true value under its reduced prior) and the margin
-    (``margin[label]``) of the evidence criteria (exact N, the code's N, U-8, U-4, and every
-    other evidence criterion in ``criteria``); and per criterion whether it prunes the
-    structure (``criteria`` default: the four BMRS variants)."""
-    bmrs_criteria = {"bmrs-n": BMRSN(), "bmrs-n-code": BMRSNCode(), "bmrs-u8": BMRSU(8), "bmrs-u4": BMRSU(4)}
-    criteria = bmrs_criteria if criteria is None else criteria
+    """One record per gated structure: gate, index, mu, log sigma, E[theta], SNR; for every
+    evidence criterion in ``criteria`` its delta F (``delta_f[label]``, the true value under
+    its reduced prior) and its margin (``margin[label]``); and per criterion whether it
+    prunes the structure (``pruned[label]``). ``criteria`` default: every evidence
+    criterion's default labels."""
+    if criteria is None:
+        criteria = {}
+        for label in default_labels(evidence_based=True):
+            name, options = parse_label(label)
+            criteria[label] = make_criterion(name, **options)
     decisions = {name: decide(model, c) for name, c in criteria.items()}
-    evidence = {**bmrs_criteria, **{label: c for label, c in criteria.items() if c.evidence_based}}
+    evidence = {label: c for label, c in criteria.items() if c.evidence_based}
     records = []
     for name, gate in gates(model).items():
         q = gate.posterior(torch.float64)

@@ -19,7 +19,7 @@ from torch import nn
 from .._io import read_json, write_json
 from ..compaction import compact, count_flops, count_parameters, save_compact
 from ..gates import gates
-from ..pruning.criteria import Criterion, make_criterion
+from ..pruning.criteria import CRITERIA, Criterion, criterion_class
 from ..pruning.masks import kept_structures, parameter_compression, structure_compression
 from ..pruning.schedules import ContinuousPruning
 from ..datasets import load_dataset
@@ -27,13 +27,16 @@ from ..models import build_model
 from ..training import Trainer, atomic_save, seed_everything
 
 __all__ = [
-    "RunConfig", "METHODS", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",
+    "RunConfig", "methods", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",
     "run_files", "load_state_file",
     "model_architecture", "layer_widths", "compact_to_file",
 ]
 
-#: Methods of ``bmrs train --method``: no pruning, the BMRS criteria and the baselines.
-METHODS = ("none", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u", "snr", "etheta", "l2", "taylor", "random")
+
+def methods() -> tuple[str, ...]:
+    """Methods of ``bmrs train --method``: ``none`` (no pruning), then every registered criterion."""
+    return ("none", *CRITERIA)
+
 
 # The paper's optimiser settings (MATH.md section 5); other models get the LeNet5 ones.
 _PAPER_SETTINGS = {"mlp": {"batch_size": 128, "lr": 1.5e-3}, "lenet5": {"batch_size": 32, "lr": 1.4e-3}}
@@ -112,19 +115,16 @@ class _MatchedTarget:
 
 
 def build_criterion(config: RunConfig, train_loader) -> Criterion:
-    """The criterion of ``config.method`` (not ``none``), with its threshold override."""
-    options: dict = {}
-    if config.method == "bmrs-u":
-        options["bits"] = config.bits
-    if config.method == "taylor":
-        options["data"] = train_loader
-    if config.method == "random":
-        options["seed"] = config.seed
+    """The criterion of ``config.method`` (not ``none``), given what it :attr:`~bmrs.pruning.Criterion.needs`
+    from the run (its training batches, seed, bits), with its threshold override."""
+    cls = criterion_class(config.method)
+    context = {"data": train_loader, "seed": config.seed, "bits": config.bits}
+    options = {key: context[key] for key in cls.needs}
     if config.threshold is not None:
-        if config.method.startswith("bmrs"):
-            raise ValueError("the BMRS criteria take no threshold: they prune where delta F >= 0")
+        if cls.evidence_based:
+            raise ValueError(f"{config.method} takes no threshold: it prunes where delta F >= its margin")
         options["threshold"] = config.threshold
-    criterion = make_criterion(config.method, **options)
+    criterion = cls(**options)
     if criterion.threshold is None and config.target is None and config.match is None:
         raise ValueError(f"method {config.method!r} has no threshold: give --target or --match")
     return criterion
@@ -197,8 +197,8 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
     the parameters, FLOPs (one example) and layer widths before and after (or ``"error"``
     if the model cannot be compacted).
     """
-    if config.method not in METHODS:
-        raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
+    if config.method not in methods():
+        raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(methods())}")
     out = Path(out_dir)
     config = config.resolved()
     if (out / "metrics.json").exists() and resume:

@@ -12,7 +12,6 @@ import copy
 import csv
 import io
 import os
-import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,13 +22,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._io import write_json, write_text
-from ..pruning.criteria import CRITERIA, Criterion, make_criterion
-from ..reduction import bmrs_u_prior
+from ..pruning.criteria import Criterion, criterion_class, default_labels, parse_label
 from ..pruning.masks import decide, parameter_compression, set_masks, structure_compression
 from .runs import load_run
 from ..training import Trainer, seed_everything
 
-__all__ = ["sweep", "sweep_run", "parse_criteria", "DEFAULT_LEVELS", "DEFAULT_CRITERIA", "write_sweep_csv", "fine_tuner"]
+__all__ = ["sweep", "sweep_run", "parse_criteria", "DEFAULT_LEVELS", "default_criteria", "write_sweep_csv", "fine_tuner"]
 
 #: Parameter-compression levels of a default sweep.
 DEFAULT_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
@@ -85,30 +83,25 @@ def sweep(
     return records
 
 
-#: Criteria of a default sweep (``bmrs-uP`` is BMRS_U with P bits).
-DEFAULT_CRITERIA = ("bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u8", "bmrs-u4", "snr", "etheta", "l2", "taylor", "random")
+def default_criteria() -> tuple[str, ...]:
+    """Criteria of a default sweep: the default labels of every registered criterion
+    (``bmrs-u8`` and ``bmrs-u4`` for BMRS_U)."""
+    return default_labels()
 
 
 def parse_criteria(text: str) -> list[tuple[str, str, dict]]:
     """Criteria tokens of ``bmrs sweep --criteria`` as (label, criterion name, options).
 
-    ``bmrs-uP`` (e.g. ``bmrs-u8``, ``bmrs-u2.5``) is BMRS_U with P bits; ``bmrs-u`` alone has
-    8 bits. Other tokens are criterion names (``bmrs-n``, ``snr``, ``l2``, ...).
+    A token is a label of a registered criterion (:func:`~bmrs.pruning.criteria.parse_label`):
+    its name (``bmrs-n``, ``snr``, ``l2``, ...) or, for BMRS_U, ``bmrs-uP`` with P bits
+    (``bmrs-u8``, ``bmrs-u2.5``; ``bmrs-u`` alone has 8 bits).
     """
     out, seen = [], set()
     for token in (t.strip().lower().replace("_", "-") for t in text.split(",")):
         if not token:
             continue
-        match = re.fullmatch(r"bmrs-u(\d+(?:\.\d+)?)?", token)
-        if match:
-            bits = float(match.group(1)) if match.group(1) else 8.0
-            bmrs_u_prior(bits)  # checks the range
-            label, name, options = f"bmrs-u{bits:g}", "bmrs-u", {"bits": bits}
-        elif token in CRITERIA:
-            label, name, options = token, token, {}
-        else:
-            names = ", ".join("bmrs-uP (P bits, e.g. bmrs-u8)" if c == "bmrs-u" else c for c in CRITERIA)
-            raise ValueError(f"unknown criterion {token!r}; choose from {names}")
+        name, options = parse_label(token)
+        label = criterion_class(name).label(**options)
         if label in seen:
             raise ValueError(f"criterion {label!r} is given twice")
         seen.add(label)
@@ -122,7 +115,7 @@ def sweep_run(
     run: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    criteria: str = ",".join(DEFAULT_CRITERIA),
+    criteria: str | None = None,
     levels: Sequence[float] = DEFAULT_LEVELS,
     finetune_epochs: int = 0,
     split: str = "test",
@@ -135,7 +128,7 @@ def sweep_run(
 
     Args:
         run: a run directory (typically ``--method none``: trained with gates, unpruned).
-        criteria: comma-separated tokens of :func:`parse_criteria`.
+        criteria: comma-separated tokens of :func:`parse_criteria` (default: :func:`default_criteria`).
         levels: parameter (or structure, see ``target_kind``) compressions to prune to.
         finetune_epochs: epochs of fine-tuning (masks fixed) after each pruning.
         split: ``"test"`` or ``"val"``: where accuracy is measured.
@@ -147,7 +140,7 @@ def sweep_run(
         raise ValueError(f"levels must lie in [0, 1], got {', '.join(f'{v:g}' for v in bad)}")
     if finetune_epochs < 0:
         raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
-    specs = parse_criteria(criteria)
+    specs = parse_criteria(",".join(default_criteria()) if criteria is None else criteria)
     loaded = load_run(run, data_dir, need_data=True)
     config, model, data = loaded.config, loaded.model, loaded.data
     generator = seed_everything(config.seed)
@@ -155,13 +148,11 @@ def sweep_run(
     val_loader = torch.utils.data.DataLoader(data.val, batch_size=1000)
     eval_loader = val_loader if split == "val" else torch.utils.data.DataLoader(data.test, batch_size=1000)
 
+    context = {"data": train_loader, "seed": config.seed}
     built = {}
     for label, name, options in specs:
-        if name == "taylor":
-            options = {**options, "data": train_loader}
-        if name == "random":
-            options = {**options, "seed": config.seed}
-        built[label] = make_criterion(name, **options)
+        cls = criterion_class(name)
+        built[label] = cls(**{**{key: context[key] for key in cls.needs if key in context}, **options})
 
     @torch.no_grad()
     def evaluate(net) -> float:

@@ -2,7 +2,7 @@
 
 from .criteria import (
     BMRSN, BMRSU, CRITERIA, SNR, BMRSNCode, BMRSNKassRaftery, BMRSNRelative, Criterion, EvidenceCriterion,
-    ExpectedTheta, L2, Random, Taylor, make_criterion,
+    ExpectedTheta, L2, Random, Taylor, make_criterion, register_criterion,
 )
 from .masks import (
     count_parameters, decide, kept_structures, parameter_compression, prune, set_masks, structure_compression,
@@ -12,6 +12,6 @@ from .schedules import ContinuousPruning
 __all__ = [
     "BMRSN", "BMRSNCode", "BMRSNKassRaftery", "BMRSNRelative", "BMRSU", "CRITERIA", "ContinuousPruning", "Criterion",
     "EvidenceCriterion", "ExpectedTheta", "L2", "Random", "SNR", "Taylor", "count_parameters", "decide",
-    "kept_structures", "make_criterion", "parameter_compression", "prune", "set_masks",
+    "kept_structures", "make_criterion", "parameter_compression", "prune", "register_criterion", "set_masks",
     "structure_compression",
 ]

@@ -15,11 +15,22 @@ scores into keep/prune decisions. Criteria are of two kinds:
 Structures coupled into a family (channels tied by residual additions) are decided together
 from one family score (:meth:`Criterion.family_score`): for the evidence criteria the sum of
 the members' ``delta F - margin``, which is the delta F of removing them together.
+
+The registry
+------------
+:data:`CRITERIA` maps each name to its class; :func:`register_criterion` adds one. A class
+says everything the rest of bmrs needs to know about it (its name, what it does in one line,
+whether it is evidence-based, what a run must give it, the labels it is reported under), so
+adding a criterion is one class in one module: ``bmrs train --method``, ``bmrs sweep
+--criteria``, the suites, reports and diagnostics all read their lists from here.
+Criteria in other packages register through the ``bmrs.criteria`` entry point group
+(:func:`load_plugins`, which the ``bmrs`` command calls on start).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 
 import torch
@@ -33,27 +44,63 @@ from ..math.distributions import TruncatedLogNormal
 from ..reduction import bmrs_n_prior, bmrs_u_prior, delta_f
 
 __all__ = [
-    "Criterion", "EvidenceCriterion", "BMRSN", "BMRSNCode", "BMRSNRelative", "BMRSNKassRaftery", "BMRSU", "SNR", "ExpectedTheta", "L2", "Taylor", "Random",
-    "CRITERIA", "make_criterion",
+    "Criterion", "EvidenceCriterion", "BMRSN", "BMRSNCode", "BMRSNRelative", "BMRSNKassRaftery", "BMRSU",
+    "SNR", "ExpectedTheta", "L2", "Taylor", "Random",
+    "CRITERIA", "CONTEXT", "register_criterion", "make_criterion", "criterion_class", "parse_label",
+    "criterion_label", "default_labels", "label_order", "load_plugins", "ENTRY_POINT_GROUP",
 ]
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
+#: What a run can give a criterion's constructor (see :attr:`Criterion.needs`): ``data``,
+#: an iterable of ``(inputs, targets)`` training batches; ``seed``, the run's seed;
+#: ``bits``, the precision of a run's ``--bits``.
+CONTEXT = ("data", "seed", "bits")
+
 
 class Criterion:
-    """Base class. Subclasses implement :meth:`structure_scores`.
+    """Base class. Subclasses implement :meth:`structure_scores` and say what they are.
 
-    Attributes:
-        name: short name (used by the CLI and in result files).
+    Class attributes (what the registry reads):
+        name: short name: ``bmrs train --method NAME``, ``make_criterion(NAME)``.
+        summary: what it does, in one line (``--help``, reports).
+        evidence_based: True for the evidence criteria (prune where delta F >= margin,
+            no threshold), False for ranking baselines.
+        needs: keyword arguments of the constructor that a run supplies from its context,
+            among :data:`CONTEXT` (e.g. ``("data",)`` for Taylor, ``("seed",)`` for random).
+        variants: the constructor options of its default labels (sweeps, diagnostics,
+            suites); ``({},)`` for a criterion without options.
+        label_syntax: how its labels are written, for error messages.
         threshold: keep a structure when its (family) score is >= this; ``None`` when the
-            criterion has no natural threshold and needs a target compression instead.
-        evidence_based: True for the evidence criteria (score = -(delta F - margin), threshold 0).
+            criterion has no natural threshold and needs a target compression instead
+            (the class attribute is the default; instances may override it).
     """
 
     name = "criterion"
-    threshold: float | None = None
+    summary = ""
     evidence_based = False
+    needs: tuple[str, ...] = ()
+    variants: tuple[dict, ...] = ({},)
+    label_syntax: str | None = None
+    threshold: float | None = None
 
+    # --- labels: how runs and sweep points of this criterion are named ------------------
+    @classmethod
+    def label(cls, **options) -> str:
+        """The label of this criterion with ``options`` (default: its name)."""
+        return cls.name
+
+    @classmethod
+    def parse_label(cls, label: str) -> dict | None:
+        """The options a label stands for, or ``None`` when it is not a label of this criterion."""
+        return {} if label == cls.name else None
+
+    @classmethod
+    def label_order(cls, options: dict) -> float:
+        """Order of this criterion's labels among themselves in tables (lower first)."""
+        return 0.0
+
+    # --- decisions -----------------------------------------------------------------------
     def structure_scores(self, model: nn.Module) -> dict[str, Tensor]:
         """Per gate, a float64 score per structure (higher: keep)."""
         raise NotImplementedError
@@ -64,6 +111,116 @@ class Criterion:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(threshold={self.threshold})"
+
+
+#: Criterion classes by name, in registration order (the order of tables and lists).
+CRITERIA: dict[str, type[Criterion]] = {}
+
+
+def register_criterion(cls: type[Criterion]) -> type[Criterion]:
+    """Class decorator: add a :class:`Criterion` subclass to :data:`CRITERIA` under its name.
+
+    Raises:
+        ValueError: the name is taken, not lower-case ``[a-z0-9-]``, or ``needs`` names
+            something a run cannot give (see :data:`CONTEXT`).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Criterion)):
+        raise TypeError(f"register_criterion takes a Criterion subclass, got {cls!r}")
+    if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", cls.name):
+        raise ValueError(f"criterion name {cls.name!r} must be lower-case words joined by '-'")
+    if cls.name in CRITERIA or cls.name == "none":
+        raise ValueError(f"a criterion named {cls.name!r} is already registered")
+    unknown = set(cls.needs) - set(CONTEXT)
+    if unknown:
+        raise ValueError(f"criterion {cls.name!r} needs {', '.join(sorted(unknown))}: a run gives only {', '.join(CONTEXT)}")
+    CRITERIA[cls.name] = cls
+    return cls
+
+
+def _key(name: str) -> str:
+    return name.strip().replace("_", "-").lower()
+
+
+def criterion_class(name: str) -> type[Criterion]:
+    """The registered class of ``name`` (underscores work as dashes).
+
+    Raises:
+        ValueError: no criterion of that name.
+    """
+    key = _key(name)
+    if key not in CRITERIA:
+        raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)}")
+    return CRITERIA[key]
+
+
+def make_criterion(name: str, **kwargs) -> Criterion:
+    """Build a registered criterion from its name (see :data:`CRITERIA`: ``bmrs-n``,
+    ``bmrs-u``, ``l2``, ...); underscores work as dashes; ``kwargs`` go to its constructor."""
+    return criterion_class(name)(**kwargs)
+
+
+def parse_label(label: str) -> tuple[str, dict]:
+    """The criterion name and options a label stands for: ``"bmrs-u4"`` gives
+    ``("bmrs-u", {"bits": 4.0})``, ``"l2"`` gives ``("l2", {})``.
+
+    Raises:
+        ValueError: no registered criterion has this label (or its options are invalid).
+    """
+    key = _key(label)
+    for name, cls in CRITERIA.items():
+        options = cls.parse_label(key)
+        if options is not None:
+            return name, options
+    names = ", ".join(cls.label_syntax or name for name, cls in CRITERIA.items())
+    raise ValueError(f"unknown criterion {label!r}; choose from {names}")
+
+
+def criterion_label(method: str, options: dict | None = None) -> str:
+    """The label of a run of ``method`` with these options (``"bmrs-u"`` with ``bits=8`` gives
+    ``"bmrs-u8"``); a method that is not a registered criterion (``"none"``) is its own label."""
+    cls = CRITERIA.get(method)
+    if cls is None:
+        return method
+    return cls.label(**{k: v for k, v in (options or {}).items() if k in cls.needs})
+
+
+def default_labels(evidence_based: bool | None = None) -> tuple[str, ...]:
+    """The labels of every registered criterion's :attr:`~Criterion.variants`, in registry
+    order; only the evidence criteria (``True``) or only the ranking baselines (``False``)."""
+    return tuple(
+        cls.label(**options)
+        for cls in CRITERIA.values() if evidence_based is None or cls.evidence_based == evidence_based
+        for options in cls.variants
+    )
+
+
+def label_order(label: str) -> tuple:
+    """Sort key of a label: ``none`` first, then the criteria in registry order (a
+    criterion's own labels by :meth:`Criterion.label_order`), then unknown labels."""
+    if label == "none":
+        return (0, 0.0)
+    try:
+        name, options = parse_label(label)
+    except ValueError:
+        return (len(CRITERIA) + 1, 0.0)
+    return (1 + list(CRITERIA).index(name), CRITERIA[name].label_order(options))
+
+
+#: Entry point group through which other packages register criteria.
+ENTRY_POINT_GROUP = "bmrs.criteria"
+
+
+def load_plugins() -> list[str]:
+    """Import every module named in the ``bmrs.criteria`` entry point group (its classes
+    register themselves with :func:`register_criterion`); return the entry points' names.
+    Each module is imported once, however often this is called."""
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        point.load()
+        loaded.append(point.name)
+    return loaded
 
 
 class _PosteriorCriterion(Criterion):
@@ -110,6 +267,7 @@ class EvidenceCriterion(_PosteriorCriterion):
         return member_scores.sum(dim=0)  # delta F of removing the members together
 
 
+@register_criterion
 class BMRSN(EvidenceCriterion):
     """BMRS_N: prune when delta F >= 0 under a log-normal spike at theta ~ 0 (the paper's Eq. 8).
 
@@ -118,6 +276,7 @@ class BMRSN(EvidenceCriterion):
     """
 
     name = "bmrs-n"
+    summary = "BMRS_N, exact: delta F >= 0 under a log-normal spike at theta ~ 0"
 
     def __init__(self, scale: float = 1e-6):
         self.scale = scale
@@ -129,6 +288,7 @@ class BMRSN(EvidenceCriterion):
         return f"{type(self).__name__}(scale={self.scale:g}, margin={self.margin:g})"
 
 
+@register_criterion
 class BMRSNCode(BMRSN):
     """BMRS_N as the paper's released code computes it: margin -1/2 log(2 pi).
 
@@ -139,9 +299,11 @@ class BMRSNCode(BMRSN):
     """
 
     name = "bmrs-n-code"
+    summary = "BMRS_N as the paper's code: delta F >= -1/2 log 2 pi"
     margin = -HALF_LOG_2PI
 
 
+@register_criterion
 class BMRSNRelative(BMRSN):
     """BMRS_N measured against an uninformed posterior: a threshold-free treatment of ties.
 
@@ -165,6 +327,7 @@ class BMRSNRelative(BMRSN):
     """
 
     name = "bmrs-n-rel"
+    summary = "BMRS_N relative to an uninformed posterior: delta F >= delta F(q0)"
 
     def gate_margin(self, gate):
         prior = gate.prior()
@@ -175,6 +338,7 @@ class BMRSNRelative(BMRSN):
         return delta_f(uninformed, prior, self.reduced_prior(prior))
 
 
+@register_criterion
 class BMRSNKassRaftery(BMRSN):
     """BMRS_N with ties read on Kass and Raftery's scale of evidence: keep a structure only
     when the evidence for keeping it is at least *positive*.
@@ -192,13 +356,22 @@ class BMRSNKassRaftery(BMRSN):
     """
 
     name = "bmrs-n-kr"
+    summary = "BMRS_N on Kass and Raftery's scale: delta F >= -1"
     margin = -1.0
 
 
+@register_criterion
 class BMRSU(EvidenceCriterion):
-    """BMRS_U-p: prune when delta F >= 0 under a log-uniform prior on [log 2^-23, log 2^-bits]."""
+    """BMRS_U-p: prune when delta F >= 0 under a log-uniform prior on [log 2^-23, log 2^-bits].
+
+    Labelled ``bmrs-uP`` with P its bits (``bmrs-u8``); sweeps and diagnostics use 8 and 4.
+    """
 
     name = "bmrs-u"
+    summary = "BMRS_U-p: delta F >= 0 under a log-uniform reduced prior on [2^-23, 2^-p], p bits"
+    needs = ("bits",)
+    variants = ({"bits": 8.0}, {"bits": 4.0})
+    label_syntax = "bmrs-uP (P bits, e.g. bmrs-u8)"
 
     def __init__(self, bits: float = 8):
         bmrs_u_prior(bits)  # validates
@@ -207,32 +380,55 @@ class BMRSU(EvidenceCriterion):
     def reduced_prior(self, prior):
         return bmrs_u_prior(self.bits, prior)
 
+    @classmethod
+    def label(cls, bits: float = 8.0, **options) -> str:
+        return f"bmrs-u{float(bits):g}"
+
+    @classmethod
+    def parse_label(cls, label):
+        match = re.fullmatch(r"bmrs-u(\d+(?:\.\d+)?)?", label)
+        if match is None:
+            return None
+        bits = float(match.group(1)) if match.group(1) else 8.0
+        bmrs_u_prior(bits)  # checks the range
+        return {"bits": bits}
+
+    @classmethod
+    def label_order(cls, options):
+        return -float(options.get("bits", 8.0))  # by falling precision
+
     def __repr__(self):
         return f"BMRSU(bits={self.bits})"
 
 
-class SNR(_PosteriorCriterion):
-    """Signal-to-noise ratio E[theta]/std[theta] of the posterior; paper threshold 1."""
-
-    name = "snr"
-
-    def __init__(self, threshold: float | None = 1.0):
-        self.threshold = threshold
-
-    def score_gate(self, gate):
-        return gate.posterior(torch.float64).snr
-
-
+@register_criterion
 class ExpectedTheta(_PosteriorCriterion):
     """E[theta] of the posterior (what the gate multiplies by); paper threshold 0.1."""
 
     name = "etheta"
+    summary = "E[theta] of the posterior, threshold 0.1"
+    threshold = 0.1
 
     def __init__(self, threshold: float | None = 0.1):
         self.threshold = threshold
 
     def score_gate(self, gate):
         return gate.posterior(torch.float64).mean
+
+
+@register_criterion
+class SNR(_PosteriorCriterion):
+    """Signal-to-noise ratio E[theta]/std[theta] of the posterior; paper threshold 1."""
+
+    name = "snr"
+    summary = "signal-to-noise ratio of the posterior, threshold 1"
+    threshold = 1.0
+
+    def __init__(self, threshold: float | None = 1.0):
+        self.threshold = threshold
+
+    def score_gate(self, gate):
+        return gate.posterior(torch.float64).snr
 
 
 def _producer_weights(model: nn.Module) -> dict[str, Tensor]:
@@ -250,6 +446,7 @@ def _producer_weights(model: nn.Module) -> dict[str, Tensor]:
     return {name: weights(site) for name, site in layout.sites.items()}
 
 
+@register_criterion
 class L2(Criterion):
     """L2 norm of each structure's incoming weights (no natural threshold).
 
@@ -258,6 +455,7 @@ class L2(Criterion):
     """
 
     name = "l2"
+    summary = "L2 norm of the incoming weights"
 
     def __init__(self, threshold: float | None = None):
         self.threshold = threshold
@@ -272,6 +470,7 @@ class L2(Criterion):
         return member_scores.pow(2).sum(dim=0).sqrt()  # the norm of all their incoming weights
 
 
+@register_criterion
 class Taylor(Criterion):
     """First-order Taylor estimate of the loss change from removing each structure.
 
@@ -286,6 +485,8 @@ class Taylor(Criterion):
     """
 
     name = "taylor"
+    summary = "first-order Taylor estimate of the loss change (needs training data)"
+    needs = ("data",)
 
     def __init__(self, data: Iterable, loss_fn: Callable = F.cross_entropy, batches: int = 8, threshold: float | None = None):
         self.data, self.loss_fn, self.batches, self.threshold = data, loss_fn, batches, threshold
@@ -343,10 +544,13 @@ class Taylor(Criterion):
         return member_scores.sum(dim=0)
 
 
+@register_criterion
 class Random(Criterion):
     """Uniform random scores from a seeded generator (a sanity baseline)."""
 
     name = "random"
+    summary = "seeded uniform random scores (a sanity baseline)"
+    needs = ("seed",)
 
     def __init__(self, seed: int = 0, threshold: float | None = None):
         self.seed, self.threshold = seed, threshold
@@ -357,18 +561,3 @@ class Random(Criterion):
             name: torch.rand(g.num_structures, generator=generator, dtype=torch.float64)
             for name, g in gates(model).items()
         }
-
-
-#: Criterion classes by CLI name.
-CRITERIA: dict[str, type[Criterion]] = {
-    c.name: c for c in (BMRSN, BMRSNCode, BMRSNRelative, BMRSNKassRaftery, BMRSU, SNR, ExpectedTheta, L2, Taylor, Random)
-}
-
-
-def make_criterion(name: str, **kwargs) -> Criterion:
-    """Build a criterion from its name (``bmrs-n``, ``bmrs-n-code``, ``bmrs-n-rel``,
-    ``bmrs-n-kr``, ``bmrs-u``, ``snr``, ``etheta``, ``l2``, ``taylor``, ``random``); underscores work as dashes."""
-    key = name.replace("_", "-").lower()
-    if key not in CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)}")
-    return CRITERIA[key](**kwargs)

@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._io import read_json
+from ..pruning.criteria import criterion_label
 
 __all__ = ["RunResult", "SweepResult", "Collection", "collect", "method_label", "base_label", "natural_key"]
 
 
 def method_label(config: dict) -> str:
-    """The label a run is reported under: its method, with BMRS_U's precision appended, and
+    """The label a run is reported under: its criterion's label
+    (:func:`~bmrs.pruning.criteria.criterion_label`, e.g. BMRS_U's precision appended), and
     the KL reduction when it is not the paper's.
 
     ``{"method": "bmrs-u", "bits": 8.0}`` gives ``"bmrs-u8"``, ``bits=2.5`` gives
@@ -21,7 +23,7 @@ def method_label(config: dict) -> str:
     ``"kl_reduction": "structures"`` appends ``"+kl-structures"``.
     """
     method = config.get("method", "?")
-    label = f"bmrs-u{float(config.get('bits', 8.0)):g}" if method == "bmrs-u" else method
+    label = criterion_label(method, {"bits": 8.0, **config})
     reduction = config.get("kl_reduction", "mean")
     return label if reduction == "mean" else f"{label}+kl-{reduction}"
 

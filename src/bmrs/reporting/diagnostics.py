@@ -4,8 +4,8 @@ Two analyses, both from files alone (nothing is trained; the gate analysis only 
 closed forms on the trained posteriors):
 
 * **Knees** (:func:`knee_analysis`, :func:`knees_markdown`, :func:`write_knees`): for the
-  post-training sweeps of a model (one per seed), where each BMRS criterion stops
-  (delta F >= 0) compared with the knee of its own accuracy-vs-compression curve, with the
+  post-training sweeps of a model (one per seed), where each evidence criterion stops
+  (delta F >= its margin) compared with the knee of its own accuracy-vs-compression curve, with the
   knee of the best criterion's curve, and with the best accuracy any criterion reaches at
   the same compression. Knees are found with Kneedle (:func:`bmrs.experiments.analysis.knee`):
   both axes normalised to [0, 1], the knee is the point of the curve farthest above the
@@ -13,9 +13,9 @@ closed forms on the trained posteriors):
   highest mean accuracy over the compression range all curves cover (the area under the
   curve divided by the range), averaged over the sweeps.
 * **Gates** (:func:`run_diagnostics`, :func:`write_diagnostics`): per trained run, every
-  gated structure's posterior (mu, log sigma), E[theta], SNR, delta F and the margin it must
-  reach under the exact BMRS_N, the code's BMRS_N, our ``bmrs-n-rel`` and ``bmrs-n-kr``,
-  BMRS_U-8 and BMRS_U-4, and which of them prune it (:func:`bmrs.experiments.analysis.gate_diagnostics`); written as a CSV, a
+  gated structure's posterior (mu, log sigma), E[theta], SNR, and for every evidence
+  criterion of :func:`diagnostic_criteria` its delta F, its margin and whether it prunes the
+  structure (:func:`bmrs.experiments.analysis.gate_diagnostics`); written as a CSV, a
   Markdown summary and two figures per run (posteriors in the (mu, log sigma) plane, and
   the histogram of the exact delta F on a symlog axis).
 
@@ -40,20 +40,25 @@ from pathlib import Path
 import numpy as np
 
 from .._io import write_json, write_text
+from ..pruning.criteria import CRITERIA, default_labels, parse_label
 from .collect import RunResult, SweepResult, method_label
 from .tables import column_key, format_mean_std, mean_std, method_order
 
 __all__ = [
-    "KNEE_STOPS", "KNEE_METHOD", "knee_analysis", "knees_markdown", "write_knees",
-    "DIAGNOSTIC_METHODS", "DIAGNOSTIC_CRITERIA", "RELAXED_LOG_SIGMA", "RunDiagnostics", "run_diagnostics",
+    "knee_stops", "KNEE_METHOD", "knee_analysis", "knees_markdown", "write_knees",
+    "diagnostic_methods", "diagnostic_criteria", "RELAXED_LOG_SIGMA", "RunDiagnostics", "run_diagnostics",
     "select_runs", "diagnostics_csv", "diagnostics_summary", "diagnostics_markdown", "plot_posteriors", "plot_delta_f", "write_diagnostics",
 ]
 
 # ============================================================================================
 # Knees of post-training sweeps
 
-#: The stopping rules analysed (criteria that stop where delta F >= 0).
-KNEE_STOPS = ("bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u8", "bmrs-u4")
+
+def knee_stops() -> tuple[str, ...]:
+    """The stopping rules analysed: the default labels of the evidence criteria (which stop
+    where delta F >= their margin)."""
+    return default_labels(evidence_based=True)
+
 
 #: How knees are found (written into knees.md and knees.json).
 KNEE_METHOD = (
@@ -113,7 +118,7 @@ def _analyse_sweep(records: list[dict], stops: Sequence[str]) -> dict:
     return {"knees": knees, "auc": auc, "stops": out_stops}
 
 
-def knee_analysis(sweeps: Sequence[SweepResult], stops: Sequence[str] = KNEE_STOPS) -> dict:
+def knee_analysis(sweeps: Sequence[SweepResult], stops: Sequence[str] | None = None) -> dict:
     """Stopping points against knees, per model, over its sweeps (one per seed).
 
     Returns (all numbers in percent; ``[mean, std]`` over the sweeps)::
@@ -131,8 +136,9 @@ def knee_analysis(sweeps: Sequence[SweepResult], stops: Sequence[str] = KNEE_STO
 
     The model key is the model's name, or ``"dataset/model"`` when the sweeps cover several
     data sets. Criteria without a stopping point in a sweep, and curves with fewer than
-    three distinct compressions (no knee), are left out.
+    three distinct compressions (no knee), are left out. ``stops`` defaults to :func:`knee_stops`.
     """
+    stops = knee_stops() if stops is None else tuple(stops)
     groups: dict[tuple[str, str], list[SweepResult]] = defaultdict(list)
     for sweep in sweeps:
         groups[(sweep.dataset, sweep.model)].append(sweep)
@@ -254,7 +260,7 @@ def knees_markdown(analysis: dict) -> str:
     return "\n".join(lines)
 
 
-def write_knees(sweeps: Sequence[SweepResult], out_dir: str | os.PathLike, stops: Sequence[str] = KNEE_STOPS) -> dict:
+def write_knees(sweeps: Sequence[SweepResult], out_dir: str | os.PathLike, stops: Sequence[str] | None = None) -> dict:
     """Write ``knees.md`` and ``knees.json`` into ``out_dir``; return the analysis."""
     analysis = knee_analysis(sweeps, stops)
     out = Path(out_dir)
@@ -266,21 +272,27 @@ def write_knees(sweeps: Sequence[SweepResult], out_dir: str | os.PathLike, stops
 # ============================================================================================
 # Gate diagnostics of trained runs
 
-#: Methods whose runs :func:`select_runs` picks for the gate diagnostics by default.
-DIAGNOSTIC_METHODS = ("none", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u8")
-#: The criteria evaluated on every gate, in column order.
-DIAGNOSTIC_CRITERIA = ("bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u8", "bmrs-u4")
+def diagnostic_methods() -> tuple[str, ...]:
+    """Methods whose runs :func:`select_runs` picks for the gate diagnostics by default:
+    ``none`` and the first default label of every evidence criterion."""
+    return ("none", *(cls.label(**cls.variants[0]) for cls in CRITERIA.values() if cls.evidence_based))
+
+
+def diagnostic_criteria() -> tuple[str, ...]:
+    """The criteria evaluated on every gate, in column order: the default labels of the
+    evidence criteria."""
+    return default_labels(evidence_based=True)
+
 #: A structure whose clamped log sigma is at least this is "relaxed" (prior-like): its
 #: posterior is wider than half the prior's interval of log theta (20 / 2 = e^2.3).
 RELAXED_LOG_SIGMA = 2.3
 
 
 def _criteria() -> dict:
-    """The criteria of :data:`DIAGNOSTIC_CRITERIA`, by label."""
-    from ..experiments.sweep import parse_criteria
+    """The criteria of :func:`diagnostic_criteria`, by label."""
     from ..pruning.criteria import make_criterion
 
-    return {label: make_criterion(name, **options) for label, name, options in parse_criteria(",".join(DIAGNOSTIC_CRITERIA))}
+    return {label: make_criterion(name, **options) for label in diagnostic_criteria() for name, options in [parse_label(label)]}
 
 
 @dataclass
@@ -291,7 +303,7 @@ class RunDiagnostics:
     ``log_sigma_clamped`` (what the posterior uses), ``e_theta``, ``snr``,
     ``delta_f[c]`` (the true delta F under ``c``'s reduced prior), ``margin[c]`` (what
     delta F must reach for ``c`` to prune) and ``pruned[c]`` for every criterion ``c`` of
-    :data:`DIAGNOSTIC_CRITERIA`, ``masked`` (the run's own mask removed it) and ``relaxed``.
+    :func:`diagnostic_criteria`, ``masked`` (the run's own mask removed it) and ``relaxed``.
     """
 
     path: Path
@@ -319,7 +331,7 @@ class RunDiagnostics:
 
 def run_diagnostics(run_dir: str | os.PathLike, *, relaxed_at: float = RELAXED_LOG_SIGMA) -> RunDiagnostics:
     """Rebuild the gated model of ``run_dir`` (:func:`~bmrs.experiments.runs.load_run`) and
-    evaluate every BMRS criterion on its gates (:func:`~bmrs.experiments.analysis.gate_diagnostics`).
+    evaluate every evidence criterion on its gates (:func:`~bmrs.experiments.analysis.gate_diagnostics`).
 
     Raises:
         FileNotFoundError, ValueError: not a run directory with a model, as ``load_run`` says.
@@ -353,8 +365,10 @@ def run_diagnostics(run_dir: str | os.PathLike, *, relaxed_at: float = RELAXED_L
     )
 
 
-def select_runs(runs: Iterable[RunResult], methods: Sequence[str] = DIAGNOSTIC_METHODS) -> list[RunResult]:
-    """Per (data set, model) and method in ``methods``: the run with the lowest seed."""
+def select_runs(runs: Iterable[RunResult], methods: Sequence[str] | None = None) -> list[RunResult]:
+    """Per (data set, model) and method in ``methods`` (default :func:`diagnostic_methods`):
+    the run with the lowest seed."""
+    methods = diagnostic_methods() if methods is None else tuple(methods)
     chosen: dict[tuple, RunResult] = {}
     for run in runs:
         if run.label not in methods:
@@ -366,24 +380,26 @@ def select_runs(runs: Iterable[RunResult], methods: Sequence[str] = DIAGNOSTIC_M
     return [chosen[k] for k in sorted(chosen, key=lambda k: (k[0], k[1], methods.index(k[2])))]
 
 
-_CSV_FIELDS = (
-    ["run", "dataset", "model", "method", "seed", "gate", "index", "mu", "log_sigma", "log_sigma_clamped", "e_theta", "snr"]
-    + [f"delta_f[{c}]" for c in DIAGNOSTIC_CRITERIA] + [f"margin[{c}]" for c in DIAGNOSTIC_CRITERIA]
-    + [f"pruned[{c}]" for c in DIAGNOSTIC_CRITERIA]
-    + ["masked", "relaxed"]
-)
+def _csv_fields() -> list[str]:
+    criteria = diagnostic_criteria()
+    return (
+        ["run", "dataset", "model", "method", "seed", "gate", "index", "mu", "log_sigma", "log_sigma_clamped", "e_theta", "snr"]
+        + [f"delta_f[{c}]" for c in criteria] + [f"margin[{c}]" for c in criteria] + [f"pruned[{c}]" for c in criteria]
+        + ["masked", "relaxed"]
+    )
 
 
 def diagnostics_csv(diagnostics: Sequence[RunDiagnostics]) -> str:
     """All structures of all runs as CSV, one row per structure (columns: run, dataset, model,
     method, seed, then the record's fields; booleans as 0/1)."""
+    fields = _csv_fields()
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for d in diagnostics:
         for r in d.records:
             row = {"run": str(d.path), "dataset": d.dataset, "model": d.model, "method": d.label, "seed": d.seed}
-            for key in _CSV_FIELDS[5:]:
+            for key in fields[5:]:
                 value = r.get(key)
                 row[key] = int(value) if isinstance(value, bool) else (f"{value:.10g}" if isinstance(value, float) else value)
             writer.writerow(row)
@@ -396,7 +412,7 @@ def _layer_counts(d: RunDiagnostics, name: str) -> dict:
     return {
         "structures": len(members),
         "masked": sum(r["masked"] for r in members),
-        "pruned": {c: sum(r[f"pruned[{c}]"] for r in members) for c in DIAGNOSTIC_CRITERIA},
+        "pruned": {c: sum(r[f"pruned[{c}]"] for r in members) for c in diagnostic_criteria()},
         "relaxed": len(relaxed),
         "median_delta_f_relaxed": statistics.median(r["delta_f[bmrs-n]"] for r in relaxed) if relaxed else None,
     }
@@ -412,13 +428,17 @@ def diagnostics_summary(diagnostics: Sequence[RunDiagnostics]) -> list[dict]:
 def diagnostics_markdown(diagnostics: Sequence[RunDiagnostics], *, images: dict[str, list[str]] | None = None) -> str:
     """The per-run, per-layer summary as Markdown (``images``: figure file names per run path)."""
     relaxed_at = diagnostics[0].relaxed_at if diagnostics else RELAXED_LOG_SIGMA
+    criteria = diagnostic_criteria()
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for label in criteria:
+        by_name[parse_label(label)[0]].append(f"`{label}`")
+    described = "; ".join(f"{', '.join(labels)} ({CRITERIA[name].summary})" for name, labels in by_name.items())
     lines = [
         "# Why BMRS prunes what it prunes",
         "",
         "The gates of trained runs, evaluated after training (closed forms only). For each gated layer: the "
         "number of structures, how many the run's own final mask removed, how many each criterion would "
-        "prune now (delta F >= its margin): `bmrs-n` (exact, the paper's Eq. 8), `bmrs-n-code` (margin −½ log 2π, as "
-        "the paper's code), `bmrs-n-rel` (ours: relative to the uninformed posterior), `bmrs-u8`, `bmrs-u4`; "
+        f"prune now (delta F >= its margin): {described}; "
         f"and how many are *relaxed* (log σ ≥ {relaxed_at:g}: wider than half the prior's interval, prior-like), "
         "with the median exact delta F of those. A relaxed structure sits just below delta F = 0 under the "
         "exact criterion, a tie it never breaks; the code's +0.919 nats breaks it toward pruning.",
@@ -426,7 +446,7 @@ def diagnostics_markdown(diagnostics: Sequence[RunDiagnostics], *, images: dict[
     ]
     if not diagnostics:
         return "\n".join(lines + ["No runs.", ""])
-    header = ["run", "layer", "structures", "masked by run"] + [f"`{c}`" for c in DIAGNOSTIC_CRITERIA] + [
+    header = ["run", "layer", "structures", "masked by run"] + [f"`{c}`" for c in criteria] + [
         "relaxed", "median ΔF_N (relaxed)"]
     rows = []
     for d in diagnostics:
@@ -434,7 +454,7 @@ def diagnostics_markdown(diagnostics: Sequence[RunDiagnostics], *, images: dict[
             c = _layer_counts(d, name)
             median = c["median_delta_f_relaxed"]
             rows.append([d.title, f"`{name}`", str(c["structures"]), str(c["masked"])]
-                        + [str(c["pruned"][k]) for k in DIAGNOSTIC_CRITERIA]
+                        + [str(c["pruned"][k]) for k in criteria]
                         + [str(c["relaxed"]), "—" if median is None else f"{median:.4g}"])
     lines += _table(header, rows) + [""]
     if images:
@@ -462,14 +482,17 @@ def _panel_grid(rows: int, cols: int, width: float = 4.2, height: float = 3.6):
 def plot_posteriors(d: RunDiagnostics, path: str | os.PathLike) -> None:
     """Posteriors of a run in the (mu, log sigma) plane: one column per gated layer.
 
-    Top row: colour by which of the exact BMRS_N and the code's BMRS_N prune the structure
-    (both / exact only / code only / neither); bottom row: the same for ``bmrs-n-rel`` and
-    BMRS_U-8. The band log sigma >= ``relaxed_at`` (prior-like) is shaded and the clamp of
+    One row per pair of consecutive criteria of :func:`diagnostic_criteria` (the exact BMRS_N
+    and the code's first): colour by which of the two prune the structure (both / the first
+    only / the second only / neither). The band log sigma >= ``relaxed_at`` (prior-like) is shaded and the clamp of
     log sigma drawn dashed; structures the run's mask removed have a black edge.
     """
     from .plots import save_figure
 
-    pairs = [("bmrs-n", "bmrs-n-code"), ("bmrs-n-rel", "bmrs-u8")]
+    criteria = diagnostic_criteria()
+    pairs = list(zip(criteria[0::2], criteria[1::2]))
+    if len(criteria) % 2:  # the last one against the first
+        pairs.append((criteria[0], criteria[-1]))
     fig, axes = _panel_grid(len(pairs), max(len(d.layers), 1))
     for row, (first, second) in zip(axes, pairs):
         for ax, name in zip(row, d.layers):

@@ -22,11 +22,12 @@ import os
 from collections.abc import Iterable, Sequence
 
 from .._io import write_json
+from ..pruning.criteria import default_labels
 from .collect import RunResult, base_label
 from .tables import format_mean_std, method_order, summarize
 
 __all__ = [
-    "PAPER_TABLES", "PAPER_ROW", "PAPER_ROW_NAMES", "PAPER_FILES", "SUITE_PAPERS", "COMPARISON_METHODS",
+    "PAPER_TABLES", "PAPER_ROW", "PAPER_ROW_NAMES", "PAPER_FILES", "SUITE_PAPERS", "comparison_methods",
     "paper_table", "paper_summary", "write_paper_json", "compare", "comparison_markdown",
 ]
 
@@ -88,8 +89,25 @@ PAPER_FILES: dict[str, str] = {"fashion-mnist": "paper-fmnist", "mnist": "paper-
 #: Suite of ``bmrs reproduce`` -> the data set whose published numbers it reproduces.
 SUITE_PAPERS: dict[str, str] = {"paper-fmnist": "fashion-mnist"}
 
-#: Rows of the comparison, in order (other labels present follow, in the results' order).
-COMPARISON_METHODS = ("none", "l2", "etheta", "snr", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u8", "bmrs-u4")
+
+def _published() -> list[str]:
+    """The paper's row labels, in its order, over all data sets."""
+    return list(dict.fromkeys(label for models in PAPER_TABLES.values() for rows in models.values() for label in rows))
+
+
+def comparison_methods() -> tuple[str, ...]:
+    """Rows of the comparison, in order: the published rows of no pruning and the ranking
+    baselines (in the paper's order), then the default labels of every evidence criterion;
+    other labels present follow, in the results' order."""
+    evidence = default_labels(evidence_based=True)
+    return (*(label for label in _published() if label not in evidence), *evidence)
+
+
+def _unpublished() -> list[str]:
+    """The evidence criteria's labels without a published row (neither their own nor one
+    :data:`PAPER_ROW` sets them against)."""
+    published = set(_published())
+    return [label for label in default_labels(evidence_based=True) if PAPER_ROW.get(label, label) not in published]
 
 
 def paper_table(dataset: str) -> dict[str, dict[str, dict]]:
@@ -128,19 +146,21 @@ def _models(ours: dict, paper: dict) -> list[str]:
     return list(paper) + sorted(set(ours) - set(paper))
 
 
-def compare(summary: dict, dataset: str = "fashion-mnist", *, methods: Sequence[str] = COMPARISON_METHODS) -> dict:
+def compare(summary: dict, dataset: str = "fashion-mnist", *, methods: Sequence[str] | None = None) -> dict:
     """Our summary beside the published numbers.
 
     Args:
         summary: ``{model: {label: {...}}}`` as :func:`paper_summary` returns it.
         dataset: whose published numbers to use (:data:`PAPER_TABLES`).
-        methods: the rows always shown, in order; other labels of ``summary`` follow.
+        methods: the rows always shown, in order (default :func:`comparison_methods`); other
+            labels of ``summary`` follow.
 
     Returns ``{model: {label: {"ours": entry or None, "paper": entry or None, "paper_row":
     the paper's row label or None, "difference": {"param_compression": d, "accuracy": d}
     or None}}}`` with ``d`` = our mean − the paper's, in percentage points.
     """
     paper = paper_table(dataset)
+    methods = comparison_methods() if methods is None else methods
     out: dict[str, dict] = {}
     for model in _models(summary, paper):
         ours_rows, paper_rows = summary.get(model, {}), paper.get(model, {})
@@ -167,7 +187,7 @@ def _signed(value: float) -> str:
     return "0.00" if abs(value) < 5e-3 else f"{value:+.2f}"
 
 
-def comparison_markdown(summary: dict, dataset: str = "fashion-mnist", *, methods: Sequence[str] = COMPARISON_METHODS) -> str:
+def comparison_markdown(summary: dict, dataset: str = "fashion-mnist", *, methods: Sequence[str] | None = None) -> str:
     """The comparison of :func:`compare` as Markdown: one table per model, rows = methods.
 
     Columns: our parameter compression and test accuracy (mean ± std over seeds, percent),
@@ -176,6 +196,7 @@ def comparison_markdown(summary: dict, dataset: str = "fashion-mnist", *, method
     does not exist (no runs of ours, or no published number).
     """
     table = compare(summary, dataset, methods=methods)
+    unpublished = _unpublished()
     lines = [
         f"# Comparison with the paper ({dataset})",
         "",
@@ -188,8 +209,9 @@ def comparison_markdown(summary: dict, dataset: str = "fashion-mnist", *, method
         "",
         "The paper's BMRS_N row was produced by its released code, whose delta F is the exact one "
         "plus ½ log 2π ≈ 0.919 nats; that criterion is our `bmrs-n-code`, the like-for-like row. "
-        "Our exact `bmrs-n` (the paper's Eq. 8) is set against the same row; `bmrs-n-rel` and "
-        "`bmrs-n-kr` (our threshold-free treatments of ties) have no published counterpart. A label "
+        "Our exact `bmrs-n` (the paper's Eq. 8) is set against the same row; "
+        + " and ".join(", ".join(f"`{label}`" for label in unpublished).rsplit(", ", 1))
+        + " (our threshold-free treatments of ties) have no published counterpart. A label "
         "ending in `+kl-structures` is a run with the KL weighted per structure instead of the "
         "paper's per-layer mean, set against the paper's row of its method.",
         "",

@@ -51,7 +51,7 @@ def write_report(source, out_dir: str | os.PathLike, *, paper: str | None = None
             that data set's runs as ``paper-fmnist.json`` (``paper-mnist.json``).
         analysis: also write the knee analysis of the sweeps (``knees.md``, ``knees.json``,
             when there are sweeps) and the gate diagnostics of the lowest-seed run of the
-            methods :data:`~bmrs.reporting.diagnostics.DIAGNOSTIC_METHODS` per model
+            methods :func:`~bmrs.reporting.diagnostics.diagnostic_methods` per model
             (``diagnostics.md``, ``diagnostics.csv`` and two figures per run); runs whose
             model cannot be rebuilt are noted and left out.
 

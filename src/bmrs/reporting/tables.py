@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+from ..pruning.criteria import label_order
 from .collect import RunResult, SweepResult, base_label, natural_key
 
 __all__ = [
@@ -13,9 +14,6 @@ __all__ = [
     "results_markdown", "config_differences",
 ]
 
-# Row order of the table: no pruning, the BMRS criteria (BMRS_U by falling precision), the
-# baselines; anything else after them, alphabetically.
-_ORDER = ("none", "bmrs-n", "bmrs-n-code", "bmrs-u", "etheta", "snr", "l2", "taylor", "random")
 # Configuration keys that may differ between the runs of one group.
 _PER_RUN_KEYS = {"seed", "data_dir", "match"}
 
@@ -40,20 +38,14 @@ def format_mean_std(mean: float, std: float, n: int, digits: int = 2) -> str:
 
 
 def method_order(label: str) -> tuple:
-    """Sort key of a method label for the rows of the table (a KL variant after its method)."""
+    """Sort key of a method label for the rows of the table: no pruning, then the criteria
+    in the registry's order (the evidence criteria, BMRS_U by falling precision, then the
+    baselines; :func:`~bmrs.pruning.criteria.label_order`), anything else after them,
+    alphabetically; a KL variant after its method."""
     base = base_label(label)
     if base != label:
         return method_order(base) + (1, label)
-    if label.startswith("bmrs-u"):
-        try:
-            return (_ORDER.index("bmrs-u"), -float(label[len("bmrs-u"):]), label)
-        except ValueError:
-            pass
-    if label in _ORDER:
-        return (_ORDER.index(label), 0.0, label)
-    if label.startswith("bmrs-"):  # another BMRS variant: with the BMRS rows, before BMRS_U
-        return (_ORDER.index("bmrs-u") - 0.5, 0.0, label)
-    return (len(_ORDER), 0.0, label)
+    return (*label_order(label), label)
 
 
 def group_runs(runs: Iterable[RunResult]) -> dict[tuple[str, str, str], list[RunResult]]:
