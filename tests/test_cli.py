@@ -282,7 +282,7 @@ def test_help_and_version(capsys):
 
 def _epochs_done(checkpoint):
     try:
-        return len(torch.load(checkpoint, weights_only=False)["history"])
+        return len(torch.load(checkpoint, weights_only=True)["history"])
     except Exception:  # not written yet, or being replaced right now
         return 0
 
@@ -309,7 +309,7 @@ def test_resume_after_kill_gives_the_uninterrupted_metrics(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     done = _epochs_done(killed / "checkpoint.pt")
     assert 2 <= done < 42, "killed too late to test resuming"
-    before_kill = torch.load(killed / "checkpoint.pt", weights_only=False)["history"]
+    before_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["history"]
     assert not (killed / "metrics.json").exists()  # no (partial) results of an unfinished run
     json.loads((killed / "config.json").read_text())  # complete, valid
 

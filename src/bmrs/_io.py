@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["read_json", "write_atomic", "write_bytes", "write_json", "write_text"]
+__all__ = ["read_json", "read_tensors", "write_atomic", "write_bytes", "write_json", "write_text"]
 
 _MODE: int | None = None
 
@@ -54,8 +54,33 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_json(data, path: str | os.PathLike) -> None:
-    """Write ``data`` as indented, key-sorted JSON atomically."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write ``data`` as indented, key-sorted, strict JSON atomically: a NaN or infinity is
+    refused (``ValueError`` naming ``path``), never written as a literal other readers reject."""
+    try:
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: not written, the data holds a non-finite number ({err})") from None
+    write_text(path, text + "\n")
+
+
+def read_tensors(path: str | os.PathLike, what: str = "a file written by bmrs"):
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, no code
+    runs. Anything that is not such a file (truncated, foreign, crafted) raises a one-line
+    ``ValueError`` naming ``path`` and saying it is not ``what``."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise OSError(err.errno, f"{path}: {err.strerror or err}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as err:
+        text = " ".join(str(err).split())
+        if "Weights only load failed" in text or "Unsupported operand" in text or "Unsupported global" in text:
+            text = "it holds objects other than tensors and plain containers"
+        raise ValueError(f"{path} is not {what} ({text[:200]})") from None
 
 
 def read_json(path: str | os.PathLike) -> dict:

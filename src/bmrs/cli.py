@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from . import __version__
 from ._io import read_json
 from .datasets import DATASETS, ChecksumError
 from .models import MODELS
+from .training import TrainingDiverged
 from .experiments.runs import RunConfig, methods
 from .experiments.suites import SUITES
 from .experiments.sweep import DEFAULT_LEVELS, default_criteria, parse_criteria
@@ -29,6 +31,7 @@ from .reporting.diagnostics import diagnostic_methods
 __all__ = ["main", "build_parser", "parse_criteria"]
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 
 
 # Model options of ``bmrs train`` per bundled model: CLI destination -> builder keyword.
@@ -133,8 +136,10 @@ def _config_from_args(args) -> RunConfig:
     _positive("--seed", args.seed, 0)
     _positive("--batch-size", args.batch_size)
     _positive("--image-size", args.image_size)
-    if args.lr is not None and not args.lr > 0:
-        raise CLIError(f"--lr must be positive, got {args.lr}")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise CLIError(f"--lr must be a positive number, got {args.lr}")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise CLIError(f"--threshold must be a finite number, got {args.threshold}")
     options = {}
     allowed = _MODEL_OPTIONS[args.model]
     for dest, flag in _FLAG.items():
@@ -223,6 +228,10 @@ def cmd_train(args) -> int:
     had_config = (out / "config.json").exists()
     try:
         metrics = train_run(config, out, progress=not args.no_progress, resume=started)
+    except TrainingDiverged as err:
+        checkpoint = out / "checkpoint.pt"
+        kept = (f"{checkpoint} keeps the last good epoch" if checkpoint.is_file() else "no epoch completed")
+        raise TrainingDiverged(f"{err}; {kept}, no model written (a smaller --lr may help)") from None
     except BaseException:
         # A run that failed before its first epoch (missing data, a bad model option)
         # leaves nothing behind that would look like a run.
@@ -662,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bmrs: interrupted", file=sys.stderr)
         return 130
+    except TrainingDiverged as err:
+        print(f"bmrs: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_DIVERGED
     except (CLIError, ValueError, KeyError, OSError, NotImplementedError, ChecksumError) as err:
         print(f"bmrs: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE

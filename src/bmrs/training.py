@@ -7,6 +7,7 @@ The pieces work on their own inside a user's loop: :func:`elbo_loss` is the loss
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 import time
@@ -20,12 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._io import write_atomic
+from ._io import read_tensors, write_atomic
 from .gates import model_kl
 from .pruning.masks import kept_structures, parameter_compression, structure_compression
 from .pruning.schedules import ContinuousPruning
 
-__all__ = ["elbo_loss", "seed_everything", "Trainer", "EpochRecord", "atomic_save"]
+__all__ = ["elbo_loss", "seed_everything", "Trainer", "EpochRecord", "atomic_save", "TrainingDiverged"]
+
+# How often (in steps) training reads the device-side record of non-finite losses: one host
+# synchronisation per this many steps, and one at the end of every epoch.
+_DIVERGENCE_CHECK_EVERY = 64
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -59,6 +64,51 @@ def elbo_loss(
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced a non-finite loss or parameter. Raised at the end of the epoch at
+    the latest, before that epoch's checkpoint is written (the previous one is kept)."""
+
+
+class _FiniteLosses:
+    """Watches the losses of an epoch for NaN or infinity without a host synchronisation per
+    step: the first bad step is kept on the device and read every ``_DIVERGENCE_CHECK_EVERY``
+    steps and by :meth:`check`."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.steps, self.first_bad = epoch, 0, None
+
+    def observe(self, loss: Tensor) -> None:
+        self.steps += 1
+        step = torch.where(torch.isfinite(loss.detach()), torch.iinfo(torch.int64).max, self.steps)
+        self.first_bad = step if self.first_bad is None else torch.minimum(self.first_bad, step)
+        if self.steps % _DIVERGENCE_CHECK_EVERY == 0:
+            self.check()
+
+    def check(self) -> None:
+        if self.first_bad is not None and int(self.first_bad) <= self.steps:
+            raise TrainingDiverged(f"training diverged: the loss is not finite at epoch {self.epoch}, step {int(self.first_bad)}")
+
+
+def _check_finite_parameters(model: nn.Module, epoch: int) -> None:
+    """Raise :class:`TrainingDiverged` naming the first parameter or buffer that is not finite."""
+    tensors = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
+        return
+    name = next(n for n, t in tensors if not bool(torch.isfinite(t).all()))
+    raise TrainingDiverged(f"training diverged: parameter {name} is not finite after epoch {epoch}")
+
+
+def _numpy_rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
 @dataclass
@@ -110,6 +160,7 @@ class Trainer:
         self.best_state: dict | None = None
         self.best_epoch: int | None = None
         self._best_val: float = -float("inf")
+        self._losses: _FiniteLosses | None = None
 
     # --- the pieces ---------------------------------------------------------------------------
     def step(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
@@ -123,7 +174,15 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as err:  # e.g. Adam with lr 1e300 on float32 parameters
+            if "overflow" not in str(err):
+                raise
+            where = f" at epoch {self._losses.epoch}, step {self._losses.steps + 1}" if self._losses is not None else ""
+            raise TrainingDiverged(f"training diverged: the optimizer step overflows{where} ({err})") from None
+        if self._losses is not None:
+            self._losses.observe(loss)
         correct = (output.argmax(dim=1) == targets).sum().item() if output.dim() == 2 else 0
         return {"loss": loss.item(), "data": data.item(), "kl": kl.item(), "correct": correct, "n": len(targets)}
 
@@ -144,17 +203,27 @@ class Trainer:
             self.model.train(training)
         return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1)}
 
-    def train_epoch(self, loader: Iterable) -> dict[str, float]:
-        """One pass over ``loader``; returns mean loss, mean KL and accuracy."""
+    def train_epoch(self, loader: Iterable, epoch: int = 0) -> dict[str, float]:
+        """One pass over ``loader``; returns mean loss, mean KL and accuracy.
+
+        Raises :class:`TrainingDiverged` (naming ``epoch`` and the step) if a loss or, at the
+        end, a parameter is not finite.
+        """
         sums = {"loss": 0.0, "kl": 0.0, "correct": 0, "n": 0}
         batches = 0
-        for inputs, targets in loader:
-            out = self.step(inputs, targets)
-            sums["loss"] += out["loss"]
-            sums["kl"] += out["kl"]
-            sums["correct"] += out["correct"]
-            sums["n"] += out["n"]
-            batches += 1
+        self._losses = _FiniteLosses(epoch)
+        try:
+            for inputs, targets in loader:
+                out = self.step(inputs, targets)
+                sums["loss"] += out["loss"]
+                sums["kl"] += out["kl"]
+                sums["correct"] += out["correct"]
+                sums["n"] += out["n"]
+                batches += 1
+            self._losses.check()
+        finally:
+            self._losses = None
+        _check_finite_parameters(self.model, epoch)
         return {
             "loss": sums["loss"] / max(batches, 1),
             "kl": sums["kl"] / max(batches, 1),
@@ -186,10 +255,14 @@ class Trainer:
         ``checkpoint``: a file written atomically after every epoch (model, optimizer,
         history, best state, random-number states, and ``generator``'s state, the one that
         shuffles the training data). If it exists, training resumes from it and ends with
-        the same result as an uninterrupted run.
+        the same result as an uninterrupted run. It holds tensors and plain containers only
+        and is read with ``weights_only=True``.
+
+        A non-finite loss, parameter or validation loss raises :class:`TrainingDiverged`
+        before that epoch's checkpoint is written.
         """
         if checkpoint is not None and Path(checkpoint).exists():
-            self._load(torch.load(checkpoint, map_location=self.device, weights_only=False), generator)
+            self._load(read_tensors(checkpoint, "a checkpoint written by bmrs training"), generator, checkpoint)
         total = epochs + finetune_epochs
         start = len(self.history) + 1
         bar = tqdm(range(start, total + 1), desc="epochs", initial=start - 1, total=total, disable=not self.progress, leave=False)
@@ -198,11 +271,13 @@ class Trainer:
             sampler = getattr(train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-            train = self.train_epoch(train_loader)
+            train = self.train_epoch(train_loader, epoch)
             phase = "train" if epoch <= epochs else "finetune"
             if phase == "train" and pruning is not None:
                 pruning(self.model, epoch)
             val = self.evaluate(val_loader)
+            if not math.isfinite(val["loss"]):
+                raise TrainingDiverged(f"training diverged: the validation loss is not finite after epoch {epoch}")
             record = EpochRecord(
                 epoch=epoch, phase=phase, train_loss=train["loss"], train_kl=train["kl"],
                 train_accuracy=train["accuracy"], val_loss=val["loss"], val_accuracy=val["accuracy"],
@@ -235,20 +310,24 @@ class Trainer:
             "best_val": self._best_val,
             "rng": {
                 "python": random.getstate(),
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_rng_state(),
                 "torch": torch.get_rng_state(),
                 "loader": generator.get_state() if generator is not None else None,
             },
         }
 
-    def _load(self, state: dict, generator: torch.Generator | None) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.history = [EpochRecord(**r) for r in state["history"]]
-        self.best_state, self.best_epoch, self._best_val = state["best_state"], state["best_epoch"], state["best_val"]
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if generator is not None and rng["loader"] is not None:
-            generator.set_state(rng["loader"])
+    def _load(self, state: dict, generator: torch.Generator | None, path="the checkpoint") -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.history = [EpochRecord(**r) for r in state["history"]]
+            self.best_state, self.best_epoch, self._best_val = state["best_state"], state["best_epoch"], float(state["best_val"])
+            rng = state["rng"]
+            random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in rng["python"]))
+            _set_numpy_rng_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if generator is not None and rng["loader"] is not None:
+                generator.set_state(rng["loader"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            detail = " ".join(str(err).split())[:200]
+            raise ValueError(f"{path} is not a checkpoint of this training ({type(err).__name__}: {detail})") from None

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import read_json, write_json
+from .._io import read_json, read_tensors, write_json
 from ..compaction import compact, count_flops, count_parameters, save_compact
 from ..gates import gates
 from ..pruning.criteria import CRITERIA, Criterion, criterion_class
@@ -256,17 +256,10 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
     return metrics
 
 
-def load_state_file(path: Path, *, weights_only: bool = True):
-    """``torch.load`` of a model file bmrs wrote; a clear ``ValueError`` for anything else."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
-        text = " ".join(str(err).split())
-        if "Weights only load failed" in text or "Unsupported operand" in text:
-            text = "it holds objects other than tensors and plain containers"
-        raise ValueError(f"{path} is not a model file written by bmrs ({text[:200]})") from None
+def load_state_file(path: Path):
+    """A model or checkpoint file bmrs wrote, read with ``weights_only=True`` (no code runs);
+    a one-line ``ValueError`` naming the file for anything else."""
+    return read_tensors(path, "a model file written by bmrs")
 
 
 def run_files(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -309,9 +302,7 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
     if data_dir is not None:
         config.data_dir = str(data_dir)
     if state_file.name == "checkpoint.pt":
-        # the trainer's checkpoint holds random-number states (NumPy objects) besides the
-        # weights: bmrs wrote it into the run directory, so it is unpickled in full
-        checkpoint = load_state_file(state_file, weights_only=False)
+        checkpoint = load_state_file(state_file)
         if not (isinstance(checkpoint, dict) and "model" in checkpoint):
             raise ValueError(f"{state_file} is not a checkpoint written by 'bmrs train'")
         state = checkpoint["model"]

@@ -1,0 +1,129 @@
+"""Hardening: what bmrs does with hostile files, diverging training, user files in the way,
+unusual grad modes and non-finite gates. Each test reproduces a case that once misbehaved."""
+
+import json
+import math
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+from bmrs.cli import main
+from bmrs.datasets import load_dataset
+from bmrs.models import build_model
+from bmrs.training import Trainer, TrainingDiverged, seed_everything
+
+TINY = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "2", "--finetune-epochs", "0",
+        "--batch-size", "64", "--lr", "0.02", "--kl-reduction", "elbo", "--threads", "1", "--no-progress"]
+
+
+class _Touch:
+    """Unpickling this object would create ``path``: proof that code ran."""
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.path,))
+
+
+def one_line_error(capsys, status, code=2):
+    err = capsys.readouterr().err
+    assert status == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bmrs: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hardening") / "run"
+    assert main(["train", *TINY, "--method", "bmrs-n-code", "--out", str(out)]) == 0
+    return out
+
+
+def copy_run(run, dest):
+    shutil.copytree(run, dest)
+    return dest
+
+
+# --- 1. no code runs from a checkpoint --------------------------------------------------------------
+
+
+def test_checkpoints_hold_only_tensors_and_plain_containers(run):
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert set(state) >= {"model", "optimizer", "history", "rng"}
+    assert torch.load(run / "model.pt", weights_only=True)
+
+
+def test_a_crafted_checkpoint_runs_no_code(run, tmp_path, capsys):
+    victim = copy_run(run, tmp_path / "victim")
+    marker = tmp_path / "code-ran"
+    torch.save({"model": _Touch(marker)}, victim / "checkpoint.pt")
+    (victim / "metrics.json").unlink()  # an unfinished run, so --resume reads the checkpoint
+    for argv in (["info", victim / "checkpoint.pt"], ["compact", victim / "checkpoint.pt", "--out", tmp_path / "c.pt"],
+                 ["sweep", "--run", victim / "checkpoint.pt", "--out", tmp_path / "s", "--no-progress"],
+                 ["train", *TINY, "--method", "bmrs-n-code", "--resume", "--out", victim]):
+        line = one_line_error(capsys, main([str(a) for a in argv]))
+        assert str(victim / "checkpoint.pt") in line, line
+        assert not marker.exists(), argv
+    torch.save(_Touch(marker), victim / "model.pt")
+    line = one_line_error(capsys, main(["info", str(victim / "model.pt")]))
+    assert str(victim / "model.pt") in line and not marker.exists()
+
+
+# --- 3. divergence stops training ---------------------------------------------------------------------
+
+
+class _PoisonedLoader:
+    """Batches of a data set; from epoch ``poison_epoch`` on, batch ``poison_step`` holds NaN."""
+
+    def __init__(self, dataset, poison_epoch, poison_step):
+        self.x, self.y = dataset.tensors
+        self.epoch, self.poison_epoch, self.poison_step = 0, poison_epoch, poison_step
+
+    def __iter__(self):
+        self.epoch += 1
+        for step, start in enumerate(range(0, 320, 64), 1):
+            x = self.x[start:start + 64].clone()
+            if self.epoch >= self.poison_epoch and step == self.poison_step:
+                x[0, 0] = math.nan
+            yield x, self.y[start:start + 64]
+
+
+def test_a_non_finite_loss_stops_training_before_the_checkpoint(tmp_path):
+    seed_everything(0)
+    data = load_dataset("digits", seed=0)
+    model = build_model("mlp", data.input_shape, data.num_classes, width=16)
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), 1e-3), progress=False)
+    checkpoint = tmp_path / "checkpoint.pt"
+    val = torch.utils.data.DataLoader(data.val, batch_size=500)
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 3"):
+        trainer.fit(_PoisonedLoader(data.train, 2, 3), val, 3, checkpoint=checkpoint)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert len(saved["history"]) == 1  # the last good epoch
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_a_diverging_run_exits_3_and_writes_no_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    line = one_line_error(capsys, main(["train", *TINY, "--method", "none", "--lr", "1e300", "--out", str(out)]), 3)
+    assert "diverged" in line and "epoch 1, step" in line
+    assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "inf"), ("--lr", "nan"), ("--threshold", "nan")])
+def test_non_finite_options_are_refused(flag, value, tmp_path, capsys):
+    method = ["--method", "snr"] if flag == "--threshold" else ["--method", "none"]
+    line = one_line_error(capsys, main(["train", *TINY, *method, flag, value, "--out", str(tmp_path / "r")]))
+    assert flag in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_json_files_are_strict(tmp_path):
+    from bmrs._io import write_json
+
+    with pytest.raises(ValueError, match="x.json"):
+        write_json({"loss": math.nan}, tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
