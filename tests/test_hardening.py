@@ -127,3 +127,31 @@ def test_json_files_are_strict(tmp_path):
     with pytest.raises(ValueError, match="x.json"):
         write_json({"loss": math.nan}, tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
+
+
+# --- 2. no code runs from a CIFAR-10 batch ---------------------------------------------------------
+
+
+def test_a_crafted_cifar_batch_runs_no_code(tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+
+    from bmrs.datasets import load_cifar10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "code-ran"
+    for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"):
+        batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    assert len(load_cifar10(tmp_path, val_fraction=0.0, download=False).train) == 10  # plain batches load
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": _Touch(marker), b"labels": [1, 2]}, f, protocol=2)
+    with pytest.raises(ValueError, match="data_batch_3") as info:
+        load_cifar10(tmp_path, val_fraction=0.0, download=False)
+    assert "\n" not in str(info.value) and not marker.exists()
+    line = one_line_error(capsys, main(["train", *TINY[2:], "--dataset", "cifar10", "--model", "mlp", "--method", "none",
+                                        "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]))
+    assert "data_batch_3" in line and not marker.exists()

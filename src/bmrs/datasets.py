@@ -426,14 +426,41 @@ def _read_idx_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     return x[:, None], y
 
 
+# What a CIFAR-10 python batch needs besides dicts, lists, bytes, str and numbers: NumPy
+# arrays and scalars (rebuilt from a dtype and raw bytes) and, in protocol 2 pickles written
+# by Python 3, bytes spelled as _codecs.encode(text, "latin1"). Nothing else is looked up.
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles plain data and NumPy arrays only: any other class or function is refused
+    before it is looked up, so no code from the file runs."""
+
+    def find_class(self, module, name):
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
     try:
-        x = np.asarray(batch[b"data"], dtype=np.uint8)
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+    except OSError:
+        raise
+    except Exception as exc:  # a crafted or corrupt file: any failure of the unpickler
+        detail = " ".join(str(exc).split())[:200]
+        raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}: {detail})") from None
+    try:
+        if not isinstance(batch[b"data"], np.ndarray) or batch[b"data"].dtype != np.uint8:
+            raise TypeError("data is not a uint8 array")
+        x = batch[b"data"]
         y = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a CIFAR-10 batch (needs b'data' and b'labels')") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a CIFAR-10 batch (needs b'data', uint8 images, and b'labels': {exc})") from None
     if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
         raise ValueError(f"{path}: expected data (N, 3072) and N labels, got {x.shape} and {y.shape}")
     return x.reshape(-1, 3, 32, 32), y
