@@ -155,3 +155,42 @@ def test_a_crafted_cifar_batch_runs_no_code(tmp_path, capsys):
     line = one_line_error(capsys, main(["train", *TINY[2:], "--dataset", "cifar10", "--model", "mlp", "--method", "none",
                                         "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]))
     assert "data_batch_3" in line and not marker.exists()
+
+
+# --- 4. nothing a user owns is overwritten -------------------------------------------------------
+
+
+def test_compact_never_replaces_an_input_or_an_existing_file(run, tmp_path, capsys):
+    victim = copy_run(run, tmp_path / "victim")
+    before = {p.name: p.read_bytes() for p in victim.iterdir()}
+    for target in ("model.pt", "config.json", "metrics.json", "checkpoint.pt"):
+        line = one_line_error(capsys, main(["compact", str(victim), "--out", str(victim / target), "--force"]))
+        assert "file of the run" in line
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"user data")
+    line = one_line_error(capsys, main(["compact", str(victim), "--out", str(mine)]))
+    assert "--force" in line and mine.read_bytes() == b"user data"
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
+    assert main(["compact", str(victim), "--out", str(mine), "--force"]) == 0
+    assert mine.read_bytes() != b"user data"
+
+
+def test_train_never_replaces_files_of_no_run_in_progress(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in ("model.pt", "config.json"):
+        (out / name).write_text("user data")
+    line = one_line_error(capsys, main(["train", *TINY, "--method", "none", "--out", str(out)]))
+    assert "--force" in line and "model.pt" in line
+    assert all((out / name).read_text() == "user data" for name in ("model.pt", "config.json"))
+    assert main(["train", *TINY, "--method", "none", "--force", "--out", str(out)]) == 0
+    assert (out / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("command", [["train", *TINY, "--method", "none"], ["sweep", "--run", "x"], ["report", "x"],
+                                     ["compact", "x"], ["reproduce", "quick"]])
+def test_an_empty_out_is_refused(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(capsys, main([*command, "--out", ""]))
+    assert "--out" in line
+    assert list(tmp_path.iterdir()) == []

@@ -110,6 +110,16 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def _out_path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
+# The files 'bmrs train' writes into a run directory.
+_RUN_FILES = ("config.json", "checkpoint.pt", "model.pt", "compact.pt", "metrics.json")
+
+
 def _percent(x: float) -> str:
     return f"{100 * x:.2f} %"
 
@@ -210,10 +220,21 @@ def cmd_train(args) -> int:
     started = (out / "checkpoint.pt").is_file()
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
+    if args.force and args.resume:
+        raise CLIError("give --resume or --force, not both")
+    if args.force:
+        # start afresh: no file of the earlier run is left to be mistaken for the new one's
+        for name in _RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        complete = started = False
     if complete and not args.resume:
         raise CLIError(f"{out} already holds a complete run; pass --resume to report it, or choose another --out")
     if started and not complete and not args.resume:
         raise CLIError(f"{out} holds an unfinished run (checkpoint.pt); pass --resume to continue it, or choose another --out")
+    foreign = [name for name in _RUN_FILES if (out / name).exists()] if not started else []
+    if foreign and not args.force:
+        raise CLIError(f"{out} already holds {', '.join(foreign)} of no run in progress; choose another --out, "
+                       "or pass --force to replace them")
     if complete or started:
         previous = read_json(out / "config.json") if (out / "config.json").is_file() else {}
         differing = _differences(previous, asdict(config.resolved()))
@@ -271,8 +292,9 @@ def cmd_sweep(args) -> int:
     if bad:
         raise CLIError(f"--levels must lie in [0, 1], got {', '.join(f'{v:g}' for v in bad)}")
     out = Path(args.out)
-    if (out / "sweep.json").exists() and not args.force:
-        raise CLIError(f"{out} already holds a sweep; pass --force to replace it, or choose another --out")
+    existing = [name for name in ("sweep.json", "sweep.csv") if (out / name).exists()]
+    if existing and not args.force:
+        raise CLIError(f"{out} already holds {' and '.join(existing)}; pass --force to replace them, or choose another --out")
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
     result = sweep_run(
@@ -357,6 +379,14 @@ def cmd_compact(args) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'compact.pt'}")
+    from .experiments.runs import run_files
+
+    run_dir, state_file = run_files(Path(args.checkpoint))
+    inputs = [state_file, *(run_dir / name for name in _RUN_FILES if name != "compact.pt")]
+    if out.exists() and any(p.exists() and os.path.samefile(out, p) for p in inputs):
+        raise CLIError(f"--out {out} is a file of the run being compacted; choose another --out")
+    if out.exists() and not args.force:
+        raise CLIError(f"--out {out} exists; pass --force to replace it, or choose another --out")
     _, model, architecture, example, _ = _load_run_model(Path(args.checkpoint), args.data_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -512,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/model.pt (gated state dict of the best validation epoch), OUT/compact.pt (the compacted network) and\n"
         "OUT/metrics.json (written last: accuracy, compression, kept structures, sizes).\n\n"
         "An OUT holding a complete run is never overwritten: with --resume it is only reported.\n"
+        "An OUT holding any of these files without a run to resume is refused unless --force.\n"
         "An interrupted run continues from its checkpoint with --resume (same options) and ends\n"
         "with the same results as an uninterrupted one.",
         epilog="example: bmrs train --dataset digits --model mlp --method bmrs-n-code --width 64 \\\n"
@@ -545,7 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patch-size", type=int, default=None, help="vit: patch size")
     p.add_argument("--data-dir", default=None, help="directory searched first for the data files")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT, or report a complete one")
-    p.add_argument("--out", metavar="RUN_DIR", required=True, help="run directory to write")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run in OUT even if it holds another run's files (config.json, checkpoint.pt, "
+                   "model.pt, compact.pt, metrics.json): they are deleted first")
+    p.add_argument("--out", metavar="RUN_DIR", type=_out_path, required=True, help="run directory to write")
     p.set_defaults(func=cmd_train)
 
     # sweep ---------------------------------------------------------------------------------
@@ -568,8 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after each pruning (masks fixed)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="split the accuracy is measured on")
     p.add_argument("--data-dir", default=None, help="data directory (default: the run's)")
-    p.add_argument("--force", action="store_true", help="replace an existing sweep in OUT")
-    p.add_argument("--out", metavar="DIR", required=True, help="directory to write sweep.json and sweep.csv into")
+    p.add_argument("--force", action="store_true", help="replace an existing sweep.json and sweep.csv in OUT")
+    p.add_argument("--out", metavar="DIR", type=_out_path, required=True, help="directory to write sweep.json and sweep.csv into")
     p.set_defaults(func=cmd_sweep)
 
     # report --------------------------------------------------------------------------------
@@ -591,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: bmrs report runs/quick --out runs/quick/report",
     )
     p.add_argument("paths", nargs="+", metavar="DIR", help="run, sweep or suite directories")
-    p.add_argument("--out", metavar="DIR", required=True, help="report directory")
+    p.add_argument("--out", metavar="DIR", type=_out_path, required=True, help="report directory")
     p.add_argument("--paper", metavar="DATASET", default=None,
                    help="also compare with the paper's published numbers for DATASET (fashion-mnist or mnist): "
                    "comparison.md, comparison.json and paper-fmnist.json (paper-mnist.json)")
@@ -610,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="run directory, model.pt or checkpoint.pt")
     p.add_argument("--data-dir", default=None, help="data directory, if the data set must be read (default: the run's)")
-    p.add_argument("--out", metavar="FILE", required=True, help="file to write")
+    p.add_argument("--out", metavar="FILE", type=_out_path, required=True, help="file to write")
+    p.add_argument("--force", action="store_true", help="replace an existing FILE (never one of the run's own files)")
     p.set_defaults(func=cmd_compact)
 
     # info ----------------------------------------------------------------------------------
@@ -643,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_suites_epilog() + "\n\nexample: bmrs reproduce quick --out runs/quick --jobs 2",
     )
     p.add_argument("suite", choices=tuple(SUITES), metavar="SUITE", help=f"one of {', '.join(SUITES)}")
-    p.add_argument("--out", metavar="DIR", required=True, help="suite directory")
+    p.add_argument("--out", metavar="DIR", type=_out_path, required=True, help="suite directory")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the suite's)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.set_defaults(func=cmd_reproduce)
