@@ -194,3 +194,29 @@ def test_an_empty_out_is_refused(command, tmp_path, capsys, monkeypatch):
     line = one_line_error(capsys, main([*command, "--out", ""]))
     assert "--out" in line
     assert list(tmp_path.iterdir()) == []
+
+
+# --- 5. compact and attach_gates in the caller's grad mode -------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_attach_gates_and_compact_work_in_no_grad_and_inference_mode(mode):
+    import bmrs
+    from bmrs.compaction import compact
+
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3))
+    with context():
+        x = torch.randn(4, 6)
+        bmrs.attach_gates(model, x)
+        assert torch.is_grad_enabled() is False and torch.is_inference_mode_enabled() is (mode == "inference_mode")
+    for gate in bmrs.gates(model).values():
+        gate.mask[::2] = 0
+        assert not gate.loc.is_inference() and gate.loc.requires_grad
+    with context():
+        small = compact(model.eval(), x)
+        assert torch.is_grad_enabled() is False and torch.is_inference_mode_enabled() is (mode == "inference_mode")
+        torch.testing.assert_close(small(x), model(x))
+    assert small[0].out_features == 4

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .adapters import find_adapter, remove_input_groups
 from .math import fast
 from .math.distributions import LogUniform, TruncatedLogNormal
-from .structure import GateLayout, couple, find_sites
+from .structure import GateLayout, couple, find_sites, traces
 
 __all__ = ["NoiseGate", "attach_gates", "detach_gates", "gates", "gate_layout", "model_kl"]
 
@@ -156,6 +156,7 @@ class NoiseGate(nn.Module):
         return cached[1]
 
 
+@traces
 def attach_gates(
     model: nn.Module,
     example_input,

@@ -15,6 +15,7 @@ one gate over its heads, coupled to nothing.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -125,6 +126,30 @@ class Call:
     in_fns: list  # grad_fns of its tensor inputs, as they were when it was called
     out_fn: object = None
     out_shape: tuple = ()
+
+
+def traces(fn):
+    """Run ``fn(model, example_input, ...)`` with autograd on and inference mode off, as tracing
+    needs (it follows ``grad_fn``s, and so does Torch-Pruning's dependency graph), so that it
+    works when called inside ``torch.no_grad()`` or ``torch.inference_mode()``. Inference-mode
+    tensors of ``example_input`` (a tensor, tuple or dict) are cloned into normal ones; the
+    caller's modes are restored."""
+
+    def normal(x):
+        return x.clone() if isinstance(x, Tensor) and x.is_inference() else x
+
+    @functools.wraps(fn)
+    def wrapper(model, example_input, *args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            if isinstance(example_input, dict):
+                example_input = {k: normal(x) for k, x in example_input.items()}
+            elif isinstance(example_input, Tensor):
+                example_input = normal(example_input)
+            else:
+                example_input = tuple(normal(x) for x in example_input)
+            return fn(model, example_input, *args, **kwargs)
+
+    return wrapper
 
 
 def _as_inputs(example_input) -> tuple | dict:

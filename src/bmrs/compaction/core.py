@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..adapters import find_adapter
 from ..attention import compact_attention
 from ..gates import detach_gates, gate_layout, gates
-from ..structure import Call, Family, GateSite, build_dependency_graph, call_model, output_tensors, trace
+from ..structure import Call, Family, GateSite, build_dependency_graph, call_model, output_tensors, trace, traces
 
 __all__ = ["compact"]
 
@@ -39,6 +39,7 @@ _COMMUTING_FNS = {
 }
 
 
+@traces
 def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module:
     """A plain, physically smaller copy of a gated model, with the same eval-mode outputs.
 
