@@ -220,3 +220,34 @@ def test_attach_gates_and_compact_work_in_no_grad_and_inference_mode(mode):
         assert torch.is_grad_enabled() is False and torch.is_inference_mode_enabled() is (mode == "inference_mode")
         torch.testing.assert_close(small(x), model(x))
     assert small[0].out_features == 4
+
+
+# --- 6. a masked structure contributes exactly zero -------------------------------------------------
+
+
+def test_a_masked_structure_with_a_nan_posterior_contributes_zero():
+    import bmrs
+    from bmrs.compaction import compact
+    from bmrs.pruning import make_criterion, prune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x = torch.randn(5, 6)
+    bmrs.attach_gates(model, x)
+    gate = bmrs.gates(model)["1"]
+    gate.mask[[1, 4]] = 0
+    model.eval()
+    with torch.no_grad():
+        clean = model(x)
+        gate.loc[1], gate.log_scale[4] = math.nan, math.inf
+        assert torch.equal(model(x), clean)
+        model.train()
+        assert torch.isfinite(model(x)).all()
+        model.eval()
+    torch.testing.assert_close(compact(model, x)(x), clean)
+    with torch.no_grad():
+        gate.loc[2] = math.nan  # an unmasked structure
+    with pytest.raises(ValueError, match=r"non-finite gate parameters .* 1 \(structures 2\)"):
+        compact(model, x)
+    with pytest.raises(ValueError, match=r"1 \(structures 2\)"):
+        prune(model, make_criterion("bmrs-n"))

@@ -14,7 +14,7 @@ from .math import fast
 from .math.distributions import LogUniform, TruncatedLogNormal
 from .structure import GateLayout, couple, find_sites, traces
 
-__all__ = ["NoiseGate", "attach_gates", "detach_gates", "gates", "gate_layout", "model_kl"]
+__all__ = ["NoiseGate", "attach_gates", "check_finite_gates", "detach_gates", "gates", "gate_layout", "model_kl"]
 
 GATE_ATTR = "bmrs_gate"
 _LAYOUT_ATTR = "_bmrs_layout"
@@ -111,8 +111,11 @@ class NoiseGate(nn.Module):
         return self.posterior().rsample((batch,))
 
     def expected_gate(self) -> Tensor:
-        """What the gate multiplies by in evaluation: ``E[theta] * mask``, shape ``(C,)``."""
-        return self.posterior().mean * self.mask
+        """What the gate multiplies by in evaluation: ``E[theta] * mask``, shape ``(C,)``.
+
+        A masked structure gives exactly 0, whatever its posterior (even NaN).
+        """
+        return _masked(self.posterior().mean, self.mask)
 
     def _broadcast_shape(self, x: Tensor, batch: int) -> list[int]:
         dim = self.dim % x.dim()
@@ -132,7 +135,7 @@ class NoiseGate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            theta = self.sample(x.shape[0]) * self.mask  # (N, C)
+            theta = _masked(self.sample(x.shape[0]), self.mask)  # (N, C)
             return x * theta.to(x.dtype).reshape(self._broadcast_shape(x, x.shape[0]))
         return x * self._eval_gate().to(x.dtype).reshape(self._broadcast_shape(x, 1))
 
@@ -154,6 +157,27 @@ class NoiseGate(nn.Module):
                 cached = (key, self.expected_gate())
             self._eval_cache = cached
         return cached[1]
+
+
+def _masked(theta: Tensor, mask: Tensor) -> Tensor:
+    """``theta`` where the mask keeps a structure, exactly 0 elsewhere (not ``theta * 0``,
+    which is NaN for a NaN or infinite theta)."""
+    return torch.where(mask > 0, theta, torch.zeros((), dtype=theta.dtype, device=theta.device))
+
+
+def check_finite_gates(model: nn.Module, *, masked: bool = False) -> None:
+    """Raise ``ValueError`` naming every gate whose posterior parameters are NaN or infinite
+    at an unmasked structure (at any structure with ``masked=True``)."""
+    bad = []
+    for name, gate in gates(model).items():
+        broken = ~(torch.isfinite(gate.loc) & torch.isfinite(gate.log_scale))
+        if not masked:
+            broken &= gate.mask > 0
+        if bool(broken.any()):
+            where = broken.nonzero().flatten().tolist()
+            bad.append(f"{name} (structures {', '.join(map(str, where[:5]))}{', ...' if len(where) > 5 else ''})")
+    if bad:
+        raise ValueError(f"non-finite gate parameters (loc or log_scale) in {'; '.join(bad)}")
 
 
 @traces

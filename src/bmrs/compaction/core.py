@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..adapters import find_adapter
 from ..attention import compact_attention
-from ..gates import detach_gates, gate_layout, gates
+from ..gates import check_finite_gates, detach_gates, gate_layout, gates
 from ..structure import Call, Family, GateSite, build_dependency_graph, call_model, output_tensors, trace, traces
 
 __all__ = ["compact"]
@@ -89,6 +89,7 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
     adapter = find_adapter(model)
     for site in layout.sites.values():
         _check_supported(site, adapter)
+    check_finite_gates(model)
     net = copy.deepcopy(model).eval()
     with torch.no_grad():
         reference = call_model(net, example_input) if check else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..gates import gate_layout, gates
+from ..gates import check_finite_gates, gate_layout, gates
 from .criteria import Criterion
 
 __all__ = [
@@ -51,6 +51,7 @@ def decide(
     if target_kind not in ("structures", "params"):
         raise ValueError(f"target_kind must be 'structures' or 'params', got {target_kind!r}")
     layout = gate_layout(model)
+    check_finite_gates(model, masked=not keep_pruned)
     family_scores = _family_scores(model, criterion)
     current = _current_masks(model)
     already = [
