@@ -29,17 +29,29 @@ def _file_mode() -> int:
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(temporary_path)``, give the file the usual permissions and rename it to
-    ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
+    ``path``; on any failure the temporary file is removed and ``path`` is untouched.
+
+    A failure to write (a full disk, a read-only directory, a name too long) raises
+    ``OSError`` whose message names ``path``: ``torch.save`` reports a full disk as a
+    ``RuntimeError`` about stream positions, which is turned into one too.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
+        if isinstance(err, RuntimeError) and ("unexpected pos" in str(err) or "write" in str(err).lower()):
+            detail = " ".join(str(err).split())[:160]
+            raise OSError(f"cannot write {path} (is the disk full?): {detail}") from None
         raise
 
 
