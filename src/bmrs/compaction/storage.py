@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .._io import write_atomic
+from .._io import read_tensors, write_atomic
 from ..adapters import find_adapter, integration_of
 from ..attention import CompactMultiheadAttention, MultiheadSelfAttention, compact_attention
 from ..gates import gates
@@ -29,6 +30,13 @@ _WIDTHS = (
     (CompactMultiheadAttention, ("num_heads", "head_dim")),
 )
 _ARCHITECTURE_KEYS = {"name", "input_shape", "num_classes", "options"}
+# An example input of more elements than this is refused (FLOP counts allocate one example).
+_MAX_INPUT_ELEMENTS = 2**26
+# load_compact builds the full-width network only if it is at most this many times the size
+# of the weights in the file, or at most _SKELETON_MIN_BYTES (a crafted file cannot make it
+# allocate terabytes).
+_SKELETON_FACTOR = 1000
+_SKELETON_MIN_BYTES = 2**30
 
 #: Builders that :func:`load_compact` can rebuild an architecture from, by name:
 #: ``builder(input_shape, num_classes, **options) -> nn.Module``. The bundled models of
@@ -84,30 +92,90 @@ def load_compact(path, *, model: nn.Module | None = None) -> nn.Module:
     of ``model``), every parameter and buffer is replaced by an empty tensor of the saved
     shape and dtype, the recorded widths are written into the layers' attributes, and the
     weights are loaded with ``torch.load(weights_only=True)`` and a strict ``load_state_dict``.
+    The recorded widths must be those of the saved weights, and a full-width architecture out
+    of proportion to the file (measured on the meta device first) is refused: metadata alone
+    never makes it allocate memory. Errors are ``ValueError`` naming the file.
 
     Args:
         path: a file from :func:`save_compact`.
         model: an unpruned plain instance of the architecture, for models saved without
             ``architecture`` (user models); it is not modified.
     """
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = read_tensors(path, "a file written by bmrs.compaction.save_compact")
     if not isinstance(data, dict) or "metadata" not in data or "state_dict" not in data:
         raise ValueError(f"{path} is not a file written by bmrs.compaction.save_compact")
-    metadata = json.loads(data["metadata"])
-    if metadata.get("format") != _FORMAT or metadata.get("version") != _VERSION:
-        raise ValueError(f"{path}: unsupported format {metadata.get('format')!r} version {metadata.get('version')!r}")
+    metadata, state = _check_contents(path, data)
     if model is not None:
         if gates(model):
             raise ValueError("load_compact needs a plain model; pass the architecture without gates")
         net = copy.deepcopy(model)
     elif metadata["architecture"] is not None:
-        arch = _check_architecture(metadata["architecture"])
-        net = ARCHITECTURES[arch["name"]](arch["input_shape"], arch["num_classes"], **arch["options"])
+        arch = _check_architecture(metadata["architecture"], path)
+        net = _build_skeleton(ARCHITECTURES[arch["name"]], arch, state, path)
     else:
         raise ValueError(f"{path} was saved without an architecture: pass model=<an unpruned instance of it>")
-    _resize(net, data["state_dict"], metadata["layers"])
-    net.load_state_dict(data["state_dict"], strict=True)
+    try:
+        _resize(net, state, metadata["layers"])
+        net.load_state_dict(state, strict=True)
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path} does not fit its architecture: {' '.join(str(err).split())[:300]}") from None
     return net.eval()
+
+
+def _build_skeleton(builder: Callable[..., nn.Module], arch: dict, state: dict, path) -> nn.Module:
+    """The full-width network the file's weights are loaded into, refused without allocating
+    anything when it would be more than ``_SKELETON_FACTOR`` times (and over
+    ``_SKELETON_MIN_BYTES``) the size of the weights the file holds: its size is first
+    measured on the meta device. A builder that cannot run on the meta device is not measured."""
+    args = (arch["input_shape"], arch["num_classes"])
+    try:
+        with torch.device("meta"):
+            probe = builder(*args, **arch["options"])
+        size = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+    except Exception:  # the probe is only a measurement: any failure leaves it unmeasured
+        size = None
+    saved = sum(t.numel() * t.element_size() for t in state.values())
+    if size is not None and size > max(_SKELETON_MIN_BYTES, _SKELETON_FACTOR * saved):
+        raise ValueError(f"{path}: its architecture ({json.dumps(arch['options'])[:100]}) asks for a network of "
+                         f"{size / 2**20:,.0f} MiB, out of proportion to the {saved / 2**20:,.2f} MiB of weights "
+                         "the file holds; refusing to build it")
+    return builder(*args, **arch["options"])
+
+
+def _check_contents(path, data: dict) -> tuple[dict, dict]:
+    """The metadata and state dict of a save_compact file, checked against each other: every
+    recorded layer's widths are those of its saved weight (so nothing sized by the metadata
+    alone is ever allocated)."""
+    state = data["state_dict"]
+    try:
+        metadata = json.loads(data["metadata"])
+        if metadata.get("format") != _FORMAT or metadata.get("version") != _VERSION:
+            raise ValueError(f"unsupported format {metadata.get('format')!r} version {metadata.get('version')!r}")
+        layers = metadata["layers"]
+        if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in state.items())):
+            raise ValueError("its state_dict is not a dict of tensors")
+        for name, widths in layers.items():
+            weight = state.get(f"{name}.weight" if name else "weight")
+            if not isinstance(widths, dict) or not isinstance(widths.get("type"), str):
+                raise ValueError(f"layer {name!r} has no type")
+            expected = _expected_widths(widths, weight)
+            for attr, size in expected.items():
+                if widths.get(attr) != size:
+                    raise ValueError(f"layer {name!r}: {attr} {widths.get(attr)!r} but its weight has {size}")
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise ValueError(f"{path}: {' '.join(str(err).split())[:300]}") from None
+    return metadata, state
+
+
+def _expected_widths(widths: dict, weight) -> dict:
+    """The widths a layer's saved weight implies (Linear and Conv; others are not checked)."""
+    if weight is None or weight.dim() < 2:
+        return {}
+    if widths["type"] == "Linear":
+        return {"out_features": int(weight.shape[0]), "in_features": int(weight.shape[1])}
+    if widths["type"] in ("Conv1d", "Conv2d", "Conv3d"):
+        return {"out_channels": int(weight.shape[0])}
+    return {}
 
 
 def _resize(net: nn.Module, state: dict, layers: dict) -> None:
@@ -154,10 +222,15 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _check_architecture(architecture: dict) -> dict:
+def _check_architecture(architecture: dict, path=None) -> dict:
+    where = f"{path}: " if path is not None else ""
+    if not isinstance(architecture, dict):
+        raise ValueError(f"{where}architecture must be a dict with keys {sorted(_ARCHITECTURE_KEYS)}")
     missing = _ARCHITECTURE_KEYS - set(architecture)
     if missing:
-        raise ValueError(f"architecture lacks {sorted(missing)}; expected keys {sorted(_ARCHITECTURE_KEYS)}")
+        raise ValueError(f"{where}architecture lacks {sorted(missing)}; expected keys {sorted(_ARCHITECTURE_KEYS)}")
+    if not isinstance(architecture["name"], str):
+        raise ValueError(f"{where}architecture name must be a string, got {architecture['name']!r}")
     if architecture["name"] not in ARCHITECTURES:
         integration_of(str(architecture["name"]))  # an optional integration registers its own
     if architecture["name"] not in ARCHITECTURES:
@@ -165,6 +238,14 @@ def _check_architecture(architecture: dict) -> dict:
             f"architecture {architecture['name']!r} is not registered (known: {', '.join(ARCHITECTURES) or 'none'}); "
             f"see bmrs.compaction.register_architecture"
         )
+    shape, classes = architecture.get("input_shape"), architecture.get("num_classes")
+    if not (isinstance(shape, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+            and isinstance(classes, int) and not isinstance(classes, bool) and classes >= 0
+            and isinstance(architecture.get("options"), dict)):
+        raise ValueError(f"{where}architecture needs input_shape (positive integers), num_classes (an integer) "
+                         f"and options (a dict), got {json.dumps(architecture, default=str)[:200]}")
+    if math.prod(shape) > _MAX_INPUT_ELEMENTS:
+        raise ValueError(f"{where}input_shape {shape} has more than {_MAX_INPUT_ELEMENTS} elements per example")
     try:
         return json.loads(json.dumps(architecture))
     except TypeError as err:
