@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import math
 import os
 import pickle
 import tarfile
@@ -406,7 +407,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: truncated IDX header")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_TYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python integers: no overflow
     if len(raw) - header != expected:
         raise ValueError(
             f"{path}: the header announces shape {shape} ({expected} bytes of data) "
@@ -418,11 +419,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 def _read_idx_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     x, y = read_idx(images), read_idx(labels)
-    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or 0 in x.shape[1:]:
         raise ValueError(
             f"{images} and {labels}: expected images (N, H, W) and labels (N,), "
             f"got shapes {x.shape} and {y.shape}"
         )
+    for path, array in ((images, x), (labels, y)):
+        if array.dtype != np.uint8:
+            raise ValueError(f"{path}: expected unsigned bytes (IDX type 0x08), got {array.dtype}")
     return x[:, None], y
 
 
@@ -589,6 +593,9 @@ def _load_idx_dataset(name, data_dir, seed, val_fraction, image_size, download) 
     train_images, train_labels, test_images, test_labels = _locate(name, data_dir, download)
     train_x, train_y = _read_idx_pair(train_images, train_labels)
     test_x, test_y = _read_idx_pair(test_images, test_labels)
+    for images, x in ((train_images, train_x), (test_images, test_x)):
+        if len(x) == 0:
+            raise ValueError(f"{images}: holds no images")
     return _make_splits(
         name,
         train_x,
