@@ -251,3 +251,130 @@ def test_a_masked_structure_with_a_nan_posterior_contributes_zero():
         compact(model, x)
     with pytest.raises(ValueError, match=r"1 \(structures 2\)"):
         prune(model, make_criterion("bmrs-n"))
+
+
+# --- 7 and 8. damaged, foreign and nonsensical inputs: one line, exit 2 -------------------------
+
+
+def test_damaged_or_foreign_checkpoints_on_resume(run, tmp_path, capsys):
+    good = (run / "checkpoint.pt").read_bytes()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    damaged = {
+        "truncated": lambda p: p.write_bytes(good[: len(good) // 2]),
+        "empty": lambda p: p.write_bytes(b""),
+        "garbage": lambda p: p.write_bytes(bytes(range(256)) * 8),
+        "foreign": lambda p: torch.save({"weights": torch.zeros(3)}, p),
+        "a list": lambda p: torch.save([1, 2, 3], p),
+        "wrong history": lambda p: torch.save({**state, "history": "none"}, p),
+        "wrong rng": lambda p: torch.save({**state, "rng": {"python": 3}}, p),
+        "other model": lambda p: torch.save({**state, "model": {"w": torch.zeros(2)}}, p),
+    }
+    for case, damage in damaged.items():
+        victim = copy_run(run, tmp_path / case.replace(" ", "-"))
+        (victim / "metrics.json").unlink()
+        damage(victim / "checkpoint.pt")
+        line = one_line_error(capsys, main(["train", *TINY, "--method", "bmrs-n-code", "--resume", "--out", str(victim)]))
+        assert str(victim / "checkpoint.pt") in line, (case, line)
+
+
+def test_a_full_disk_leaves_no_file_and_says_which(run, tmp_path, capsys, monkeypatch):
+    import bmrs._io
+
+    def full_disk(obj, f, *args, **kwargs):
+        pathlib.Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "out"
+    out.mkdir()
+    line = one_line_error(capsys, main(["compact", str(run), "--out", str(out / "small.pt")]))
+    assert str(out / "small.pt") in line and "disk" in line
+    assert list(out.iterdir()) == []  # no temporary file left
+    monkeypatch.undo()
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", no_space)
+    with pytest.raises(OSError, match=r"cannot write .*x\.json: No space left on device"):
+        bmrs._io.write_json({}, out / "x.json")
+    assert list(out.iterdir()) == []
+
+
+def test_os_errors_name_the_file(run, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = one_line_error(capsys, main(["compact", str(run), "--out", str(blocker / "small.pt")]))
+    assert str(blocker) in line
+
+
+@pytest.mark.parametrize("file, key, value", [
+    ("config.json", "epochs", "ten"), ("config.json", "model_options", [1]), ("config.json", "seed", None),
+    ("metrics.json", "test_accuracy", "high"), ("metrics.json", "kept", [3]), ("metrics.json", "history", {}),
+])
+def test_run_files_with_values_of_the_wrong_kind(run, tmp_path, capsys, file, key, value):
+    victim = copy_run(run, tmp_path / "victim")
+    data = json.loads((victim / file).read_text())
+    data[key] = value
+    (victim / file).write_text(json.dumps(data))
+    commands = [["report", str(victim), "--out", str(tmp_path / "report")]]
+    commands.append(["info", str(victim / "model.pt")] if file == "config.json" else
+                    ["train", *TINY, "--method", "bmrs-n-code", "--resume", "--out", str(victim)])
+    for argv in commands:
+        line = one_line_error(capsys, main(argv))
+        assert str(victim / file) in line and key in line, (argv, line)
+
+
+def test_a_bit_flip_in_model_or_compact_files_is_detected(run, tmp_path, capsys):
+    victim = copy_run(run, tmp_path / "victim")
+    state = torch.load(victim / "model.pt", weights_only=True)
+    name = next(n for n, t in state.items() if n.endswith("weight"))
+    state[name].view(-1).view(torch.int32)[7] ^= 1 << 20  # one bit of one weight
+    torch.save(state, victim / "model.pt")
+    for argv in (["info", victim / "model.pt"], ["compact", victim, "--out", tmp_path / "c.pt"],
+                 ["sweep", "--run", victim, "--out", tmp_path / "s", "--no-progress"]):
+        line = one_line_error(capsys, main([str(a) for a in argv]))
+        assert f"{victim / 'model.pt'} is damaged" in line
+    packed = torch.load(victim / "compact.pt", weights_only=True)
+    packed["state_dict"][name].view(-1).view(torch.int32)[0] ^= 1
+    torch.save(packed, victim / "compact.pt")
+    line = one_line_error(capsys, main(["info", str(victim)]))
+    assert f"{victim / 'compact.pt'} is damaged" in line
+
+
+def test_compact_metadata_cannot_make_bmrs_allocate(run, tmp_path, capsys):
+    from bmrs.compaction import count_parameters, load_compact
+
+    packed = torch.load(run / "compact.pt", weights_only=True)
+    metadata = json.loads(packed["metadata"])
+    first = next(iter(metadata["layers"]))
+    lying = json.loads(packed["metadata"])
+    lying["layers"][first]["out_features"] = 10**6
+    torch.save({**packed, "metadata": json.dumps(lying)}, tmp_path / "lying.pt")
+    line = one_line_error(capsys, main(["info", str(tmp_path / "lying.pt")]))
+    assert str(tmp_path / "lying.pt") in line and "1000000" in line
+    huge = json.loads(packed["metadata"])
+    huge["architecture"]["options"]["width"] = 10**6  # the unpruned skeleton: 4 TB if it were allocated
+    torch.save({**packed, "metadata": json.dumps(huge)}, tmp_path / "huge.pt")
+    # the skeleton is built on the meta device and replaced by the file's tensors: nothing of
+    # its size is allocated, and the network loaded is the file's
+    assert count_parameters(load_compact(tmp_path / "huge.pt")) == count_parameters(load_compact(run / "compact.pt"))
+    wide_input = json.loads(packed["metadata"])
+    wide_input["architecture"]["input_shape"] = [10**9]
+    torch.save({**packed, "metadata": json.dumps(wide_input)}, tmp_path / "wide.pt")
+    line = one_line_error(capsys, main(["info", str(tmp_path / "wide.pt")]))
+    assert "wide.pt" in line and "input_shape" in line
+    assert count_parameters(load_compact(run / "compact.pt")) == sum(t.numel() for t in packed["state_dict"].values()
+                                                                     if t.is_floating_point())
+
+
+def test_an_idx_set_without_test_images_is_refused(tmp_path, capsys):
+    import numpy as np
+    from test_data import make_idx_set, write_idx
+
+    make_idx_set(tmp_path, gz=(False,) * 4)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8), False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8), False)
+    line = one_line_error(capsys, main(["train", *TINY[2:], "--dataset", "fashion-mnist", "--method", "none",
+                                        "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]))
+    assert str(tmp_path / "t10k-images-idx3-ubyte") in line and "no images" in line

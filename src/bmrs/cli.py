@@ -78,6 +78,10 @@ def _one_line(err: BaseException) -> str:
         text = f"unknown name {err.args[0]!r}"
     else:
         text = str(err) or type(err).__name__
+        # "[Errno 22] Invalid argument" and the like: say which file
+        name = getattr(err, "filename", None) if isinstance(err, OSError) else None
+        if name is not None and str(name) not in text:
+            text = f"{name}: {text}"
     return " ".join(text.split())
 
 
@@ -243,7 +247,9 @@ def cmd_train(args) -> int:
                            "repeat the original options with --resume, or choose another --out")
     if complete:
         _say(f"{out} is complete; nothing to train.")
-        _print_run_summary(out, read_json(out / "config.json"), read_json(out / "metrics.json"))
+        from .experiments.runs import load_metrics
+
+        _print_run_summary(out, read_json(out / "config.json"), load_metrics(out))
         return 0
     created = not out.exists()
     had_config = (out / "config.json").exists()
@@ -407,13 +413,20 @@ def _describe_compact(path: Path) -> dict:
 
     from .compaction import count_flops, count_parameters, load_compact
 
-    from .experiments.runs import load_state_file
+    from .experiments.runs import check_metrics, load_state_file, verify_checksum
 
     data = load_state_file(path)
     if not (isinstance(data, dict) and "metadata" in data and "state_dict" in data):
         raise CLIError(f"{path} is not a compacted model (written by 'bmrs compact' or save_compact)")
-    metadata = json.loads(data["metadata"])
-    layers = metadata.get("layers", {})
+    metrics_file = path.parent / "metrics.json"
+    if path.name == "compact.pt" and (path.parent / "config.json").is_file() and metrics_file.is_file():
+        recorded = check_metrics(read_json(metrics_file), metrics_file).get("checksums", {}).get("compact.pt")
+        verify_checksum(data["state_dict"], path, recorded)
+    try:
+        metadata = json.loads(data["metadata"])
+        layers = metadata.get("layers", {})
+    except (TypeError, ValueError, AttributeError):
+        raise CLIError(f"{path}: its metadata is not the JSON object save_compact writes") from None
     widths = {
         name: layer.get("out_features", layer.get("out_channels", layer.get("num_features")))
         for name, layer in layers.items()

@@ -9,6 +9,8 @@ complete). Every file is written atomically.
 
 from __future__ import annotations
 
+import hashlib
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,7 +30,7 @@ from ..training import Trainer, atomic_save, seed_everything
 
 __all__ = [
     "RunConfig", "methods", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",
-    "run_files", "load_state_file",
+    "run_files", "load_state_file", "check_metrics", "state_checksum", "verify_checksum",
     "model_architecture", "layer_widths", "compact_to_file",
 ]
 
@@ -41,6 +43,60 @@ def methods() -> tuple[str, ...]:
 # The paper's optimiser settings (MATH.md section 5); other models get the LeNet5 ones.
 _PAPER_SETTINGS = {"mlp": {"batch_size": 128, "lr": 1.5e-3}, "lenet5": {"batch_size": 32, "lr": 1.4e-3}}
 _DEFAULT_SETTINGS = {"batch_size": 64, "lr": 1e-3}
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+# Checks of the JSON values of RunConfig's field types.
+_TYPES = {
+    "str": lambda v: isinstance(v, str), "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": _real, "bool": lambda v: isinstance(v, bool), "dict": lambda v: isinstance(v, dict),
+    "None": lambda v: v is None,
+}
+# What metrics.json must hold, and of what kind, for bmrs to read it.
+_METRICS = {
+    "test_accuracy": _real, "test_loss": _real, "val_accuracy": _real, "structure_compression": _real,
+    "parameter_compression": _real, "train_seconds": _real,
+    "kept": lambda v: isinstance(v, dict) and all(_TYPES["int"](k) for k in v.values()),
+    "structures": lambda v: isinstance(v, dict) and all(_TYPES["int"](k) for k in v.values()),
+    "best_epoch": lambda v: v is None or _TYPES["int"](v),
+    "history": lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+    "compaction": lambda v: isinstance(v, dict),
+    "checksums": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v.values()),
+}
+
+
+def check_metrics(data: dict, source) -> dict:
+    """``data`` if it has the keys and kinds of values of a run's ``metrics.json``; else a
+    ``ValueError`` naming ``source``."""
+    for key, ok in _METRICS.items():
+        if key in ("compaction", "checksums") and key not in data:
+            continue
+        if key not in data:
+            raise ValueError(f"{source}: no {key!r}; not the metrics of a run written by bmrs")
+        if not ok(data[key]):
+            raise ValueError(f"{source}: {key!r} has a value of the wrong kind ({data[key]!r:.60})")
+    return data
+
+
+def state_checksum(state: dict) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and contents (not of the file's bytes,
+    so it does not depend on how torch.save lays the file out)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def verify_checksum(state: dict, path: Path, recorded: str | None) -> None:
+    """``ValueError`` when ``state`` (read from ``path``) differs from what bmrs wrote."""
+    if recorded is not None and state_checksum(state) != recorded:
+        raise ValueError(f"{path} is damaged: its contents do not match the checksum recorded in "
+                         f"{path.parent / 'metrics.json'} when bmrs wrote it")
 
 
 @dataclass
@@ -83,11 +139,17 @@ class RunConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
+    def from_dict(cls, data: dict, source="the configuration") -> "RunConfig":
+        """A configuration from its ``asdict`` form (``config.json``); ``ValueError`` naming
+        ``source`` for unknown keys or values of the wrong type."""
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = set(data) - set(known)
         if unknown:
-            raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+            raise ValueError(f"{source}: unknown configuration keys: {', '.join(sorted(unknown))}")
+        for key, value in data.items():
+            allowed = [_TYPES[t.strip()] for t in str(known[key]).split("|")]
+            if not any(ok(value) for ok in allowed):
+                raise ValueError(f"{source}: {key} must be {known[key].replace('|', 'or')}, got {value!r}")
         return cls(**data)
 
 
@@ -96,7 +158,7 @@ def load_metrics(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / "metrics.json"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a complete run (no metrics.json)")
-    return read_json(path)
+    return check_metrics(read_json(path), path)
 
 
 class _MatchedTarget:
@@ -250,8 +312,12 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
         "train_seconds": sum(r.seconds for r in trainer.history),
         "history": [asdict(r) for r in trainer.history],
     }
-    atomic_save(model.state_dict(), out / "model.pt")
+    state = model.state_dict()
+    atomic_save(state, out / "model.pt")
+    metrics["checksums"] = {"model.pt": state_checksum(state)}
     metrics["compaction"] = _compaction(model, config, data, out)
+    if (out / "compact.pt").is_file():
+        metrics["checksums"]["compact.pt"] = state_checksum(read_tensors(out / "compact.pt")["state_dict"])
     write_json(metrics, out / "metrics.json")
     return metrics
 
@@ -298,7 +364,7 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
     architecture; ``example`` is a batch of 64 inputs (test images, or seeded noise).
     """
     run_dir, state_file = run_files(path)
-    config = RunConfig.from_dict(read_json(run_dir / "config.json")).resolved()
+    config = RunConfig.from_dict(read_json(run_dir / "config.json"), run_dir / "config.json").resolved()
     if data_dir is not None:
         config.data_dir = str(data_dir)
     if state_file.name == "checkpoint.pt":
@@ -314,8 +380,9 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
         raise ValueError(f"{state_file} does not hold a model state dict")
     architecture, data = None, None
     metrics_file = run_dir / "metrics.json"
-    if metrics_file.is_file() and not need_data:
-        architecture = (read_json(metrics_file).get("compaction") or {}).get("architecture")
+    metrics = check_metrics(read_json(metrics_file), metrics_file) if metrics_file.is_file() else {}
+    if metrics and not need_data:
+        architecture = (metrics.get("compaction") or {}).get("architecture")
     if architecture is None:
         data = load_dataset(config.dataset, config.data_dir, seed=config.seed, image_size=config.image_size)
         architecture = model_architecture(config, data.input_shape, data.num_classes)
@@ -325,6 +392,8 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
         raise ValueError(f"{state_file} does not fit the model of {run_dir / 'config.json'} ({detail})") from None
+    if state_file.name == "model.pt":
+        verify_checksum(state, state_file, metrics.get("checksums", {}).get("model.pt"))
     model.eval()
     if data is not None:
         example = data.test.tensors[0][:64]

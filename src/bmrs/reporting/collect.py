@@ -105,7 +105,12 @@ def _classify(folder: Path, collection: Collection) -> bool:
         found = True
     if (folder / "config.json").is_file():
         if (folder / "metrics.json").is_file():
-            collection.runs.append(RunResult(folder, read_json(folder / "config.json"), read_json(folder / "metrics.json")))
+            from ..experiments.runs import RunConfig, check_metrics
+
+            config = read_json(folder / "config.json")
+            RunConfig.from_dict(config, folder / "config.json")  # the kinds of its values
+            metrics = check_metrics(read_json(folder / "metrics.json"), folder / "metrics.json")
+            collection.runs.append(RunResult(folder, config, metrics))
         else:
             collection.skipped.append(f"{folder}: unfinished run (no metrics.json), skipped")
         found = True
