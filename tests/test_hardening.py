@@ -378,3 +378,116 @@ def test_an_idx_set_without_test_images_is_refused(tmp_path, capsys):
     line = one_line_error(capsys, main(["train", *TINY[2:], "--dataset", "fashion-mnist", "--method", "none",
                                         "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]))
     assert str(tmp_path / "t10k-images-idx3-ubyte") in line and "no images" in line
+
+
+# --- a property: whatever the arguments and damage, exit 0 with valid outputs or one line ------------
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+_NUMBERS = st.sampled_from(["0", "-1", "1", "0.5", "1.5", "nan", "inf", "-inf", "1e300", "1e-300", "x", "", "3"])
+_RUN_FILES = ["config.json", "metrics.json", "model.pt", "compact.pt", "checkpoint.pt"]
+
+
+@st.composite
+def _damage(draw):
+    """(file, how, parameter) of a damage to a run directory, or None."""
+    if draw(st.integers(0, 2)) == 0:
+        return None
+    return (draw(st.sampled_from(_RUN_FILES)), draw(st.sampled_from(["truncate", "flip", "random", "delete", "retype"])),
+            draw(st.integers(0, 2**31)))
+
+
+def _apply(victim: pathlib.Path, damage) -> None:
+    import random
+
+    if damage is None:
+        return
+    name, how, seed = damage
+    path, rng = victim / name, random.Random(seed)
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: rng.randrange(len(data))])
+    elif how == "flip":
+        i = rng.randrange(len(data))
+        path.write_bytes(data[:i] + bytes([data[i] ^ (1 << rng.randrange(8))]) + data[i + 1:])
+    elif how == "random":
+        path.write_bytes(rng.randbytes(rng.randrange(1, 4096)))
+    elif how == "delete":
+        path.unlink()
+    elif name.endswith(".json"):
+        content = json.loads(data)
+        key = rng.choice(sorted(content))
+        content[key] = rng.choice([None, "text", [1], {"a": 1}, -1, 1e308, True])
+        path.write_text(json.dumps(content))
+
+
+@st.composite
+def _arguments(draw, run: pathlib.Path, out: pathlib.Path):
+    # the first choice of each list is the likeliest sensible one (hypothesis shrinks to it)
+    command = draw(st.sampled_from(["info", "compact", "sweep", "report", "train", "info", "compact"]))
+    if command == "train":
+        method = draw(st.sampled_from(["none", "bmrs-n", "bmrs-u", "snr", "l2"]))
+        argv = ["train", "--dataset", "digits", "--model", "mlp", "--width", "8", "--batch-size", "64", "--threads", "1",
+                "--no-progress", "--finetune-epochs", "0", "--method", method,
+                "--epochs", draw(st.sampled_from(["1", "2", "1", "0", "x"]))]
+        for flag in ("--lr", "--threshold", "--target", "--bits", "--seed"):
+            if draw(st.integers(0, 3)) == 0:
+                argv += [flag, draw(_NUMBERS)]
+        target = draw(st.sampled_from([out / "new", run, out / "new", out, run / "model.pt", ""]))
+        return argv + ([] if not draw(st.integers(0, 5)) else ["--resume"]) + ["--out", str(target)]
+    if command == "sweep":
+        argv = ["sweep", "--run", str(draw(st.sampled_from([run, run / "checkpoint.pt", run / "model.pt", out / "none"]))),
+                "--criteria", draw(st.sampled_from(["bmrs-n", "bmrs-u8,l2", "snr,bmrs-x", "", "etheta"])), "--no-progress",
+                "--levels", draw(st.sampled_from(["0.5", "0,1", "nan", "2", "x", "0.9"]))]
+        return argv + ["--out", str(draw(st.sampled_from([out / "sweep", run, out, ""])))]
+    if command == "compact":
+        source = draw(st.sampled_from([run, run / "model.pt", run / "checkpoint.pt", run / "config.json", out]))
+        target = draw(st.sampled_from([out / "small.pt", run / "compact.pt", out / "small.pt", run / "model.pt", out, ""]))
+        return ["compact", str(source), "--out", str(target)] + (["--force"] if draw(st.booleans()) else [])
+    if command == "info":
+        return ["info", str(draw(st.sampled_from([run, run / "model.pt", run / "checkpoint.pt", run / "compact.pt",
+                                                  run / "metrics.json", out / "missing"])))]
+    return ["report", str(draw(st.sampled_from([run, out, run]))), "--out", str(draw(st.sampled_from([out / "report", run, ""])))]
+
+
+def _snapshot(root: pathlib.Path) -> dict:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+@hypothesis.settings(max_examples=60, deadline=None, derandomize=True,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(data=st.data())
+def test_cli_outcomes_are_valid_results_or_one_line(run, data, capsys, monkeypatch):
+    import tempfile
+
+    from bmrs.compaction import load_compact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        victim, out, outside = root / "run", root / "out", root / "outside"
+        shutil.copytree(run, victim)
+        out.mkdir()
+        outside.mkdir()
+        (outside / "mine.txt").write_text("a user's file")
+        monkeypatch.chdir(outside)
+        damage = data.draw(_damage())
+        _apply(victim, damage)
+        argv = data.draw(_arguments(victim, out))
+        before = _snapshot(outside)
+        capsys.readouterr()
+        status = main(argv)
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err, (argv, damage, captured.err)
+        if status == 0:
+            if argv[0] == "compact":
+                load_compact(pathlib.Path(argv[argv.index("--out") + 1]))
+            if argv[0] == "train":
+                target = pathlib.Path(argv[argv.index("--out") + 1])
+                json.loads((target / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+        else:
+            assert status in (2, 3), (argv, damage, status, captured.err)
+            lines = captured.err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("bmrs: error: "), (argv, damage, captured.err)
+        assert _snapshot(outside) == before, (argv, damage)
