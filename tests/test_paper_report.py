@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bmrs.cli import main
-from bmrs.experiments.runs import RunConfig, train_run
+from bmrs.experiments.runs import RunConfig, state_checksum, train_run
 from bmrs.reporting import collect, write_report
 from bmrs.reporting.diagnostics import (
     knee_analysis, knees_markdown, run_diagnostics, select_runs, write_diagnostics,
@@ -302,6 +302,10 @@ def tiny_run(tmp_path_factory):
     state["4.bmrs_gate.log_scale"] = torch.full((8,), STRONG[1])
     state["4.bmrs_gate.mask"] = torch.ones(8)
     torch.save(state, run / "model.pt")
+    # edited on purpose: record the new contents, as bmrs does for a model.pt it writes
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["checksums"]["model.pt"] = state_checksum(state)
+    (run / "metrics.json").write_text(json.dumps(metrics))
     return root, run
 
 

@@ -68,11 +68,11 @@ _METRICS = {
 }
 
 
-def check_metrics(data: dict, source) -> dict:
-    """``data`` if it has the keys and kinds of values of a run's ``metrics.json``; else a
-    ``ValueError`` naming ``source``."""
+def check_metrics(data: dict, source, *, complete: bool = True) -> dict:
+    """``data`` if it has the keys (with ``complete``; else those it has) and kinds of values
+    of a run's ``metrics.json``; else a ``ValueError`` naming ``source``."""
     for key, ok in _METRICS.items():
-        if key in ("compaction", "checksums") and key not in data:
+        if key in ("compaction", "checksums") and key not in data or not complete and key not in data:
             continue
         if key not in data:
             raise ValueError(f"{source}: no {key!r}; not the metrics of a run written by bmrs")

@@ -109,7 +109,7 @@ def _classify(folder: Path, collection: Collection) -> bool:
 
             config = read_json(folder / "config.json")
             RunConfig.from_dict(config, folder / "config.json")  # the kinds of its values
-            metrics = check_metrics(read_json(folder / "metrics.json"), folder / "metrics.json")
+            metrics = check_metrics(read_json(folder / "metrics.json"), folder / "metrics.json", complete=False)
             collection.runs.append(RunResult(folder, config, metrics))
         else:
             collection.skipped.append(f"{folder}: unfinished run (no metrics.json), skipped")
