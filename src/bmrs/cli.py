@@ -3,8 +3,10 @@
 A thin layer over :mod:`bmrs.experiments`, :mod:`bmrs.compaction` and
 :mod:`bmrs.reporting`. Every error a user can cause (a bad option, a missing file or data
 set, an unknown name) ends the command with one line ``bmrs: error: ...`` on stderr and exit
-status 2, never a traceback; result files are written to temporary names and renamed, so an
-interrupted command leaves no half-written file. See ``docs/cli.md``.
+status 2, never a traceback; training that diverges ends with one line and exit status 3.
+Result files are written to temporary names and renamed, so an interrupted command leaves
+no half-written file, and no command replaces a file it did not write (``--force``). See
+``docs/cli.md`` and ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -534,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compression levels (sweep), tabulate and plot results (report), turn a pruned model\n"
         "into a smaller plain network (compact, info), or run a whole experiment suite (reproduce).",
         formatter_class=_Formatter,
-        epilog="Run 'bmrs COMMAND --help' for the options of a command. Documentation: docs/cli.md",
+        epilog="Run 'bmrs COMMAND --help' for the options of a command. Exit status: 0 success, 2 a usage error or a\n"
+        "bad input file (one line on stderr), 3 training diverged. Documentation: docs/cli.md, docs/reliability.md",
     )
     parser.add_argument("--version", action="version", version=f"bmrs {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)

@@ -253,7 +253,7 @@ def attach_gates(
         warnings.warn(
             "bmrs.attach_gates left these layers ungated:\n"
             + "\n".join(f"  {n}: {why}" for n, why in unexpected.items()),
-            stacklevel=2,
+            stacklevel=3,  # the caller of attach_gates, past the traces wrapper
         )
     return layout
 
