@@ -126,32 +126,102 @@ def test_constructor_errors():
         NoiseGate(3, log_low=0.0, log_high=-1.0)
 
 
-def test_fused_central_kernels_match_the_general_code():
+def _central_and_tail_parameters(n=400):
+    torch.manual_seed(0)
+    loc = torch.rand(n, dtype=torch.float64) * 30 - 25
+    log_scale = torch.rand(n, dtype=torch.float64) * 32 - 25  # also beyond the clamp [-20, 5]
+    scale = torch.exp(log_scale.clamp(-20, 5))
+    central = ((0 - loc) / scale > -1) & ((-20 - loc) / scale < 1)
+    assert 100 < central.sum() < n - 50  # both regimes are present in the draw
+    return loc, log_scale, central
+
+
+def test_fused_kernel_matches_the_general_code():
+    """Values and gradients of theta and of the KL of several gates at once, against
+    TruncatedLogNormal.icdf and kl_divergence (the general code, checked against mpmath)."""
     from bmrs.math import fast
 
-    torch.manual_seed(0)
-    loc = torch.rand(400, dtype=torch.float64) * 22 - 21
-    log_scale = torch.rand(400, dtype=torch.float64) * 10 - 7
-    scale = torch.exp(log_scale)
-    central = ((0 - loc) / scale > -1) & ((-20 - loc) / scale < 1)
-    assert 100 < central.sum() < 400  # both regimes are present in the draw
-    loc, log_scale = loc[central].requires_grad_(), log_scale[central].requires_grad_()
-    assert fast.is_central(loc, torch.exp(log_scale), -20.0, 0.0)
+    loc, log_scale, central = _central_and_tail_parameters()
+    loc, log_scale = loc[central], log_scale[central]
+    assert (log_scale < -20).any() and (log_scale > 5).any()  # the clamp's gradient is tested too
+    sizes = [7, len(loc) - 7 - 50, 50]
+    locs = [t.clone().requires_grad_() for t in loc.split(sizes)]
+    log_scales = [t.clone().requires_grad_() for t in log_scale.split(sizes)]
+    u = torch.rand(2, len(loc), dtype=torch.float64)
+    k = fast.constants(torch.float64, loc.device, -20.0, 0.0, (-20.0, 5.0))
+    *thetas, kl, tail = fast.GateNoise.apply(u, k.one, k, sizes, *locs, *log_scales)
+    assert not tail
+    ref_loc = torch.cat(locs).detach().requires_grad_()
+    ref_log_scale = torch.cat(log_scales).detach().requires_grad_()
+    q = TruncatedLogNormal(ref_loc, torch.exp(ref_log_scale.clamp(-20, 5)))
     prior = LogUniform(torch.tensor(-20.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
+    ref_theta, ref_kl = q.icdf(u), torch.distributions.kl_divergence(q, prior)
+    torch.testing.assert_close(torch.cat(thetas, 1), ref_theta, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(kl, ref_kl, rtol=1e-12, atol=1e-12)
+    w_theta, w_kl = torch.randn_like(ref_theta), torch.randn_like(ref_kl)
+    for fused, ref in (((torch.cat(thetas, 1) * w_theta).sum(), (ref_theta * w_theta).sum()),
+                       ((kl * w_kl).sum(), (ref_kl * w_kl).sum())):
+        g_loc, g_log_scale = (torch.cat(g) for g in zip(*[
+            torch.autograd.grad(fused, [a, b], retain_graph=True) for a, b in zip(locs, log_scales)
+        ]))
+        r_loc, r_log_scale = torch.autograd.grad(ref, (ref_loc, ref_log_scale), retain_graph=True)
+        torch.testing.assert_close(g_loc, r_loc, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(g_log_scale, r_log_scale, rtol=1e-9, atol=1e-12)
+    # one structure in a tail is reported, so that the caller uses the general code
+    tail_loc = torch.tensor([5.0], dtype=torch.float64)
+    *_, tail = fast.GateNoise.apply(u[:, :1], k.one, k, [1], tail_loc, torch.tensor([-8.0], dtype=torch.float64))
+    assert tail
 
-    def both(fn_fast, fn_general):
-        a, b = fn_fast(), fn_general()
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-        ga = torch.autograd.grad(a.sum(), (loc, log_scale))
-        gb = torch.autograd.grad(b.sum(), (loc, log_scale))
-        for x, y in zip(ga, gb):
-            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
 
-    both(lambda: fast.CentralKL.apply(loc, torch.exp(log_scale), -20.0, 0.0, math.log(20.0)),
-         lambda: torch.distributions.kl_divergence(TruncatedLogNormal(loc, torch.exp(log_scale)), prior))
-    u = torch.rand(5, len(loc), dtype=torch.float64)
-    both(lambda: fast.CentralSample.apply(u, loc, torch.exp(log_scale), -20.0, 0.0),
-         lambda: TruncatedLogNormal(loc, torch.exp(log_scale)).icdf(u))
+@pytest.mark.parametrize("regime", ["central", "mixed"])
+def test_training_gates_match_the_reference_values_and_gradients(regime):
+    """The gates of a model in training (one joint draw, fused kernel or, with a structure in a
+    tail, the general code) give the reference theta, KL and gradients for the same uniforms."""
+    from bmrs import build_model, gates, model_kl
+
+    loc, log_scale, central = _central_and_tail_parameters()
+    if regime == "central":
+        loc, log_scale = loc[central], log_scale[central]
+    else:
+        assert not central[:90].all()
+    torch.manual_seed(1)
+    model = build_model("mlp", (1, 4, 4), 3, width=30, hidden_layers=2).double().train()
+    layer = list(gates(model).values())
+    with torch.no_grad():
+        for i, g in enumerate(layer):
+            g.loc.copy_(loc[30 * i:30 * i + 30])
+            g.log_scale.copy_(log_scale[30 * i:30 * i + 30])
+        layer[1].mask[3] = 0.0
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    torch.manual_seed(2)
+    out = model(x)
+    loss = out.square().sum() + model_kl(model, "mean")
+    loss.backward()
+    fused = [(g.loc.grad.clone(), g.log_scale.grad.clone()) for g in layer]
+
+    # the reference: the same network, theta from TruncatedLogNormal.icdf of the same uniforms
+    torch.manual_seed(2)
+    u = torch.rand(6, 30 * len(layer), dtype=torch.float64).clamp(min=torch.finfo(torch.float64).eps / 4)
+    model.zero_grad()
+    thetas = []
+    for i, g in enumerate(layer):
+        q = g.posterior()
+        thetas.append(q.icdf(u[:, 30 * i:30 * i + 30]) * g.mask)
+    h = x.flatten(1)
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    for lin, theta in zip(linears, thetas):
+        h = torch.tanh(lin(h)) * theta
+    ref_out = linears[-1](h)
+    kl = torch.stack([(g.kl() * g.mask).sum() / g.num_structures for g in layer]).mean()
+    ref_kl = torch.stack([
+        (torch.distributions.kl_divergence(g.posterior(), g.prior()) * g.mask).sum() / g.num_structures for g in layer
+    ]).mean()
+    torch.testing.assert_close(kl, ref_kl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    (ref_out.square().sum() + ref_kl).backward()
+    for g, (g_loc, g_log_scale) in zip(layer, fused):
+        torch.testing.assert_close(g_loc, g.loc.grad, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(g_log_scale, g.log_scale.grad, rtol=1e-8, atol=1e-10)
 
 
 def test_gate_falls_back_to_the_tail_safe_code():

@@ -68,6 +68,7 @@ class NoiseGate(nn.Module):
         self.loc = nn.Parameter(torch.full((self.num_structures,), float(init_loc)))
         self.log_scale = nn.Parameter(torch.full((self.num_structures,), float(init_log_scale)))
         self.register_buffer("mask", torch.ones(self.num_structures))
+        self._bank = _Bank([self])  # attach_gates puts all gates of a model in one bank
 
     def extra_repr(self) -> str:
         kept = int(self.mask.sum().item())
@@ -90,25 +91,14 @@ class NoiseGate(nn.Module):
         low = torch.full_like(self.loc, self.log_low).detach()
         return LogUniform(low, torch.full_like(low, self.log_high), validate_args=False)
 
-    def _scale(self) -> Tensor:
-        return torch.exp(torch.clamp(self.log_scale, *self.log_scale_bounds))
-
     def kl(self) -> Tensor:
         """``KL(q || p)`` of every structure, shape ``(C,)``."""
-        scale = self._scale()
-        if fast.is_central(self.loc, scale, self.log_low, self.log_high):
-            width = math.log(self.log_high - self.log_low)
-            return fast.CentralKL.apply(self.loc, scale, self.log_low, self.log_high, width)
-        return torch.distributions.kl_divergence(self.posterior(), self.prior())
+        return _Bank([self]).structure_kl()
 
     def sample(self, batch: int) -> Tensor:
-        """Reparameterised theta for ``batch`` examples, shape ``(batch, C)``."""
-        scale = self._scale()
-        if fast.is_central(self.loc, scale, self.log_low, self.log_high):
-            u = torch.rand((batch, self.num_structures), dtype=self.loc.dtype, device=self.loc.device)
-            u.clamp_(min=torch.finfo(u.dtype).tiny)
-            return fast.CentralSample.apply(u, self.loc, scale, self.log_low, self.log_high)
-        return self.posterior().rsample((batch,))
+        """Reparameterised theta for ``batch`` examples, shape ``(batch, C)`` (the mask not applied)."""
+        thetas, _, _ = _draw([self], batch, masked=False)
+        return thetas[0]
 
     def expected_gate(self) -> Tensor:
         """What the gate multiplies by in evaluation: ``E[theta] * mask``, shape ``(C,)``.
@@ -135,8 +125,11 @@ class NoiseGate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            theta = _masked(self.sample(x.shape[0]), self.mask)  # (N, C)
-            return x * theta.to(x.dtype).reshape(self._broadcast_shape(x, x.shape[0]))
+            shape = self._broadcast_shape(x, x.shape[0])
+            theta = self._bank.theta(self, x.shape[0])  # (N, C), masked
+            if theta.dtype != x.dtype:
+                theta = theta.to(x.dtype)
+            return x * (theta if len(shape) == 2 else theta.view(shape))
         return x * self._eval_gate().to(x.dtype).reshape(self._broadcast_shape(x, 1))
 
     def _eval_gate(self) -> Tensor:
@@ -178,6 +171,138 @@ def check_finite_gates(model: nn.Module, *, masked: bool = False) -> None:
             bad.append(f"{name} (structures {', '.join(map(str, where[:5]))}{', ...' if len(where) > 5 else ''})")
     if bad:
         raise ValueError(f"non-finite gate parameters (loc or log_scale) in {'; '.join(bad)}")
+
+
+def _key(gate: NoiseGate) -> tuple:
+    """Identifies the current values of a gate's parameters and mask (in-place changes bump
+    the version counters; replacing a tensor changes its address)."""
+    loc, log_scale, mask = gate.loc, gate.log_scale, gate.mask
+    return (loc.data_ptr(), loc._version, log_scale.data_ptr(), log_scale._version, mask.data_ptr(), mask._version)
+
+
+def _signature(gate: NoiseGate) -> tuple:
+    return (gate.loc.dtype, gate.loc.device, gate.log_low, gate.log_high, gate.log_scale_bounds)
+
+
+def _general(members: list[NoiseGate], u: Tensor, mask: Tensor) -> tuple[list[Tensor], Tensor]:
+    """theta at quantiles ``u`` and the KL per structure by the general, tail-safe code."""
+    g = members[0]
+    loc = torch.cat([m.loc for m in members]) if len(members) > 1 else g.loc
+    log_scale = torch.cat([m.log_scale for m in members]) if len(members) > 1 else g.log_scale
+    scale = torch.exp(torch.clamp(log_scale, *g.log_scale_bounds))
+    q = TruncatedLogNormal(loc, scale, g.log_low, g.log_high, validate_args=False)
+    low = torch.full_like(loc, g.log_low).detach()
+    kl = torch.distributions.kl_divergence(q, LogUniform(low, torch.full_like(low, g.log_high), validate_args=False))
+    theta = _masked(q.icdf(u), mask) if u.shape[0] else u
+    return list(theta.split([m.num_structures for m in members], 1)), kl
+
+
+def _draw(members: list[NoiseGate], batch: int, *, masked: bool = True) -> tuple[list[Tensor], Tensor, bool]:
+    """theta for ``batch`` examples (one tensor per gate) and the KL per structure of gates
+    that share dtype, device and bounds; the third value says whether the fused kernel
+    (:class:`bmrs.math.fast.GateNoise`) applied (else the general code was used)."""
+    g = members[0]
+    k = fast.constants(g.loc.dtype, g.loc.device, g.log_low, g.log_high, g.log_scale_bounds)
+    sizes = [m.num_structures for m in members]
+    total = sum(sizes)
+    u = torch.rand((batch, total), dtype=g.loc.dtype, device=g.loc.device).clamp_(min=k.u_min)
+    if masked:
+        mask = torch.cat([m.mask for m in members]) if len(members) > 1 else g.mask
+    else:
+        mask = k.one
+    *thetas, kl, tail = fast.GateNoise.apply(
+        u, mask, k, sizes, *(m.loc for m in members), *(m.log_scale for m in members)
+    )
+    if bool(tail):  # some structure is in a tail of the normal: the exact general code
+        thetas, kl = _general(members, u, mask)
+        return thetas, kl, False
+    return list(thetas), kl, True
+
+
+class _Draw:
+    """One joint draw of theta for every gate of a bank, handed out once per gate."""
+
+    __slots__ = ("keys", "thetas", "kl", "batch", "grad", "pending", "fused")
+
+    def __init__(self, gates: list[NoiseGate], batch: int) -> None:
+        self.keys = {id(g): _key(g) for g in gates}
+        self.batch, self.grad = batch, torch.is_grad_enabled()
+        self.thetas: dict[int, Tensor] = {}
+        self.kl: list[tuple[list[NoiseGate], Tensor]] = []
+        self.fused = True
+        groups: dict[tuple, list[NoiseGate]] = {}
+        for g in gates:
+            groups.setdefault(_signature(g), []).append(g)
+        for members in groups.values():
+            thetas, kl, fused = _draw(members, batch)
+            self.thetas.update(zip((id(m) for m in members), thetas))
+            self.kl.append((members, kl))
+            self.fused = self.fused and fused
+        self.pending = set(self.thetas)
+
+    def fresh(self, gates: list[NoiseGate]) -> bool:
+        return self.grad == torch.is_grad_enabled() and all(self.keys.get(id(g)) == _key(g) for g in gates)
+
+
+class _Bank:
+    """The gates of one model. In training, the first gate called draws theta for all of them
+    in one fused computation (which also yields their KL); each gate then takes its own part.
+    A gate called a second time, or whose parameters, mask or batch size changed, or a
+    change of grad mode, starts a new draw, so every call still gets fresh noise.
+    """
+
+    def __init__(self, gates: list[NoiseGate]) -> None:
+        self.gates = list(gates)
+        self._last: _Draw | None = None
+        self._weights: tuple | None = None
+
+    def __getstate__(self) -> dict:  # the last draw is transient (and holds autograd graphs)
+        return {"gates": self.gates}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["gates"])
+
+    def theta(self, gate: NoiseGate, batch: int) -> Tensor:
+        last = self._last
+        if (last is None or id(gate) not in last.pending or last.batch != batch
+                or last.grad != torch.is_grad_enabled() or last.keys[id(gate)] != _key(gate)):
+            last = self._last = _Draw(self.gates, batch)
+        last.pending.discard(id(gate))
+        return last.thetas[id(gate)]
+
+    def structure_kl(self) -> Tensor:
+        """The KL of every structure of the bank's gates (in bank order), unmasked.
+
+        Reuses the KL computed with the last draw while its parameters are unchanged and
+        nothing has been backpropagated through it (a training step: forward, then the
+        loss with :func:`model_kl`); otherwise computes it (without drawing noise).
+        """
+        last = self._last
+        if last is None or not last.fused or not last.fresh(self.gates) or self._consumed(last):
+            last = _Draw(self.gates, 0)
+        parts = [kl for _, kl in last.kl]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    @staticmethod
+    def _consumed(draw: _Draw) -> bool:
+        """Whether a backward pass already went through the draw (its graph may be freed)."""
+        return any(getattr(kl.grad_fn, "consumed", False) for _, kl in draw.kl)
+
+    def weights(self, reduction: str, dataset_size: int | None) -> Tensor:
+        """Per-structure weights of the KL for ``reduction``: zero where masked."""
+        key = (reduction, dataset_size, tuple(g.mask._version for g in self.gates), tuple(g.mask.data_ptr() for g in self.gates))
+        if self._weights is None or self._weights[0] != key:
+            with torch.no_grad():
+                per_gate = [g.mask.to(g.loc.dtype) for g in self.gates]
+                if reduction == "mean":
+                    per_gate = [m / (m.numel() * len(per_gate)) for m in per_gate]
+                total = torch.cat(per_gate)
+                if reduction == "structures":
+                    total = total / total.numel()
+                elif reduction == "elbo":
+                    total = total / dataset_size
+            self._weights = (key, total)
+        return self._weights[1]
 
 
 @traces
@@ -246,6 +371,9 @@ def attach_gates(
         host = modules[site.site]
         host.add_module(GATE_ATTR, gate)
         host.register_forward_hook(gate._hook)
+    bank = _Bank([modules[site.site].get_submodule(GATE_ATTR) for site in sites])
+    for gate in bank.gates:
+        gate._bank = bank
     layout = GateLayout(sites={s.name: s for s in sites}, families=families, skipped=skipped)
     setattr(model, _LAYOUT_ATTR, layout)
     unexpected = {n: why for n, why in skipped.items() if not why.startswith(("excluded", "final layer"))}
@@ -311,15 +439,10 @@ def model_kl(model: nn.Module, reduction: str = "mean", dataset_size: int | None
         raise ValueError(f"reduction must be 'mean', 'structures', 'sum' or 'elbo', got {reduction!r}")
     if reduction == "elbo" and not (isinstance(dataset_size, int) and dataset_size > 0):
         raise ValueError(f"reduction='elbo' needs the training set size as a positive int, got {dataset_size!r}")
-    per_gate, structures = [], 0
-    for gate in gates(model).values():
-        kl = gate.kl() * gate.mask
-        per_gate.append(kl.sum() / gate.num_structures if reduction == "mean" else kl.sum())
-        structures += gate.num_structures
-    if not per_gate:
+    all_gates = list(gates(model).values())
+    if not all_gates:
         return torch.zeros(())
-    total = torch.stack(per_gate)
-    if reduction == "mean":
-        return total.mean()
-    divisor = {"sum": 1, "structures": structures, "elbo": dataset_size}[reduction]
-    return total.sum() / divisor
+    bank = all_gates[0]._bank
+    if len(bank.gates) != len(all_gates) or {id(g) for g in bank.gates} != {id(g) for g in all_gates}:
+        bank = _Bank(all_gates)  # gates attached separately: no shared draw to reuse
+    return (bank.structure_kl() * bank.weights(reduction, dataset_size)).sum()

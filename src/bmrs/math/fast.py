@@ -1,12 +1,36 @@
-"""Fused training-time kernels for the central regime of the truncated log-normal.
+"""The training-time kernel of the noise gates: sample and KL of many gates in one call.
 
-Training calls the KL and the reparameterised sample of every gate on every step. Built from
-autograd-tracked elementary ops they cost a few hundred tiny kernels per gate; these two
-autograd Functions compute the same values and exact analytic gradients in a few dozen.
-They are valid where the truncation interval is not in a tail (``beta > -1`` and
-``alpha < 1``, :data:`bmrs.math.special.CENTRAL`), which is where a gate spends its training;
-:class:`~bmrs.gates.NoiseGate` falls back to the general, tail-safe code elsewhere. The
-tests check both against each other.
+Training draws theta for every (example, structure) of every gate, and needs the KL of every
+structure, on every step. Built gate by gate from autograd-tracked elementary ops this costs
+hundreds of tiny tensor operations per gate, whose dispatch dominates the step. Here one
+autograd Function takes the parameters of all gates at once (as a list of tensors, so each
+keeps its own gradient), computes the samples and the KL with exact analytic gradients, and
+returns one theta tensor per gate: a fixed number of operations per step, whatever the
+number of gates. Python numbers are never mixed into tensor arithmetic (each would cost a
+conversion): the constants are cached 0-d tensors.
+
+The formulas are the closed forms of the central regime of the truncated normal (the
+truncation interval ``[alpha, beta]`` of the standardised normal is not in a tail:
+``alpha < 1`` and ``beta > -1``), where ``Z = Phi(beta) - Phi(alpha)`` is not small. The
+Function also reports whether any structure lies outside that regime;
+:class:`~bmrs.gates.NoiseGate` then discards the result and uses the general, tail-safe
+code (:class:`~bmrs.math.distributions.TruncatedLogNormal`), which the tests check against
+mpmath. The tests check this kernel's values and gradients against the general code.
+
+In the central regime every quantity is O(1):
+
+* ``Z = (erf(beta/sqrt2) - erf(alpha/sqrt2)) / 2``: relative error below ``eps / Z``, and
+  ``Z >= (beta - alpha) phi(1) >= 0.03`` because the log scale is at most 5;
+* the sample ``xi = Phi^-1(Phi(alpha) + u Z)``, from the smaller of ``p`` and ``1 - p``
+  (each computed from its own cut probability, ``erfc``), so ``p`` near 1 loses nothing;
+* its gradient by implicit differentiation of ``F(x; loc, scale) = u``: with
+  ``x = loc + scale xi``, ``dx/dloc = 1 - r_a - r_b``, ``dx/dscale = xi - alpha r_a - beta r_b``,
+  ``r_a = (1 - u) phi(alpha) / phi(xi)``, ``r_b = u phi(beta) / phi(xi)``; ``1/phi(xi)`` stays
+  finite because ``u`` is kept at least ``eps/4`` away from 0 and 1, so ``|xi| < 9``; the sums
+  over the batch are taken before the per-structure factors are applied;
+* the KL to the log-uniform prior, ``log(log_high - log_low) - H`` with the entropy of the
+  truncated normal ``H = log scale + log sqrt(2 pi e) + log Z + T/2``,
+  ``T = (alpha phi(alpha) - beta phi(beta)) / Z``, clamped at 0 (its gradient is zero there).
 """
 
 from __future__ import annotations
@@ -16,79 +40,132 @@ import math
 import torch
 from torch import Tensor
 
-from . import special as sp
-
+SQRT2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
+
+_CONSTANTS: dict = {}
 
 
-def is_central(loc: Tensor, scale: Tensor, log_low: float, log_high: float) -> bool:
-    """Whether every element is in the central regime (the fused kernels apply)."""
-    with torch.no_grad():
-        return bool((((log_high - loc) / scale > -sp._TAIL) & ((log_low - loc) / scale < sp._TAIL)).all())
+class _Constants:
+    """0-d tensors (and two small stacks) of one dtype and device for one truncation."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, log_low: float, log_high: float,
+                 log_scale_bounds: tuple[float, float]) -> None:
+        def c(value):
+            return torch.tensor(value, dtype=dtype, device=device)
+
+        self.log_low, self.log_high = c(log_low), c(log_high)
+        self.ls_min, self.ls_max = c(log_scale_bounds[0]), c(log_scale_bounds[1])
+        self.half, self.one, self.zero = c(0.5), c(1.0), c(0.0)
+        self.neg_inv_sqrt2, self.inv_sqrt2 = c(-1.0 / SQRT2), c(1.0 / SQRT2)
+        self.u_min = c(torch.finfo(dtype).eps / 4)  # below every positive draw of torch.rand
+        self.inv_sqrt_2pi = c(_INV_SQRT_2PI)
+        self.two_inv_sqrt_2pi = c(2.0 * _INV_SQRT_2PI)
+        # KL = kl_const - log scale - log(2 Z) - T/2; kl_const = log width - H_0 + log 2
+        self.kl_const = c(math.log(log_high - log_low) - _HALF_LOG_2PI_E + math.log(2.0))
 
 
-def _central_pieces(loc: Tensor, scale: Tensor, log_low: float, log_high: float):
-    alpha = (log_low - loc) / scale
-    beta = (log_high - loc) / scale
-    cut_lo = 0.5 * torch.special.erfc(-alpha / sp.SQRT2)  # Phi(alpha)
-    cut_hi = 0.5 * torch.special.erfc(beta / sp.SQRT2)  # 1 - Phi(beta)
-    outside = cut_lo + cut_hi
-    inside = 0.5 * (torch.erf(beta / sp.SQRT2) - torch.erf(alpha / sp.SQRT2))
-    near_one = outside < 0.5
-    log_z = torch.where(near_one, torch.log1p(-torch.clamp(outside, max=0.5)), torch.log(inside))
-    z = torch.where(near_one, 1.0 - outside, inside)
-    return alpha, beta, cut_lo, cut_hi, z, log_z
+def constants(dtype: torch.dtype, device: torch.device, log_low: float, log_high: float,
+              log_scale_bounds: tuple[float, float]) -> _Constants:
+    key = (dtype, device, log_low, log_high, log_scale_bounds)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        found = _CONSTANTS[key] = _Constants(dtype, device, log_low, log_high, log_scale_bounds)
+    return found
 
 
-class CentralKL(torch.autograd.Function):
-    """``KL(q || U[log_low, log_high])`` per element, with its analytic gradient."""
+class GateNoise(torch.autograd.Function):
+    """theta and the KL of every structure of several gates, central regime.
 
-    @staticmethod
-    def forward(ctx, loc: Tensor, scale: Tensor, log_low: float, log_high: float, log_width: float) -> Tensor:
-        alpha, beta, _, _, z, log_z = _central_pieces(loc, scale, log_low, log_high)
-        phi_a = torch.exp(-0.5 * alpha * alpha) * _INV_SQRT_2PI
-        phi_b = torch.exp(-0.5 * beta * beta) * _INV_SQRT_2PI
-        a_term, b_term = alpha * phi_a, beta * phi_b
-        t = (a_term - b_term) / z
-        entropy = sp.HALF_LOG_2PI_E + torch.log(scale) + log_z + 0.5 * t
-        kl = log_width - entropy
-        ctx.save_for_backward(scale, alpha, beta, z, phi_a, phi_b, t, kl)
-        return torch.clamp(kl, min=0.0)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        scale, alpha, beta, z, phi_a, phi_b, t, kl = ctx.saved_tensors
-        # f(alpha, beta) = log Z + T/2 with T = (alpha phi(alpha) - beta phi(beta)) / Z
-        ra, rb = phi_a / z, phi_b / z
-        df_da = -ra + 0.5 * (ra * (1.0 - alpha * alpha) + t * ra)
-        df_db = rb - 0.5 * (rb * (1.0 - beta * beta) + t * rb)
-        # d alpha/d loc = d beta/d loc = -1/scale; d x/d scale = -x/scale for x = alpha, beta
-        d_entropy_dloc = -(df_da + df_db) / scale
-        d_entropy_dscale = (1.0 - alpha * df_da - beta * df_db) / scale
-        g = torch.where(kl > 0, grad, 0.0)
-        return -g * d_entropy_dloc, -g * d_entropy_dscale, None, None, None
-
-
-class CentralSample(torch.autograd.Function):
-    """theta at quantiles ``u`` (shape ``(N, C)``), gradient by implicit differentiation."""
+    ``forward(u, mask, k, sizes, *params)`` with ``params`` the gates' ``loc`` tensors then
+    their ``log_scale`` tensors, ``u`` uniforms of shape ``(N, sum(sizes))`` in ``(0, 1)``
+    (``N`` may be 0: KL only), ``mask`` the concatenated masks (theta is exactly 0 where it is 0),
+    ``k`` the :class:`_Constants`. Returns one theta per gate (shape ``(N, size)``), the KL
+    per structure (shape ``(sum(sizes),)``, unmasked) and a 0-d bool tensor that is true
+    when some structure is outside the central regime (then the values are not to be used).
+    """
 
     @staticmethod
-    def forward(ctx, u: Tensor, loc: Tensor, scale: Tensor, log_low: float, log_high: float) -> Tensor:
-        alpha, beta, cut_lo, cut_hi, z, _ = _central_pieces(loc, scale, log_low, log_high)
-        p_lo = cut_lo + u * z
-        p_hi = cut_hi + (1.0 - u) * z
-        xi = torch.special.ndtri(torch.minimum(p_lo, p_hi))
-        xi = torch.where(p_lo < p_hi, xi, -xi)
-        xi = torch.minimum(torch.maximum(xi, alpha), beta)
-        x = torch.clamp(loc + scale * xi, log_low, log_high)
-        theta = torch.exp(x)
-        # F(x; loc, scale) = u: dx/dloc = 1 - A - B, dx/dscale = xi - alpha A - beta B
-        ra = torch.exp(torch.log1p(-u) + 0.5 * (xi - alpha) * (xi + alpha))
-        rb = torch.exp(torch.log(u) + 0.5 * (xi - beta) * (xi + beta))
-        ctx.save_for_backward(theta * (1.0 - ra - rb), theta * (xi - alpha * ra - beta * rb))
-        return theta
+    def forward(ctx, u: Tensor, mask: Tensor, k: _Constants, sizes: list[int], *params: Tensor):
+        n = len(sizes)
+        loc = torch.cat(params[:n]) if n > 1 else params[0]
+        log_scale = torch.cat(params[n:]) if n > 1 else params[n]
+        lsc = log_scale.clamp(k.ls_min, k.ls_max)
+        in_bounds = lsc == log_scale  # where the clamp passes the gradient on
+        scale = lsc.exp()
+        alpha = (k.log_low - loc) / scale
+        beta = (k.log_high - loc) / scale
+        sa = alpha * k.neg_inv_sqrt2  # -alpha/sqrt2 > -1/sqrt2 and beta/sqrt2 > -1/sqrt2: central
+        sb = beta * k.inv_sqrt2
+        outside = torch.minimum(sa, sb) <= k.neg_inv_sqrt2
+        tail = outside.any()
+        cut_lo = sa.erfc()  # 2 Phi(alpha)
+        cut_hi = sb.erfc()  # 2 (1 - Phi(beta))
+        z2 = sa.erf() + sb.erf()  # 2 Z
+        half_a2 = alpha * alpha * k.half
+        half_b2 = beta * beta * k.half
+
+        # KL: log width - (log scale + log sqrt(2 pi e) + log Z + T/2)
+        phi_a = (-half_a2).exp()  # sqrt(2 pi) phi(alpha)
+        phi_b = (-half_b2).exp()
+        t = (alpha * phi_a - beta * phi_b) * k.two_inv_sqrt_2pi / z2
+        kl = (k.kl_const - lsc - z2.log()).sub_(t, alpha=0.5)
+        kl_pos = kl > k.zero
+        kl_out = torch.where(kl_pos, kl, k.zero)
+
+        # theta = exp(loc + scale xi), xi = Phi^-1(p), p = Phi(alpha) + u Z, 1 - p = 1 - Phi(beta) + (1 - u) Z
+        p_lo = torch.addcmul(cut_lo, u, z2)  # 2 p
+        p_hi = torch.addcmul(cut_hi, k.one - u, z2)  # 2 (1 - p)
+        low_side = p_lo < p_hi
+        xi = torch.special.ndtri(torch.minimum(p_lo, p_hi).mul_(k.half))
+        xi = torch.where(low_side, xi, -xi)
+        theta = torch.addcmul(loc, scale, xi).clamp_(k.log_low, k.log_high).exp_()
+        theta = torch.where(mask > k.zero, theta, k.zero)  # exactly 0 where masked, even for NaN parameters
+        # 1/phi(xi) up to sqrt(2 pi); |xi| < 9 since u is at least eps/4 away from 0 and 1
+        inv_phi_xi = (xi * xi).mul_(k.half).exp_()
+        ctx.save_for_backward(theta, xi, inv_phi_xi, u, scale, in_bounds, alpha, beta, phi_a, phi_b, z2, t, kl_pos)
+        ctx.sizes, ctx.k = sizes, k
+        ctx.mark_non_differentiable(tail)
+        ctx.set_materialize_grads(False)
+        return (*theta.split(sizes, 1), kl_out, tail)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        dtheta_dloc, dtheta_dscale = ctx.saved_tensors
-        return None, (grad * dtheta_dloc).sum(0), (grad * dtheta_dscale).sum(0), None, None
+    def backward(ctx, *grads):
+        theta, xi, inv_phi_xi, u, scale, in_bounds, alpha, beta, phi_a, phi_b, z2, t, kl_pos = ctx.saved_tensors
+        sizes, k = ctx.sizes, ctx.k
+        ctx.consumed = True  # the saved tensors may now be freed (see bmrs.gates._Bank)
+        n = len(sizes)
+        g_theta, g_kl = grads[:n], grads[n]
+        g_loc = g_scale = None
+        if any(g is not None for g in g_theta):
+            g = torch.cat([gi if gi is not None else theta.new_zeros(theta.shape[0], c)
+                           for gi, c in zip(g_theta, sizes)], 1) if n > 1 else g_theta[0]
+            # dtheta = theta dx, dx/dloc = 1 - r_a - r_b, dx/dscale = xi - alpha r_a - beta r_b,
+            # r_a = (1 - u) phi(alpha)/phi(xi), r_b = u phi(beta)/phi(xi): sums over the batch first
+            g = g * theta
+            g_e = g * inv_phi_xi
+            s_e, s_eu = g_e.sum(0), (g_e * u).sum(0)
+            s_a = (s_e - s_eu) * phi_a  # sum of g theta r_a
+            s_b = s_eu * phi_b  # sum of g theta r_b
+            g_loc = g.sum(0) - s_a - s_b
+            g_scale = (g * xi).sum(0) - alpha * s_a - beta * s_b
+        if g_kl is not None:
+            # d(log Z + T/2)/d alpha = r_a (T - alpha^2 - 1)/2, d/d beta = -r_b (T - beta^2 - 1)/2
+            # with r = phi / Z; d alpha/d loc = -1/scale, d alpha/d scale = -alpha/scale.
+            g_kl = torch.where(kl_pos, g_kl, k.zero)
+            w = k.two_inv_sqrt_2pi / z2 * k.half
+            tm = t - k.one
+            f_a = (tm - alpha * alpha) * phi_a * w
+            f_b = (beta * beta - tm) * phi_b * w
+            # dKL/dloc = (f_a + f_b)/scale; dKL/dscale = -(1 - alpha f_a - beta f_b)/scale
+            kl_loc = (f_a + f_b) * g_kl / scale
+            kl_scale = (alpha * f_a + beta * f_b - k.one) * g_kl / scale
+            g_loc = kl_loc if g_loc is None else g_loc + kl_loc
+            g_scale = kl_scale if g_scale is None else g_scale + kl_scale
+        if g_loc is None:
+            return (None, None, None, None, *([None] * (2 * n)))
+        g_log_scale = torch.where(in_bounds, g_scale * scale, k.zero)
+        locs = g_loc.split(sizes) if n > 1 else (g_loc,)
+        log_scales = g_log_scale.split(sizes) if n > 1 else (g_log_scale,)
+        return (None, None, None, None, *locs, *log_scales)
