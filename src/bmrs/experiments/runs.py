@@ -26,7 +26,7 @@ from ..pruning.masks import kept_structures, parameter_compression, structure_co
 from ..pruning.schedules import ContinuousPruning
 from ..datasets import load_dataset
 from ..models import build_model
-from ..training import Trainer, atomic_save, seed_everything
+from ..training import Trainer, adam, atomic_save, seed_everything
 
 __all__ = [
     "RunConfig", "methods", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",
@@ -291,7 +291,7 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
                 criterion, config.prune_every, recompute=config.recompute_masks, target=config.target,
                 target_kind="params",
             )
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = adam(model.parameters(), config.lr)
     trainer = Trainer(model, optimizer, kl_reduction=config.kl_reduction, dataset_size=len(data.train), progress=progress)
     trainer.fit(
         train_loader, val_loader, config.epochs, finetune_epochs=config.finetune_epochs, pruning=pruning,

@@ -25,7 +25,7 @@ from .._io import write_json, write_text
 from ..pruning.criteria import Criterion, criterion_class, default_labels, parse_label
 from ..pruning.masks import decide, parameter_compression, set_masks, structure_compression
 from .runs import load_run
-from ..training import Trainer, seed_everything
+from ..training import Trainer, adam, seed_everything
 
 __all__ = ["sweep", "sweep_run", "parse_criteria", "DEFAULT_LEVELS", "default_criteria", "write_sweep_csv", "fine_tuner"]
 
@@ -164,7 +164,7 @@ def sweep_run(
         return correct / max(total, 1)
 
     def trainer_factory(net):
-        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+        optimizer = adam(net.parameters(), config.lr)
         return Trainer(net, optimizer, kl_reduction=config.kl_reduction, dataset_size=len(data.train), progress=False)
 
     began = time.perf_counter()
