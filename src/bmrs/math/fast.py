@@ -103,36 +103,34 @@ class GateNoise(torch.autograd.Function):
         cut_lo = sa.erfc()  # 2 Phi(alpha)
         cut_hi = sb.erfc()  # 2 (1 - Phi(beta))
         z2 = sa.erf() + sb.erf()  # 2 Z
-        half_a2 = alpha * alpha * k.half
-        half_b2 = beta * beta * k.half
+        a2, b2 = alpha * alpha, beta * beta
+        half_a2, half_b2 = a2 * k.half, b2 * k.half
 
         # KL: log width - (log scale + log sqrt(2 pi e) + log Z + T/2)
         phi_a = (-half_a2).exp()  # sqrt(2 pi) phi(alpha)
         phi_b = (-half_b2).exp()
         t = (alpha * phi_a - beta * phi_b) * k.two_inv_sqrt_2pi / z2
-        kl = (k.kl_const - lsc - z2.log()).sub_(t, alpha=0.5)
-        kl_pos = kl > k.zero
-        kl_out = torch.where(kl_pos, kl, k.zero)
+        kl = (k.kl_const - lsc - z2.log()).sub_(t, alpha=0.5).clamp_(min=k.zero)
 
         # theta = exp(loc + scale xi), xi = Phi^-1(p), p = Phi(alpha) + u Z, 1 - p = 1 - Phi(beta) + (1 - u) Z
-        p_lo = torch.addcmul(cut_lo, u, z2)  # 2 p
-        p_hi = torch.addcmul(cut_hi, k.one - u, z2)  # 2 (1 - p)
-        low_side = p_lo < p_hi
-        xi = torch.special.ndtri(torch.minimum(p_lo, p_hi).mul_(k.half))
-        xi = torch.where(low_side, xi, -xi)
+        z = z2 * k.half
+        p_lo = torch.addcmul(cut_lo * k.half, u, z)  # p
+        p_hi = torch.addcmul(torch.addcmul(z, cut_hi, k.half), u, z, value=-1)  # 1 - p
+        # Phi^-1 of the smaller of p and 1 - p, negated if that was 1 - p
+        xi = torch.copysign(torch.special.ndtri(torch.minimum(p_lo, p_hi)), p_lo - p_hi)
         theta = torch.addcmul(loc, scale, xi).clamp_(k.log_low, k.log_high).exp_()
         theta = torch.where(mask > k.zero, theta, k.zero)  # exactly 0 where masked, even for NaN parameters
         # 1/phi(xi) up to sqrt(2 pi); |xi| < 9 since u is at least eps/4 away from 0 and 1
-        inv_phi_xi = (xi * xi).mul_(k.half).exp_()
-        ctx.save_for_backward(theta, xi, inv_phi_xi, u, scale, in_bounds, alpha, beta, phi_a, phi_b, z2, t, kl_pos)
+        inv_phi_xi = torch.addcmul(k.zero, xi, xi, value=0.5).exp_()
+        ctx.save_for_backward(theta, xi, inv_phi_xi, u, scale, in_bounds, alpha, beta, a2, b2, phi_a, phi_b, z2, t, kl)
         ctx.sizes, ctx.k = sizes, k
         ctx.mark_non_differentiable(tail)
         ctx.set_materialize_grads(False)
-        return (*theta.split(sizes, 1), kl_out, tail)
+        return (*theta.split(sizes, 1), kl, tail)
 
     @staticmethod
     def backward(ctx, *grads):
-        theta, xi, inv_phi_xi, u, scale, in_bounds, alpha, beta, phi_a, phi_b, z2, t, kl_pos = ctx.saved_tensors
+        theta, xi, inv_phi_xi, u, scale, in_bounds, alpha, beta, a2, b2, phi_a, phi_b, z2, t, kl = ctx.saved_tensors
         sizes, k = ctx.sizes, ctx.k
         ctx.consumed = True  # the saved tensors may now be freed (see bmrs.gates._Bank)
         n = len(sizes)
@@ -151,21 +149,23 @@ class GateNoise(torch.autograd.Function):
             g_loc = g.sum(0) - s_a - s_b
             g_scale = (g * xi).sum(0) - alpha * s_a - beta * s_b
         if g_kl is not None:
-            # d(log Z + T/2)/d alpha = r_a (T - alpha^2 - 1)/2, d/d beta = -r_b (T - beta^2 - 1)/2
-            # with r = phi / Z; d alpha/d loc = -1/scale, d alpha/d scale = -alpha/scale.
-            g_kl = torch.where(kl_pos, g_kl, k.zero)
-            w = k.two_inv_sqrt_2pi / z2 * k.half
+            # d(log Z + T/2)/d alpha = r_a (T - 1 - alpha^2)/2, d/d beta = r_b (1 + beta^2 - T)/2
+            # with r = phi / Z; d alpha/d loc = -1/scale, d alpha/d log scale = -alpha, same for beta.
+            g_kl = torch.where(kl > k.zero, g_kl, k.zero)  # 0 where the KL is clamped
+            w = g_kl * k.inv_sqrt_2pi / z2
             tm = t - k.one
-            f_a = (tm - alpha * alpha) * phi_a * w
-            f_b = (beta * beta - tm) * phi_b * w
-            # dKL/dloc = (f_a + f_b)/scale; dKL/dscale = -(1 - alpha f_a - beta f_b)/scale
-            kl_loc = (f_a + f_b) * g_kl / scale
-            kl_scale = (alpha * f_a + beta * f_b - k.one) * g_kl / scale
+            f_a = (tm - a2) * phi_a * w
+            f_b = (b2 - tm) * phi_b * w
+            kl_loc = (f_a + f_b) / scale
+            kl_log_scale = alpha * f_a + beta * f_b - g_kl
             g_loc = kl_loc if g_loc is None else g_loc + kl_loc
-            g_scale = kl_scale if g_scale is None else g_scale + kl_scale
         if g_loc is None:
             return (None, None, None, None, *([None] * (2 * n)))
-        g_log_scale = torch.where(in_bounds, g_scale * scale, k.zero)
+        if g_scale is None:
+            g_scale = kl_log_scale
+        else:
+            g_scale = g_scale * scale if g_kl is None else torch.addcmul(kl_log_scale, g_scale, scale)
+        g_log_scale = torch.where(in_bounds, g_scale, k.zero)
         locs = g_loc.split(sizes) if n > 1 else (g_loc,)
         log_scales = g_log_scale.split(sizes) if n > 1 else (g_log_scale,)
         return (None, None, None, None, *locs, *log_scales)
