@@ -236,3 +236,44 @@ def test_gate_falls_back_to_the_tail_safe_code():
     assert torch.isfinite(theta).all() and (theta[:, 0] > 0.999).all() and (theta[:, 1] < 3e-9).all()
     (theta.sum() + kl.sum()).backward()
     assert torch.isfinite(gate.loc.grad).all() and torch.isfinite(gate.log_scale.grad).all()
+
+
+def _aten_ops_per_step(name, gated, **options):
+    """aten operations (nested included) of one training step: forward, ELBO, backward, fused Adam."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from bmrs import build_model, gates, model_kl
+
+    torch.manual_seed(0)
+    model = build_model(name, (1, 32, 32), 10, gated=gated, **options).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
+
+    def step():
+        loss = F.cross_entropy(model(x), y) + (model_kl(model) if gated else 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")), len(gates(model)) if gated else 0
+
+
+@pytest.mark.slow
+def test_gates_add_a_bounded_number_of_operations_per_training_step():
+    """The gates' sample and KL are one fused computation for all gates: LeNet5's four gates
+    add at most 60 operations each to a step, and each further gate of an MLP adds at most 30
+    (its share: Adam on two more tensors, the multiplication and its backward)."""
+    plain, _ = _aten_ops_per_step("lenet5", False)
+    gated, n = _aten_ops_per_step("lenet5", True)
+    assert n == 4 and gated <= plain + 60 * n, (plain, gated)
+    extra = {}
+    for layers in (1, 5):
+        plain, _ = _aten_ops_per_step("mlp", False, hidden_layers=layers)
+        gated, n = _aten_ops_per_step("mlp", True, hidden_layers=layers)
+        extra[n] = gated - plain
+    assert set(extra) == {2, 6} and extra[6] - extra[2] <= 30 * 4, extra
