@@ -6,7 +6,9 @@ with cross-entropy (the gated one plus ``bmrs.model_kl``, the paper's ELBO), one
 step = forward, backward and an Adam step. Prints, per model and batch:
 
   * the median time of a step of each, measured in interleaved repetitions in one run (so
-    both see the same machine load), and the ratio gated / plain;
+    both see the same machine load), and the ratio gated / plain: wall-clock time, and the
+    CPU time of the timing thread (``time.thread_time``), which on a shared machine leaves
+    out the time spent waiting for a core (with one thread, the work of the step);
   * the number of aten operations of one step (torch.profiler, nested calls included; the
     count is deterministic), plain and gated, and the difference per gate.
 
@@ -87,7 +89,7 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, "
           f"Adam {args.adam}, {args.repeats} interleaved repetitions of {args.steps} steps")
     print(f"{'model':8} {'batch':>5} {'gates':>5} {'plain ms':>9} {'gated ms':>9} {'ratio':>6} "
-          f"{'ops plain':>9} {'ops gated':>9} {'ops/gate':>8}")
+          f"{'plain cpu':>9} {'gated cpu':>9} {'ratio':>6} {'ops plain':>9} {'ops gated':>9} {'ops/gate':>8}")
     for name in args.models:
         for batch in args.batches:
             plain = Setup(name, False, batch, args.adam, args.seed)
@@ -96,18 +98,22 @@ def main(argv=None) -> None:
                 for _ in range(args.warmup):
                     setup.step()
             ops = {setup: count_ops(setup) for setup in (plain, gated)}
-            times: dict[Setup, list[float]] = {plain: [], gated: []}
+            wall: dict[Setup, list[float]] = {plain: [], gated: []}
+            cpu: dict[Setup, list[float]] = {plain: [], gated: []}
             for rep in range(args.repeats):
                 order = (plain, gated) if rep % 2 == 0 else (gated, plain)
                 for setup in order:
-                    began = time.perf_counter()
+                    began, began_cpu = time.perf_counter(), time.thread_time()
                     for _ in range(args.steps):
                         setup.step()
-                    times[setup].append((time.perf_counter() - began) / args.steps)
-            t_plain, t_gated = statistics.median(times[plain]), statistics.median(times[gated])
+                    cpu[setup].append((time.thread_time() - began_cpu) / args.steps)
+                    wall[setup].append((time.perf_counter() - began) / args.steps)
+            w_plain, w_gated = statistics.median(wall[plain]), statistics.median(wall[gated])
+            c_plain, c_gated = statistics.median(cpu[plain]), statistics.median(cpu[gated])
             per_gate = (ops[gated] - ops[plain]) / gated.num_gates
-            print(f"{name:8} {batch:5d} {gated.num_gates:5d} {1e3 * t_plain:9.2f} {1e3 * t_gated:9.2f} "
-                  f"{t_gated / t_plain:6.2f} {ops[plain]:9d} {ops[gated]:9d} {per_gate:8.1f}", flush=True)
+            print(f"{name:8} {batch:5d} {gated.num_gates:5d} {1e3 * w_plain:9.2f} {1e3 * w_gated:9.2f} "
+                  f"{w_gated / w_plain:6.2f} {1e3 * c_plain:9.2f} {1e3 * c_gated:9.2f} {c_gated / c_plain:6.2f} "
+                  f"{ops[plain]:9d} {ops[gated]:9d} {per_gate:8.1f}", flush=True)
 
 
 if __name__ == "__main__":
