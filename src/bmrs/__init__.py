@@ -11,8 +11,11 @@ The core objects:
 * :mod:`bmrs.pruning`: criteria (BMRS and baselines), masks, compression counts, schedules.
 * :class:`Trainer`: a ready training loop with continuous pruning and checkpoints.
 * :func:`compact`: the smaller plain network, with :func:`save_compact` / :func:`load_compact`.
+* :mod:`bmrs.distributed`: DistributedDataParallel (every function here accepts a wrapped
+  model); :mod:`bmrs.lightning`: a Lightning callback (needs the ``lightning`` extra).
 """
 
+from . import distributed
 from .attention import MultiheadSelfAttention, compact_attention, expose_heads
 from .compaction import compact, load_compact, save_compact
 from .models import build_model  # also registers the bundled architectures for load_compact

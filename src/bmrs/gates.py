@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import find_adapter, remove_input_groups
+from .distributed import unwrap
 from .math import fast
 from .math.distributions import LogUniform, TruncatedLogNormal
 from .structure import GateLayout, couple, find_sites, traces
@@ -350,6 +351,9 @@ def attach_gates(
         every layer left ungated with the reason. A warning lists layers that could not be
         gated for a reason other than being final or excluded.
     """
+    if unwrap(model) is not model:
+        raise ValueError("attach gates before wrapping the model in DistributedDataParallel: "
+                         "the wrapper only synchronises the parameters it saw when it was built")
     if gates(model):
         raise ValueError("the model already has gates; call bmrs.detach_gates(model) first")
     adapter = find_adapter(model)
@@ -387,7 +391,12 @@ def attach_gates(
 
 
 def gates(model: nn.Module) -> dict[str, NoiseGate]:
-    """The model's gates, keyed by the name of the module each one follows."""
+    """The model's gates, keyed by the name of the module each one follows.
+
+    Here and in every other function of bmrs that takes a model, the model may be wrapped in
+    ``DistributedDataParallel``: the network inside is used (see :func:`bmrs.distributed.unwrap`).
+    """
+    model = unwrap(model)
     return {
         name: getattr(module, GATE_ATTR)
         for name, module in model.named_modules()
@@ -397,7 +406,7 @@ def gates(model: nn.Module) -> dict[str, NoiseGate]:
 
 def gate_layout(model: nn.Module) -> GateLayout:
     """The :class:`~bmrs.structure.GateLayout` recorded by :func:`attach_gates`."""
-    layout = getattr(model, _LAYOUT_ATTR, None)
+    layout = getattr(unwrap(model), _LAYOUT_ATTR, None)
     if layout is None:
         raise ValueError("the model has no gates attached by bmrs.attach_gates")
     return layout
@@ -406,6 +415,7 @@ def gate_layout(model: nn.Module) -> GateLayout:
 def detach_gates(model: nn.Module) -> None:
     """Remove every gate and its hook (and the input sites of an adapter), leaving the model
     as it was before attaching."""
+    model = unwrap(model)
     for module in model.modules():
         gate = getattr(module, GATE_ATTR, None)
         if isinstance(gate, NoiseGate):
@@ -427,7 +437,8 @@ def model_kl(model: nn.Module, reduction: str = "mean", dataset_size: int | None
             structure weighs the same, as in the ELBO, at the paper's overall strength),
             ``"sum"`` (total), or ``"elbo"`` (total divided by ``dataset_size``: with a mean
             data loss, the per-example negative ELBO).
-        dataset_size: number of training examples, for ``"elbo"``.
+        dataset_size: number of training examples, for ``"elbo"``: the whole training set,
+            also when each of several processes trains on a shard of it.
 
     A pruned structure is no longer part of the model, so it contributes nothing; the
     ``"mean"`` still divides by the gate's full number of structures, so that the weight of

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..adapters import find_adapter
 from ..attention import compact_attention
+from ..distributed import unwrap
 from ..gates import check_finite_gates, detach_gates, gate_layout, gates
 from ..structure import Call, Family, GateSite, build_dependency_graph, call_model, output_tensors, trace, traces
 
@@ -66,7 +67,8 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
     weights (the consumers' input columns) are set to zero, so the outputs are unchanged.
 
     Args:
-        model: a model with gates from :func:`bmrs.attach_gates`.
+        model: a model with gates from :func:`bmrs.attach_gates` (possibly wrapped in
+            ``DistributedDataParallel``: the network inside is compacted, on its device).
         example_input: a tensor, a tuple of positional inputs or a dict of keyword inputs,
             to trace the model.
         check: compare the result's outputs with the gated model's (eval mode) on
@@ -85,6 +87,7 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
     Raises:
         ValueError: when a gate cannot be folded exactly (see the rules above).
     """
+    model = unwrap(model)
     layout = gate_layout(model)
     adapter = find_adapter(model)
     for site in layout.sites.values():

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..distributed import unwrap
 from ..gates import NoiseGate
 from ..structure import call_model
 
@@ -20,6 +21,7 @@ def count_parameters(module: nn.Module) -> int:
     compared directly with that of its compacted copy. Unlike
     :func:`bmrs.pruning.count_parameters`, frozen parameters count too.
     """
+    module = unwrap(module)
     gate_params = {id(p) for m in module.modules() if isinstance(m, NoiseGate) for p in m.parameters()}
     return sum(p.numel() for p in module.parameters() if id(p) not in gate_params)
 
@@ -34,6 +36,7 @@ def count_flops(module: nn.Module, example_input) -> int:
     The count is for the whole batch of ``example_input`` (a tensor, a tuple of positional
     inputs or a dict of keyword inputs).
     """
+    module = unwrap(module)
     training = module.training
     module.eval()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..distributed import broadcast, unwrap
 from ..gates import check_finite_gates, gate_layout, gates
 from .criteria import Criterion
 
@@ -50,6 +51,7 @@ def decide(
     """
     if target_kind not in ("structures", "params"):
         raise ValueError(f"target_kind must be 'structures' or 'params', got {target_kind!r}")
+    model = unwrap(model)
     layout = gate_layout(model)
     check_finite_gates(model, masked=not keep_pruned)
     family_scores = _family_scores(model, criterion)
@@ -110,13 +112,8 @@ def _rank_and_cut(model, layout, family_scores, already, target, target_kind) ->
 def set_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
     """Write keep masks into the gates. Under ``torch.distributed``, rank 0's masks are
     broadcast so that every rank prunes exactly the same structures."""
-    named = gates(model)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    for name, gate in named.items():
-        mask = masks[name].to(device=gate.mask.device, dtype=gate.mask.dtype)
-        if distributed:
-            torch.distributed.broadcast(mask, src=0)
-        gate.mask.copy_(mask)
+    for name, gate in gates(model).items():
+        gate.mask.copy_(broadcast(masks[name].to(device=gate.mask.device, dtype=gate.mask.dtype)))
 
 
 def prune(
@@ -168,6 +165,7 @@ def removed_parameters(model: nn.Module, pruned: list[Tensor]) -> int:
     Counted per parameter tensor from the surviving rows and columns, so a weight between
     two removed units is removed once; plus the removed structures' gate parameters.
     """
+    model = unwrap(model)
     layout = gate_layout(model)
     modules = dict(model.named_modules())
     cut: dict[tuple[str, str], set[int]] = {}
