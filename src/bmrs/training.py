@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._io import read_tensors, write_atomic
+from .distributed import average, gather_rows, is_main, rank, unwrap, world_size
 from .gates import model_kl
 from .pruning.masks import kept_structures, parameter_compression, structure_compression
 from .pruning.schedules import ContinuousPruning
@@ -144,12 +145,21 @@ class Trainer:
 
     Args:
         model: a model with gates (see :func:`bmrs.attach_gates`); may be wrapped in
-            ``DistributedDataParallel`` (masks are then broadcast from rank 0).
+            ``DistributedDataParallel`` (see below).
         optimizer: its optimizer.
         loss_fn: data loss on ``(model(inputs), targets)``; default cross-entropy.
-        kl_reduction, dataset_size, kl_weight: the KL term, see :func:`elbo_loss`.
-        device: where batches go.
-        progress: show a progress bar over epochs.
+        kl_reduction, dataset_size, kl_weight: the KL term, see :func:`elbo_loss`;
+            ``dataset_size`` is the size of the whole training set, not of one rank's shard.
+        device: where batches go (default: where the model's parameters are).
+        progress: show a progress bar over epochs (rank 0 only).
+
+    Under ``DistributedDataParallel`` (one Trainer per process, each with its shard of the
+    training data, e.g. through a ``DistributedSampler``): training steps run through the
+    wrapper, so gradients are averaged over ranks; evaluation runs the network inside on
+    the whole validation loader in every rank; pruning decisions are rank 0's, broadcast;
+    the training numbers of the history are averaged over ranks; the checkpoint holds
+    every rank's random-number state and is written by rank 0 only, and can only be resumed
+    by the same number of processes.
     """
 
     def __init__(
@@ -161,11 +171,13 @@ class Trainer:
         kl_reduction: str = "mean",
         dataset_size: int | None = None,
         kl_weight: float = 1.0,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         progress: bool = True,
     ) -> None:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.kl_reduction, self.dataset_size, self.kl_weight = kl_reduction, dataset_size, kl_weight
+        if device is None:
+            device = next(unwrap(model).parameters()).device
         self.device, self.progress = torch.device(device), progress
         self.history: list[EpochRecord] = []
         self.best_state: dict | None = None
@@ -207,18 +219,19 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> dict[str, float]:
         """Mean data loss and accuracy with the gates in eval mode (E[theta] * mask)."""
-        training = self.model.training
-        self.model.eval()
+        net = unwrap(self.model)  # no collectives: every rank may evaluate alone
+        training = net.training
+        net.eval()
         total_loss, correct, n = 0.0, 0, 0
         try:
             for inputs, targets in loader:
                 inputs, targets = inputs.to(self.device), targets.to(self.device)
-                output = self.model(inputs)
+                output = net(inputs)
                 total_loss += self.loss_fn(output, targets, reduction="sum").item()
                 correct += (output.argmax(dim=1) == targets).sum().item()
                 n += len(targets)
         finally:
-            self.model.train(training)
+            net.train(training)
         return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1)}
 
     def train_epoch(self, loader: Iterable, epoch: int = 0) -> dict[str, float]:
@@ -242,7 +255,7 @@ class Trainer:
             self._losses.check()
         finally:
             self._losses = None
-        _check_finite_parameters(self.model, epoch)
+        _check_finite_parameters(unwrap(self.model), epoch)
         loss_sum, kl_sum, correct_sum = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)
         return {
             "loss": loss_sum / max(batches, 1),
@@ -281,17 +294,18 @@ class Trainer:
         A non-finite loss, parameter or validation loss raises :class:`TrainingDiverged`
         before that epoch's checkpoint is written.
         """
+        net = unwrap(self.model)
         if checkpoint is not None and Path(checkpoint).exists():
             self._load(read_tensors(checkpoint, "a checkpoint written by bmrs training"), generator, checkpoint)
         total = epochs + finetune_epochs
         start = len(self.history) + 1
-        bar = tqdm(range(start, total + 1), desc="epochs", initial=start - 1, total=total, disable=not self.progress, leave=False)
+        bar = tqdm(range(start, total + 1), desc="epochs", initial=start - 1, total=total, disable=not (self.progress and is_main()), leave=False)
         for epoch in bar:
             began = time.perf_counter()
             sampler = getattr(train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-            train = self.train_epoch(train_loader, epoch)
+            train = average(self.train_epoch(train_loader, epoch))
             phase = "train" if epoch <= epochs else "finetune"
             if phase == "train" and pruning is not None:
                 pruning(self.model, epoch)
@@ -309,20 +323,22 @@ class Trainer:
             selectable = pruning is None or phase == "finetune" or (finetune_epochs == 0 and epoch == total)
             if selectable and val["accuracy"] > self._best_val:
                 self._best_val, self.best_epoch = val["accuracy"], epoch
-                self.best_state = copy.deepcopy(self.model.state_dict())
+                self.best_state = copy.deepcopy(net.state_dict())
             bar.set_postfix(loss=f"{train['loss']:.3f}", val=f"{val['accuracy']:.4f}", comp=f"{record.parameter_compression:.1%}")
             if checkpoint is not None:
-                atomic_save(self._state(generator), checkpoint)
+                state = self._state(generator)  # on every rank: it gathers their random states
+                if is_main():
+                    atomic_save(state, checkpoint)
             if on_epoch_end is not None:
                 on_epoch_end(record)
         bar.close()
         if restore_best and self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
+            net.load_state_dict(self.best_state)
         return self.history
 
     def _state(self, generator: torch.Generator | None) -> dict:
         return {
-            "model": self.model.state_dict(),
+            "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "history": [asdict(r) for r in self.history],
             "best_state": self.best_state,
@@ -333,19 +349,29 @@ class Trainer:
                 "numpy": _numpy_rng_state(),
                 "torch": torch.get_rng_state(),
                 "loader": generator.get_state() if generator is not None else None,
+                # every rank's generators, in rank order (the gates' noise differs per rank)
+                "ranks": gather_rows(torch.get_rng_state()),
+                "ranks_cuda": gather_rows(torch.cuda.get_rng_state(self.device)) if self.device.type == "cuda" else None,
             },
         }
 
     def _load(self, state: dict, generator: torch.Generator | None, path="the checkpoint") -> None:
+        ranks = state.get("rng", {}).get("ranks") if isinstance(state, dict) else None
+        if ranks is not None and len(ranks) != world_size():
+            raise ValueError(f"{path} was written by {len(ranks)} training process(es); resume it with as many "
+                             f"(this run has {world_size()})")
         try:
-            self.model.load_state_dict(state["model"])
+            unwrap(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.history = [EpochRecord(**r) for r in state["history"]]
             self.best_state, self.best_epoch, self._best_val = state["best_state"], state["best_epoch"], float(state["best_val"])
             rng = state["rng"]
             random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in rng["python"]))
             _set_numpy_rng_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
+            # a row of the stacked states is a view at an offset: set_rng_state needs a tensor of its own
+            torch.set_rng_state((rng["torch"] if ranks is None else ranks[rank()]).cpu().clone())
+            if rng.get("ranks_cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["ranks_cuda"][rank()].cpu().clone(), self.device)
             if generator is not None and rng["loader"] is not None:
                 generator.set_state(rng["loader"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
