@@ -212,14 +212,44 @@ def _print_run_summary(out: Path, config: dict, metrics: dict) -> None:
              f"{info['flops_before']:,} -> {info['flops_after']:,} FLOPs per example ({out / info['file']})")
     elif "error" in info:
         _say(f"  compacted          not possible: {info['error']}")
-    _say(f"  training time      {metrics['train_seconds']:.1f} s")
+    processes = metrics.get("processes", 1)
+    _say(f"  training time      {metrics['train_seconds']:.1f} s" + (f" ({processes} processes)" if processes > 1 else ""))
     _say(f"  results            {out / 'metrics.json'}")
 
 
+def _under_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started (its variables are set)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _launch(nproc: int, argv: list[str]) -> None:
+    """Run ``python -m bmrs ARGV`` in ``nproc`` local processes through torchrun (a free port)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning
+    launch = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "bmrs"])
+    launch.training_script_args = list(argv)  # not parsed by torchrun: '--nproc' would be ambiguous there
+    try:
+        run(launch)
+    except ChildFailedError as err:
+        codes = sorted({f.exitcode for f in err.failures.values()})
+        raise CLIError(f"{len(err.failures)} of {nproc} training processes failed "
+                       f"(exit status {', '.join(map(str, codes))}; their messages are above)") from None
+
+
 def cmd_train(args) -> int:
+    from . import distributed
     from .experiments.runs import train_run
 
     _set_threads(args)
+    _positive("--nproc", args.nproc)
+    launched = _under_torchrun()
+    if launched and args.nproc not in (1, int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc))):
+        raise CLIError("--nproc starts the processes itself: leave it out when torchrun starts them")
+    # under torchrun: every rank checks OUT as it is, and none writes before all have checked
+    device = distributed.init_from_environment()
+    main = distributed.is_main()
     config = _config_from_args(args)
     out = Path(args.out)
     complete = (out / "metrics.json").is_file()
@@ -230,7 +260,7 @@ def cmd_train(args) -> int:
         raise CLIError("give --resume or --force, not both")
     if args.force:
         # start afresh: no file of the earlier run is left to be mistaken for the new one's
-        for name in _RUN_FILES:
+        for name in _RUN_FILES if main else ():
             (out / name).unlink(missing_ok=True)
         complete = started = False
     if complete and not args.resume:
@@ -253,10 +283,14 @@ def cmd_train(args) -> int:
 
         _print_run_summary(out, read_json(out / "config.json"), load_metrics(out))
         return 0
+    if args.nproc > 1 and not launched:
+        _launch(args.nproc, args.argv)
+        return 0
     created = not out.exists()
     had_config = (out / "config.json").exists()
+    distributed.barrier()
     try:
-        metrics = train_run(config, out, progress=not args.no_progress, resume=started)
+        metrics = train_run(config, out, progress=not args.no_progress, resume=started, device=device)
     except TrainingDiverged as err:
         checkpoint = out / "checkpoint.pt"
         kept = (f"{checkpoint} keeps the last good epoch" if checkpoint.is_file() else "no epoch completed")
@@ -264,13 +298,14 @@ def cmd_train(args) -> int:
     except BaseException:
         # A run that failed before its first epoch (missing data, a bad model option)
         # leaves nothing behind that would look like a run.
-        if not (out / "checkpoint.pt").exists():
+        if main and not (out / "checkpoint.pt").exists():
             if not had_config:
                 (out / "config.json").unlink(missing_ok=True)
             if created and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()
         raise
-    _print_run_summary(out, asdict(config.resolved()), metrics)
+    if main:
+        _print_run_summary(out, asdict(config.resolved()), metrics)
     return 0
 
 
@@ -560,7 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
         "An OUT holding a complete run is never overwritten: with --resume it is only reported.\n"
         "An OUT holding any of these files without a run to resume is refused unless --force.\n"
         "An interrupted run continues from its checkpoint with --resume (same options) and ends\n"
-        "with the same results as an uninterrupted one.",
+        "with the same results as an uninterrupted one.\n\n"
+        "--nproc N trains in N processes on this machine (DistributedDataParallel through\n"
+        "torchrun: gloo on the CPU, nccl on GPUs); --batch-size is per process, so a step sees\n"
+        "N x batch-size examples. 'torchrun --nproc-per-node N -m bmrs train ...' does the same\n"
+        "(also on several machines). One run directory, written by rank 0; see docs/distributed.md.",
         epilog="example: bmrs train --dataset digits --model mlp --method bmrs-n-code --width 64 \\\n"
         "           --epochs 30 --finetune-epochs 5 --batch-size 32 --lr 0.02 --kl-reduction elbo --out runs/demo",
     )
@@ -580,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute masks from scratch at each pruning step (pruned structures may return)")
     p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation, order and noise")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the paper's for the model)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the paper's for the model)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size per process (default: the paper's for the model)")
     p.add_argument("--kl-reduction", choices=("mean", "structures", "sum", "elbo"), default="mean",
                    help="KL term: mean per layer then over layers (the paper), structures (sum / number of "
                         "structures: equal weight per structure), sum, or elbo (sum / training set size)")
@@ -595,6 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="start a new run in OUT even if it holds another run's files (config.json, checkpoint.pt, "
                    "model.pt, compact.pt, metrics.json): they are deleted first")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="training processes on this machine (data parallel; --batch-size is per process)")
     p.add_argument("--out", metavar="RUN_DIR", type=_out_path, required=True, help="run directory to write")
     p.set_defaults(func=cmd_train)
 
@@ -710,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for 'train --nproc' to start its processes
         return int(args.func(args) or 0)
     except SystemExit as exit_:  # --help and --version
         return exit_.code if isinstance(exit_.code, int) else 0

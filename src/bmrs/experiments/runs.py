@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import distributed
 from .._io import read_json, read_tensors, write_json
 from ..compaction import compact, count_flops, count_parameters, save_compact
 from ..gates import gates
@@ -221,7 +222,7 @@ def compact_to_file(model: nn.Module, example_input: torch.Tensor, path: str | o
     ``architecture["input_shape"]``. Returns parameter counts, FLOPs and layer widths before
     and after, the input shape of the FLOP count, the architecture and the file name.
     """
-    single = torch.zeros(1, *architecture["input_shape"], dtype=example_input.dtype)
+    single = torch.zeros(1, *architecture["input_shape"], dtype=example_input.dtype, device=example_input.device)
     small = compact(model, example_input)
     save_compact(small, path, architecture=architecture)
     return {
@@ -248,7 +249,10 @@ def _compaction(model: nn.Module, config: RunConfig, data, out: Path) -> dict:
         return {"error": f"{type(err).__name__}: {err}", "architecture": architecture}
 
 
-def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool = True, resume: bool = True) -> dict:
+def train_run(
+    config: RunConfig, out_dir: str | os.PathLike, *, progress: bool = True, resume: bool = True,
+    device: str | torch.device = "cpu",
+) -> dict:
     """Train (and prune) one model as ``config`` says; write the run directory; return metrics.
 
     With ``resume`` (default), an existing ``checkpoint.pt`` in ``out_dir`` is continued and
@@ -258,6 +262,12 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
     The final model is also compacted into ``compact.pt``; ``metrics["compaction"]`` holds
     the parameters, FLOPs (one example) and layer widths before and after (or ``"error"``
     if the model cannot be compacted).
+
+    Inside a ``torch.distributed`` process group of N processes (``bmrs train --nproc N``
+    or torchrun), every process calls this: each trains on its shard of the training set
+    with ``config.batch_size`` examples per step (a global batch of N times that), through
+    ``DistributedDataParallel`` on ``device``; only rank 0 writes files. The result is
+    reproducible for a given seed and N; ``metrics["processes"]`` records N.
     """
     if config.method not in methods():
         raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(methods())}")
@@ -269,14 +279,24 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
         previous = read_json(out / "config.json")
         if previous != asdict(config):
             raise ValueError(f"{out} holds a run with another configuration; choose another --out")
-    elif not resume:
+    main = distributed.is_main()
+    if main and not resume:
         (out / "checkpoint.pt").unlink(missing_ok=True)
-    write_json(asdict(config), out / "config.json")
+    if main:
+        write_json(asdict(config), out / "config.json")
 
+    device = torch.device(device)
     generator = seed_everything(config.seed)
     data = load_dataset(config.dataset, config.data_dir, seed=config.seed, image_size=config.image_size)
-    model = build_model(config.model, data.input_shape, data.num_classes, **config.model_options)
-    train_loader = torch.utils.data.DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
+    model = build_model(config.model, data.input_shape, data.num_classes, **config.model_options).to(device)
+    distributed.seed_noise(config.seed)
+    if distributed.world_size() > 1:
+        sampler = torch.utils.data.DistributedSampler(data.train, shuffle=True, seed=config.seed)
+        train_loader = torch.utils.data.DataLoader(data.train, batch_size=config.batch_size, sampler=sampler, generator=generator)
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    else:
+        train_loader = torch.utils.data.DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
+        trained = model
     val_loader = torch.utils.data.DataLoader(data.val, batch_size=1000)
     test_loader = torch.utils.data.DataLoader(data.test, batch_size=1000)
 
@@ -292,13 +312,17 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
                 target_kind="params",
             )
     optimizer = adam(model.parameters(), config.lr)
-    trainer = Trainer(model, optimizer, kl_reduction=config.kl_reduction, dataset_size=len(data.train), progress=progress)
+    trainer = Trainer(
+        trained, optimizer, kl_reduction=config.kl_reduction, dataset_size=len(data.train), device=device,
+        progress=progress,
+    )
     trainer.fit(
         train_loader, val_loader, config.epochs, finetune_epochs=config.finetune_epochs, pruning=pruning,
         checkpoint=out / "checkpoint.pt", generator=generator,
     )
     test = trainer.evaluate(test_loader)
     val = trainer.evaluate(val_loader)
+    model = model.cpu()  # the files hold CPU tensors, whatever the device of training
     named = gates(model)
     metrics = {
         "test_accuracy": test["accuracy"],
@@ -310,15 +334,20 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
         "structures": {name: g.num_structures for name, g in named.items()},
         "best_epoch": trainer.best_epoch,
         "train_seconds": sum(r.seconds for r in trainer.history),
+        "processes": distributed.world_size(),
         "history": [asdict(r) for r in trainer.history],
     }
-    state = model.state_dict()
-    atomic_save(state, out / "model.pt")
-    metrics["checksums"] = {"model.pt": state_checksum(state)}
-    metrics["compaction"] = _compaction(model, config, data, out)
-    if (out / "compact.pt").is_file():
-        metrics["checksums"]["compact.pt"] = state_checksum(read_tensors(out / "compact.pt")["state_dict"])
-    write_json(metrics, out / "metrics.json")
+    if main:
+        state = model.state_dict()
+        atomic_save(state, out / "model.pt")
+        metrics["checksums"] = {"model.pt": state_checksum(state)}
+        metrics["compaction"] = _compaction(model, config, data, out)
+        if (out / "compact.pt").is_file():
+            metrics["checksums"]["compact.pt"] = state_checksum(read_tensors(out / "compact.pt")["state_dict"])
+        write_json(metrics, out / "metrics.json")
+    distributed.barrier()  # every rank returns once the run directory is complete
+    if not main:
+        metrics = load_metrics(out)
     return metrics
 
 
