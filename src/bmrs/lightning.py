@@ -49,8 +49,8 @@ class BMRSPruning(Callback):
       given): prunes with ``criterion`` (decided identically on every rank: rank 0's masks
       are broadcast), and logs ``bmrs/structure_compression``,
       ``bmrs/parameter_compression``, ``bmrs/kept/<gate>`` and, for the BMRS criteria,
-      ``bmrs/delta_f_min|median|max`` over the kept structures (the delta F the criterion
-      prunes at >= 0, with its shift for ``bmrs-n-code`` and ``bmrs-n-kr``).
+      ``bmrs/delta_f_min|median|max``: the delta F of the kept structures (the criterion
+      prunes where delta F reaches its margin: 0 for ``bmrs-n``, -1 for ``bmrs-n-kr``, ...).
     * ``on_fit_end``: :attr:`compacted` holds the compacted network (see
       :func:`bmrs.compact`), on every rank.
 
@@ -178,8 +178,7 @@ class BMRSPruning(Callback):
         }
         if self.criterion.evidence_based:
             with torch.no_grad():
-                scores = self.criterion.structure_scores(net)
-            kept = [-scores[name].cpu()[g.mask.cpu() > 0] for name, g in gates(net).items()]
+                kept = [self.criterion.delta_f(g).cpu()[g.mask.cpu() > 0] for g in gates(net).values()]
             delta_f = torch.cat(kept) if kept else torch.zeros(0)
             if delta_f.numel():
                 summary.update({
