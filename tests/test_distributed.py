@@ -106,7 +106,7 @@ def test_checkpoint_holds_the_plain_state_and_every_rank_state(process_group, tm
     state["rng"]["ranks"] = state["rng"]["ranks"].repeat(2, 1)  # as if two processes had written it
     torch.save(state, tmp_path / "c.pt")
     again = bmrs.Trainer(ddp, torch.optim.Adam(ddp.parameters(), 1e-2), progress=False)
-    with pytest.raises(ValueError, match="written by 2 process"):
+    with pytest.raises(ValueError, match="written by 2 training process"):
         again.fit(loader, loader, 2, checkpoint=tmp_path / "c.pt")
 
 
