@@ -25,6 +25,7 @@ from ..pruning.schedules import ContinuousPruning
 from ..datasets import load_dataset
 from ..models import build_model
 from ..training import Trainer, atomic_save, seed_everything
+from .provenance import provenance
 
 __all__ = [
     "RunConfig", "methods", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",
@@ -252,6 +253,7 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
     }
     atomic_save(model.state_dict(), out / "model.pt")
     metrics["compaction"] = _compaction(model, config, data, out)
+    metrics["provenance"] = provenance(config, out)
     write_json(metrics, out / "metrics.json")
     return metrics
 
