@@ -22,7 +22,7 @@ TINY = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "4
         "--batch-size", "32", "--lr", "0.02", "--kl-reduction", "elbo", "--threads", "1", "--no-progress"]
 METRIC_KEYS = {
     "test_accuracy", "test_loss", "val_accuracy", "structure_compression", "parameter_compression", "kept",
-    "structures", "best_epoch", "train_seconds", "processes", "history", "compaction", "checksums",
+    "structures", "best_epoch", "train_seconds", "processes", "history", "compaction", "checksums", "provenance",
 }
 
 

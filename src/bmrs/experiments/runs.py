@@ -28,6 +28,7 @@ from ..pruning.schedules import ContinuousPruning
 from ..datasets import load_dataset
 from ..models import build_model
 from ..training import Trainer, adam, atomic_save, seed_everything
+from .provenance import provenance
 
 __all__ = [
     "RunConfig", "methods", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",
@@ -342,6 +343,7 @@ def train_run(
         atomic_save(state, out / "model.pt")
         metrics["checksums"] = {"model.pt": state_checksum(state)}
         metrics["compaction"] = _compaction(model, config, data, out)
+        metrics["provenance"] = provenance(config, out)
         if (out / "compact.pt").is_file():
             metrics["checksums"]["compact.pt"] = state_checksum(read_tensors(out / "compact.pt")["state_dict"])
         write_json(metrics, out / "metrics.json")
