@@ -61,7 +61,7 @@ def test_flops_budget_holds_on_the_compacted_network_and_reports_both_numbers(na
     text = str(result)
     assert f"delta F >= 0 prunes {result.evidence_pruned} of {result.structures}" in text
     assert f"needs {result.budget_pruned} of {result.structures}" in text
-    assert "FLOPs <= 20.0 %" in text
+    assert "FLOPs <= 20.00 %" in text
 
 
 def test_the_budget_prunes_the_shortest_prefix_of_the_evidence():

@@ -20,7 +20,6 @@ import datetime
 import logging
 import os
 import platform
-import statistics
 import tempfile
 import time
 import warnings
@@ -259,8 +258,12 @@ class _Eager:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.mkldnn:
             return self.net(x)
-        with torch.backends.mkldnn.flags(enabled=False):
+        previous = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
             return self.net(x)
+        finally:
+            torch.backends.mkldnn.enabled = previous
 
 
 def _variants(net: nn.Module, runtime: str, example: Tensor, threads: int) -> dict[str, Callable]:
@@ -316,9 +319,12 @@ def benchmark(
     off; onnxruntime (the ONNX export, ``threads`` threads) with all graph optimisations or
     all but the layout transforms ("extended"). So no network is slowed by a setting that
     suits the other. For every batch size, every (runtime, network) pair is then called once
-    per repetition in a rotating order, so that a change in the machine's load hits all of
+    per repetition in a new random order, so that a change in the machine's load hits all of
     them alike; at small batches several calls make one sample. The figure per pair is the
-    median over the repetitions.
+    fastest repetition: on a busy machine many samples include a pause in which other
+    processes ran (half of them on the 2-core machine these figures were first measured
+    on, where the median then jumped between the two modes), and such pauses only ever
+    add time.
 
     Returns a JSON-able dict: the settings, the machine, both networks' parameters and
     FLOPs per example, and per (runtime, batch) the two latencies in milliseconds and
@@ -388,19 +394,21 @@ def _time_interleaved(runners: dict, x: Tensor, repeats: int, warmup: int) -> di
     calls = max(1, 32 // int(x.shape[0]))  # several calls per sample for tiny batches
     keys = list(runners)
     samples: dict = {k: [] for k in keys}
+    # a new random order every repetition, so that no runner always follows the same one
+    generator = torch.Generator().manual_seed(len(keys) * 7919 + repeats)
     with torch.inference_mode():
         for run in runners.values():
             for _ in range(max(warmup, 1)):
                 run(x)
-        for rep in range(repeats):
-            for i in range(len(keys)):
-                key = keys[(rep + i) % len(keys)]
+        for _ in range(repeats):
+            for i in torch.randperm(len(keys), generator=generator).tolist():
+                key = keys[i]
                 run = runners[key]
                 start = time.perf_counter()
                 for _ in range(calls):
                     run(x)
                 samples[key].append((time.perf_counter() - start) / calls)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return {k: min(v) for k, v in samples.items()}
 
 
 def _load() -> list[float] | None:
