@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..compaction import compact, count_flops, count_parameters
 from ..gates import gate_layout, gates
-from .criteria import Criterion
+from .criteria import Criterion, EvidenceCriterion
 
 __all__ = ["BUDGET_KINDS", "BudgetResult", "budget_cut", "parse_budget"]
 
@@ -41,6 +41,7 @@ class BudgetResult:
     Attributes:
         masks: keep masks per gate (bool), to pass to :func:`bmrs.pruning.set_masks`.
         criterion: the criterion's name.
+        rule: its own pruning rule, in words (``"delta F >= 0"`` for BMRS_N).
         budget: ``{kind: fraction to keep}`` as given.
         structures: gated structures in all.
         evidence_pruned: structures the criterion's own rule prunes (``delta F >= 0`` for
@@ -55,7 +56,7 @@ class BudgetResult:
 
     masks: dict[str, Tensor]
     criterion: str
-    evidence_based: bool
+    rule: str
     budget: dict[str, float]
     structures: int
     evidence_pruned: int | None
@@ -74,7 +75,7 @@ class BudgetResult:
     def summary(self) -> str:
         """Two or three lines: what the evidence prunes, what the budget needs, the outcome."""
         goal = ", ".join(f"{_LABELS[k]} <= {_pct(v)}" for k, v in self.budget.items())
-        rule = "delta F >= 0" if self.evidence_based else f"{self.criterion}'s threshold"
+        rule = self.rule
         if self.evidence_pruned is None:
             first = f"{self.criterion} has no pruning rule of its own (it needs a budget or a target)"
         else:
@@ -199,7 +200,7 @@ def budget_cut(
     final = max(lo, evidence or 0)
     masks = masks_for(final)
     return BudgetResult(
-        masks=masks, criterion=criterion.name, evidence_based=criterion.evidence_based, budget=budget,
+        masks=masks, criterion=criterion.name, rule=_rule(criterion), budget=budget,
         structures=int(members.sum()),
         evidence_pruned=None if evidence is None else structures(evidence),
         evidence_kept=None if evidence is None else measure.exact(masks_for(evidence)),
@@ -231,6 +232,7 @@ class _Measure:
             self.full = compact(self.net_with(None), self.inputs, check=False)
         self.layers = self._layers()
         self.cache: dict[tuple, dict[str, float]] = {}
+        self.exact_cache: dict[tuple, dict[str, float]] = {}
 
     def net_with(self, masks: dict[str, Tensor] | None) -> nn.Module:
         from .masks import set_masks
@@ -295,7 +297,10 @@ class _Measure:
         return self.cache[key]
 
     def exact(self, masks: dict[str, Tensor]) -> dict[str, float]:
-        """Compact the masked network and count (and time) it."""
+        """Compact the masked network and count (and time) it; once per set of masks."""
+        key = tuple(tuple(m.tolist()) for m in masks.values())
+        if key in self.exact_cache:
+            return self.exact_cache[key]
         small = compact(self.net_with(masks), self.inputs, check=False)
         found = {}
         for kind in self.kinds:
@@ -305,7 +310,7 @@ class _Measure:
                 found[kind] = count_parameters(small) / self.full_params
             else:
                 found[kind] = _latency_ratio(small, self.full, self.inputs)
-        self.cache[tuple(tuple(m.tolist()) for m in masks.values())] = found
+        self.cache[key] = self.exact_cache[key] = found
         return found
 
 
@@ -333,6 +338,15 @@ def _latency_ratio(small: nn.Module, full: nn.Module, inputs: tuple, repeats: in
                 net(*inputs)
                 times[id(net)].append(time.perf_counter() - start)
     return min(times[id(small)]) / min(times[id(full)])  # pauses for other processes only add time
+
+
+def _rule(criterion: Criterion) -> str:
+    """The criterion's own rule in words: ``delta F >= margin`` for the evidence criteria."""
+    if not criterion.evidence_based:
+        return f"{criterion.name}'s threshold ({criterion.threshold:g})" if criterion.threshold is not None else ""
+    if type(criterion).gate_margin is not EvidenceCriterion.gate_margin:
+        return "delta F >= its per-structure margin"
+    return "delta F >= 0" if criterion.margin == 0 else f"delta F >= {criterion.margin:.3g}"
 
 
 def _pct(x: float) -> str:
