@@ -22,6 +22,7 @@ from pathlib import Path
 from . import __version__
 from ._io import read_json
 from .datasets import DATASETS, ChecksumError
+from .deploy import FORMATS, RUNTIMES
 from .models import MODELS
 from .training import TrainingDiverged
 from .experiments.runs import RunConfig, methods
@@ -415,6 +416,24 @@ def _width_lines(before: dict, after: dict) -> list[str]:
     return [f"  {name:<24} {before.get(name, '?'):>6} -> {after.get(name, '?')}" for name in sorted(set(before) | set(after), key=natural_key)]
 
 
+def _apply_budget(model, config, args, example) -> None:
+    """Prune ``model`` further until ``--budget`` holds; print what the evidence and the budget prune."""
+    from .pruning import make_criterion, parse_budget, prune
+
+    budget = parse_budget(args.budget)
+    text = args.criterion or (config.method if config.method != "none" else None)
+    if text is None:
+        raise CLIError("this run has no pruning method (--method none): give --criterion with --budget")
+    if text == "bmrs-u" and args.criterion is None:
+        text = f"bmrs-u{config.bits:g}"
+    (_, name, options), = parse_criteria(text)
+    criterion = make_criterion(name, **options)
+    result = prune(model, criterion, budget=budget, example_input=example[:1], keep_pruned=True)
+    _say(f"budget with {text} (structures the run pruned stay pruned):")
+    for line in result.summary().splitlines():
+        _say(f"  {line}")
+
+
 def cmd_compact(args) -> int:
     from .experiments.runs import compact_to_file
 
@@ -422,6 +441,8 @@ def cmd_compact(args) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'compact.pt'}")
+    if args.criterion is not None and args.budget is None:
+        raise CLIError("--criterion applies with --budget only")
     from .experiments.runs import run_files
 
     run_dir, state_file = run_files(Path(args.checkpoint))
@@ -430,7 +451,9 @@ def cmd_compact(args) -> int:
         raise CLIError(f"--out {out} is a file of the run being compacted; choose another --out")
     if out.exists() and not args.force:
         raise CLIError(f"--out {out} exists; pass --force to replace it, or choose another --out")
-    _, model, architecture, example, _ = _load_run_model(Path(args.checkpoint), args.data_dir)
+    config, model, architecture, example, _ = _load_run_model(Path(args.checkpoint), args.data_dir)
+    if args.budget is not None:
+        _apply_budget(model, config, args, example)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         info = compact_to_file(model, example, out, architecture)
@@ -509,6 +532,9 @@ def cmd_info(args) -> int:
         info = _describe_gated(path, args.data_dir)
     else:
         info = _describe_compact(path)
+    bench = _read_bench(_bench_file(path))
+    if bench is not None:
+        info["bench"] = bench
     if args.json:
         _say(json.dumps(info, indent=2, sort_keys=True))
         return 0
@@ -528,6 +554,137 @@ def cmd_info(args) -> int:
         _say(f"FLOPs         {info['flops']:,} (one forward pass, input shape {tuple(info['input_shape'])})")
     else:
         _say("FLOPs         unknown (saved without an architecture description)")
+    if bench is not None:
+        _say(f"last measured latency ('bmrs bench', {_bench_file(path)}):")
+        _print_bench(bench, indent="  ")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# bmrs export and bmrs bench
+
+
+def _networks(path: Path, data_dir, *, need_full: bool):
+    """(compacted network, full network or None, architecture, example batch, source) of a
+    run (directory, model.pt, checkpoint.pt) or a compacted model file.
+
+    A run's full network is its gated model with E[theta] folded in and nothing removed. A
+    compacted file holds no full network: the architecture is built at full width with
+    random weights (the same shapes, so the same work), and ``source`` says so.
+    """
+    import torch
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir() or (path.name in ("model.pt", "checkpoint.pt") and (path.parent / "config.json").is_file()):
+        from .compaction import compact
+        from .deploy import full_network
+
+        _, model, architecture, example, _ = _load_run_model(path, data_dir)
+        small = compact(model, example)
+        full = full_network(model, example) if need_full else None
+        return small, full, architecture, example[:4], "the run's gated model, E[theta] folded in, nothing removed"
+    from .compaction import ARCHITECTURES, load_compact
+
+    info = _describe_compact(path)
+    architecture = info["architecture"]
+    if architecture is None:
+        raise CLIError(f"{path} was saved without an architecture description; it cannot be rebuilt here")
+    small = load_compact(path)
+    example = torch.randn(4, *architecture["input_shape"], generator=torch.Generator().manual_seed(0))
+    full = None
+    if need_full:
+        torch.manual_seed(0)
+        full = ARCHITECTURES[architecture["name"]](architecture["input_shape"], architecture["num_classes"],
+                                                  **architecture["options"]).eval()
+    return small, full, architecture, example, f"{architecture['name']} at full width with random weights"
+
+
+def _bench_file(path: Path) -> Path:
+    """Where the figures of 'bmrs bench PATH' are recorded: RUN/bench.json, or FILE.bench.json."""
+    if path.is_dir():
+        return path / "bench.json"
+    if path.name in ("model.pt", "checkpoint.pt") and (path.parent / "config.json").is_file():
+        return path.parent / "bench.json"
+    return path.with_name(path.stem + ".bench.json")
+
+
+def _read_bench(file: Path) -> dict | None:
+    from .deploy import BENCH_FORMAT
+
+    if not file.is_file():
+        return None
+    try:
+        data = read_json(file)
+    except (ValueError, OSError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == BENCH_FORMAT else None
+
+
+def cmd_export(args) -> int:
+    from .deploy import export
+
+    _set_threads(args)
+    out = Path(args.out)
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a directory; give a file name")
+    source = Path(args.source)
+    run_dir = source if source.is_dir() else source.parent if source.name in ("model.pt", "checkpoint.pt") else None
+    own = [source, *((run_dir / name for name in _RUN_FILES) if run_dir is not None else ())]
+    if out.exists() and any(p.is_file() and os.path.samefile(out, p) for p in own):
+        raise CLIError(f"--out {out} is a file of the run or model being exported; choose another --out")
+    if out.exists() and not args.force:
+        raise CLIError(f"--out {out} exists; pass --force to replace it, or choose another --out")
+    small, _, architecture, example, _ = _networks(Path(args.source), args.data_dir, need_full=False)
+    result = export(small, example, out, args.format)
+    _say(f"exported the compacted {architecture['name']} of {args.source} to {out} ({args.format}, dynamic batch axis)")
+    _say(f"checked: {result['checked_with']} gives PyTorch's outputs at batch sizes "
+         f"{' and '.join(map(str, result['batches']))} (largest relative error {result['max_relative_error']:.2g}, "
+         f"tolerance 1e-05)")
+    return 0
+
+
+def _print_bench(data: dict, indent: str = "") -> None:
+    nets = data["networks"]
+    _say(f"{indent}full     {nets['full']['parameters']:,} parameters, {nets['full']['flops']:,} FLOPs per example")
+    _say(f"{indent}compact  {nets['compact']['parameters']:,} parameters, {nets['compact']['flops']:,} FLOPs per example "
+         f"(FLOPs {data['flop_ratio']:.2f}x fewer, parameters {data['parameter_ratio']:.2f}x)")
+    settings = data["settings"]
+    _say(f"{indent}measured {data['measured_at']}, {settings['threads']} thread(s), fastest of {settings['repeats']} "
+         f"interleaved repetitions, load average {data['machine']['load_average_before']} before, "
+         f"{data['machine']['load_average_after']} after")
+    _say(f"{indent}| runtime | batch | full ms | compact ms | full/compact | FLOP ratio | settings (full; compact) |")
+    _say(f"{indent}|---|---|---|---|---|---|---|")
+    for r in data["results"]:
+        _say(f"{indent}| {r['runtime']} | {r['batch']} | {r['full_ms']:.4f} | {r['compact_ms']:.4f} | "
+             f"{r['ratio']:.2f} | {data['flop_ratio']:.2f} | {r['full_setting']}; {r['compact_setting']} |")
+    for g in data["deployment_gain"]:
+        _say(f"{indent}deployment gain at batch {g['batch']}: eager full {g['eager_full_ms']:.4f} ms / compact in "
+             f"{g['runtime']} {g['compact_ms']:.4f} ms = {g['gain']:.2f}x")
+
+
+def cmd_bench(args) -> int:
+    from ._io import write_json
+    from .deploy import benchmark
+
+    _positive("--threads", args.threads)
+    _positive("--repeats", args.repeats)
+    _positive("--warmup", args.warmup, 0)
+    for b in args.batch:
+        _positive("--batch", b)
+    path = Path(args.source)
+    record = _bench_file(path)
+    if record.exists() and _read_bench(record) is None:
+        raise CLIError(f"{record} exists and was not written by 'bmrs bench'; it is left alone: move it away first")
+    small, full, architecture, _, source = _networks(path, args.data_dir, need_full=True)
+    data = benchmark(full, small, architecture["input_shape"], batches=args.batch, runtimes=args.runtime,
+                     threads=args.threads, repeats=args.repeats, warmup=args.warmup)
+    data["source"] = str(path)
+    data["full_network"] = source
+    _say(f"bmrs bench {path}: {architecture['name']}; full network: {source}")
+    _print_bench(data)
+    write_json(data, record)
+    _say(f"wrote {record}")
     return 0
 
 
@@ -569,7 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Structured pruning of neural networks with Bayesian model reduction (BMRS).\n\n"
         "Train with noise gates and prune continuously (train), prune a trained model at many\n"
         "compression levels (sweep), tabulate and plot results (report), turn a pruned model\n"
-        "into a smaller plain network (compact, info), or run a whole experiment suite (reproduce).",
+        "into a smaller plain network (compact, info), export and time it (export, bench), or run a\n"
+        "whole experiment suite (reproduce).",
         formatter_class=_Formatter,
         epilog="Run 'bmrs COMMAND --help' for the options of a command. Exit status: 0 success, 2 a usage error or a\n"
         "bad input file (one line on stderr), 3 training diverged. Documentation: docs/cli.md, docs/reliability.md",
@@ -700,6 +858,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: bmrs compact runs/demo --out runs/demo-small.pt",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="run directory, model.pt or checkpoint.pt")
+    p.add_argument("--budget", metavar="KIND=FRACTION", default=None,
+                   help="prune further, in the order of the criterion's evidence, until at most FRACTION of the "
+                   "full network's KIND remains (flops, params or latency; e.g. flops=0.2, or flops=0.2,params=0.3); "
+                   "prints what delta F >= 0 prunes and what the budget needs")
+    p.add_argument("--criterion", default=None,
+                   help="criterion that orders the structures for --budget (default: the run's method)")
     p.add_argument("--data-dir", default=None, help="data directory, if the data set must be read (default: the run's)")
     p.add_argument("--out", metavar="FILE", type=_out_path, required=True, help="file to write")
     p.add_argument("--force", action="store_true", help="replace an existing FILE (never one of the run's own files)")
@@ -718,6 +882,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--data-dir", default=None, help="data directory, if the data set must be read (default: the run's)")
     p.set_defaults(func=cmd_info)
+
+    # export --------------------------------------------------------------------------------
+    p = commands.add_parser(
+        "export", parents=[threads], formatter_class=_Formatter,
+        help="export the compacted network to ONNX, TorchScript or torch.export",
+        description="Export the compacted network of a run (compacted afresh from its gated model) or of a\n"
+        "compacted model file, with a dynamic batch axis and BatchNorm folded into the convolutions:\n"
+        "  onnx         ONNX (input 'input', output 'output'); needs the extra bmrs[onnx]\n"
+        "  torchscript  torch.jit.trace, for torch.jit.load\n"
+        "  exported     torch.export (a .pt2 archive), for torch.export.load\n"
+        "The written file is loaded again (ONNX: run with onnxruntime) and its outputs are compared\n"
+        "with PyTorch's at two batch sizes; they must agree to 1e-5 of the largest output, or\n"
+        "nothing is written.",
+        epilog="example: bmrs export runs/demo --format onnx --out runs/demo.onnx",
+    )
+    p.add_argument("source", metavar="RUN_OR_COMPACT", help="run directory, its model.pt / checkpoint.pt, or a compacted model file")
+    p.add_argument("--format", choices=FORMATS, required=True, help="export format")
+    p.add_argument("--out", metavar="FILE", required=True, help="file to write")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file (never the source or a file of its run)")
+    p.add_argument("--data-dir", default=None, help="data directory, if the data set must be read (default: the run's)")
+    p.set_defaults(func=cmd_export)
+
+    # bench ---------------------------------------------------------------------------------
+    p = commands.add_parser(
+        "bench", formatter_class=_Formatter,
+        help="latency of the full and the compacted network, side by side, per runtime",
+        description="Time the full network (a run's gated model with E[theta] folded in and nothing removed;\n"
+        "for a compacted file, its architecture at full width with random weights) and the compacted\n"
+        "one, in each runtime, at each batch size, interleaved (a new random order every repetition;\n"
+        "the fastest repetition counts), with BatchNorm folded into the convolutions of both:\n"
+        "  eager        PyTorch, no_grad\n"
+        "  compile      torch.compile (needs a C++ compiler)\n"
+        "  onnxruntime  the ONNX export, all graph optimisations (needs the extra bmrs[onnx])\n"
+        "Prints parameters, FLOPs and the table of latencies and full/compact ratios, and the\n"
+        "deployment gain (eager full vs compact in its fastest runtime). The figures are written\n"
+        "to RUN/bench.json (FILE.bench.json beside a file); 'bmrs info' shows them.",
+        epilog="example: bmrs bench runs/demo --batch 1 256 --runtime eager compile onnxruntime",
+    )
+    p.add_argument("source", metavar="RUN_OR_FILE", help="run directory, its model.pt / checkpoint.pt, or a compacted model file")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 256], help="batch sizes")
+    p.add_argument("--runtime", nargs="+", choices=RUNTIMES, default=list(RUNTIMES), help="runtimes")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of every runtime")
+    p.add_argument("--repeats", type=int, default=50, help="timed repetitions per network, runtime and batch")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
+    p.add_argument("--data-dir", default=None, help="data directory, if the data set must be read (default: the run's)")
+    p.set_defaults(func=cmd_bench)
 
     # reproduce -----------------------------------------------------------------------------
     p = commands.add_parser(

@@ -1,5 +1,6 @@
 """Pruning criteria (and their registry), masks, counting and schedules."""
 
+from .budget import BUDGET_KINDS, BudgetResult, budget_cut, parse_budget
 from .criteria import (
     BMRSN, BMRSU, CRITERIA, SNR, BMRSNCode, BMRSNKassRaftery, BMRSNRelative, Criterion, EvidenceCriterion,
     ExpectedTheta, L2, Random, Taylor, make_criterion, register_criterion,
@@ -10,6 +11,7 @@ from .masks import (
 from .schedules import ContinuousPruning
 
 __all__ = [
+    "BUDGET_KINDS", "BudgetResult", "budget_cut", "parse_budget",
     "BMRSN", "BMRSNCode", "BMRSNKassRaftery", "BMRSNRelative", "BMRSU", "CRITERIA", "ContinuousPruning", "Criterion",
     "EvidenceCriterion", "ExpectedTheta", "L2", "Random", "SNR", "Taylor", "count_parameters", "decide",
     "kept_structures", "make_criterion", "parameter_compression", "prune", "register_criterion", "set_masks",

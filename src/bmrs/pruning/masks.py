@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..distributed import broadcast, unwrap
 from ..gates import check_finite_gates, gate_layout, gates
+from .budget import budget_cut
 from .criteria import Criterion
 
 __all__ = [
@@ -35,7 +36,9 @@ def decide(
     target: float | None = None,
     target_kind: str = "structures",
     keep_pruned: bool = False,
-) -> dict[str, Tensor]:
+    budget: dict | str | None = None,
+    example_input=None,
+):
     """Keep masks (bool, per gate) that ``criterion`` decides for ``model``.
 
     Args:
@@ -46,9 +49,22 @@ def decide(
         target_kind: what ``target`` counts: ``"structures"`` (gated structures) or
             ``"params"`` (trainable parameters, as :func:`parameter_compression` counts them).
         keep_pruned: structures already masked stay pruned (and count towards ``target``).
+        budget: instead of ``target``, what may remain of the compacted network as a
+            fraction of the full one, e.g. ``{"flops": 0.2}`` (also ``"params"``,
+            ``"latency"``; several kinds must all hold): structures are pruned in the order of
+            the criterion's scores until the budget holds, or as the criterion's own rule
+            says if that prunes more. Then a :class:`~bmrs.pruning.budget.BudgetResult` is
+            returned (its ``masks``, and what the rule and the budget each prune) instead of
+            the masks. Needs ``example_input`` (see :func:`~bmrs.pruning.budget.budget_cut`).
+        example_input: an input of the model, for ``budget``.
 
     Families of coupled structures are decided as one, from the criterion's family score.
     """
+    if budget is not None:
+        if target is not None:
+            raise ValueError("give a target or a budget, not both")
+        check_finite_gates(model, masked=not keep_pruned)
+        return budget_cut(model, criterion, budget, example_input, keep_pruned=keep_pruned)
     if target_kind not in ("structures", "params"):
         raise ValueError(f"target_kind must be 'structures' or 'params', got {target_kind!r}")
     model = unwrap(model)
@@ -123,11 +139,21 @@ def prune(
     target: float | None = None,
     target_kind: str = "structures",
     keep_pruned: bool = True,
-) -> dict[str, int]:
+    budget: dict | str | None = None,
+    example_input=None,
+):
     """Decide with ``criterion`` (see :func:`decide`), write the masks, return kept counts per gate.
 
-    By default a structure pruned earlier stays pruned (``keep_pruned=True``).
+    By default a structure pruned earlier stays pruned (``keep_pruned=True``). With a
+    ``budget`` (e.g. ``{"flops": 0.2}``, with ``example_input``) the masks are written and
+    the :class:`~bmrs.pruning.budget.BudgetResult` is returned: ``print(result)`` says what
+    ``delta F >= 0`` prunes and what the budget needs; ``result.kept_structures`` are the
+    kept counts.
     """
+    if budget is not None:
+        result = decide(model, criterion, target=target, keep_pruned=keep_pruned, budget=budget, example_input=example_input)
+        set_masks(model, result.masks)
+        return result
     masks = decide(model, criterion, target=target, target_kind=target_kind, keep_pruned=keep_pruned)
     set_masks(model, masks)
     return kept_structures(model)
