@@ -24,7 +24,7 @@ from ._io import read_json
 from .datasets import DATASETS, ChecksumError
 from .models import MODELS
 from .training import TrainingDiverged
-from .experiments.runs import RunConfig, methods
+from .experiments.runs import PAPER, RECOMMENDED, RunConfig, methods
 from .experiments.suites import SUITES
 from .experiments.sweep import DEFAULT_LEVELS, default_criteria, parse_criteria
 from .pruning.criteria import CRITERIA, load_plugins
@@ -134,6 +134,20 @@ def _percent(x: float) -> str:
 # bmrs train
 
 
+def _recommended_defaults(args) -> str | None:
+    """Fill in ``--method`` and ``--kl-reduction`` where not given (:data:`RECOMMENDED`);
+    the line that says so, or None when both were given."""
+    filled = []
+    for dest, flag in (("method", "--method"), ("kl_reduction", "--kl-reduction")):
+        if getattr(args, dest) is None:
+            setattr(args, dest, RECOMMENDED[dest])
+            filled.append(f"{flag} {RECOMMENDED[dest]}")
+    if not filled:
+        return None
+    paper = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PAPER.items())
+    return f"recommended defaults: {', '.join(filled)} (docs/pruning.md; the paper's: {paper})"
+
+
 def _config_from_args(args) -> RunConfig:
     """The run configuration of ``bmrs train``'s options, checked before anything is written."""
     if args.method == "none":
@@ -220,7 +234,10 @@ def cmd_train(args) -> int:
     from .experiments.runs import train_run
 
     _set_threads(args)
+    defaults = _recommended_defaults(args)
     config = _config_from_args(args)
+    if defaults is not None:
+        _say(defaults)
     out = Path(args.out)
     complete = (out / "metrics.json").is_file()
     started = (out / "checkpoint.pt").is_file()
@@ -560,13 +577,19 @@ def build_parser() -> argparse.ArgumentParser:
         "An OUT holding a complete run is never overwritten: with --resume it is only reported.\n"
         "An OUT holding any of these files without a run to resume is refused unless --force.\n"
         "An interrupted run continues from its checkpoint with --resume (same options) and ends\n"
-        "with the same results as an uninterrupted one.",
-        epilog="example: bmrs train --dataset digits --model mlp --method bmrs-n-code --width 64 \\\n"
-        "           --epochs 30 --finetune-epochs 5 --batch-size 32 --lr 0.02 --kl-reduction elbo --out runs/demo",
+        "with the same results as an uninterrupted one.\n\n"
+        f"Without --method and --kl-reduction it uses the recommended {RECOMMENDED['method']} and\n"
+        f"{RECOMMENDED['kl_reduction']} (see docs/pruning.md) and says so; the paper's are --method "
+        f"{PAPER['method']}\nand --kl-reduction {PAPER['kl_reduction']}.",
+        epilog="examples: bmrs train --dataset digits --model mlp --out runs/digits\n"
+        "          bmrs train --dataset fashion-mnist --model lenet5 --method bmrs-n-code --kl-reduction mean \\\n"
+        "              --recompute-masks --out runs/lenet5-paper",
     )
     p.add_argument("--dataset", type=_dataset_name, choices=DATASETS, required=True, help="data set")
     p.add_argument("--model", choices=tuple(MODELS), required=True, help="bundled model")
-    p.add_argument("--method", choices=methods(), required=True, help=_methods_help())
+    p.add_argument("--method", choices=methods(), default=None,
+                   help=f"default {RECOMMENDED['method']} (recommended; the paper's BMRS_N: {PAPER['method']}). "
+                   + _methods_help())
     p.add_argument("--bits", type=float, default=None, help=f"precision of {_with('bits')} in bits (default 8; fewer prune more)")
     p.add_argument("--threshold", type=float, default=None,
                    help=f"threshold of a baseline ({', '.join(n for n, c in CRITERIA.items() if not c.evidence_based)})")
@@ -581,9 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation, order and noise")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the paper's for the model)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the paper's for the model)")
-    p.add_argument("--kl-reduction", choices=("mean", "structures", "sum", "elbo"), default="mean",
-                   help="KL term: mean per layer then over layers (the paper), structures (sum / number of "
-                        "structures: equal weight per structure), sum, or elbo (sum / training set size)")
+    p.add_argument("--kl-reduction", choices=("mean", "structures", "sum", "elbo"), default=None,
+                   help=f"KL term (default {RECOMMENDED['kl_reduction']}, recommended): mean per layer then over "
+                        "layers (the paper's), structures (sum / number of structures: equal weight per "
+                        "structure), sum, or elbo (sum / training set size)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to SxS (default 32 for (fashion-)mnist)")
     g = p.add_argument_group("model options (passed to the model builder)")
     g.add_argument("--width", type=int, default=None, help="mlp: hidden units; resnet: base channels; vit: embedding size")

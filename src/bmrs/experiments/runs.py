@@ -31,7 +31,7 @@ from ..training import Trainer, adam, atomic_save, seed_everything
 __all__ = [
     "RunConfig", "methods", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",
     "run_files", "load_state_file", "check_metrics", "state_checksum", "verify_checksum",
-    "model_architecture", "layer_widths", "compact_to_file",
+    "model_architecture", "layer_widths", "compact_to_file", "RECOMMENDED", "PAPER",
 ]
 
 
@@ -39,6 +39,14 @@ def methods() -> tuple[str, ...]:
     """Methods of ``bmrs train --method``: ``none`` (no pruning), then every registered criterion."""
     return ("none", *CRITERIA)
 
+
+#: The settings ``bmrs train`` uses unless told otherwise, chosen from our reproduction
+#: (docs/pruning.md, "Recommended settings"): bmrs-n-kr breaks the ties of relaxed gates
+#: without a tuned threshold, and a KL weighted per structure does not collapse LeNet5's
+#: convolutions as the paper's per-layer mean does.
+RECOMMENDED = {"method": "bmrs-n-kr", "kl_reduction": "structures"}
+#: The paper's choices for the same settings (BMRS_N as its released code computes it).
+PAPER = {"method": "bmrs-n-code", "kl_reduction": "mean"}
 
 # The paper's optimiser settings (MATH.md section 5); other models get the LeNet5 ones.
 _PAPER_SETTINGS = {"mlp": {"batch_size": 128, "lr": 1.5e-3}, "lenet5": {"batch_size": 32, "lr": 1.4e-3}}
@@ -123,7 +131,7 @@ class RunConfig:
     seed: int = 0
     lr: float | None = None
     batch_size: int | None = None
-    kl_reduction: str = "mean"
+    kl_reduction: str = RECOMMENDED["kl_reduction"]
     image_size: int | None = None
     model_options: dict = field(default_factory=dict)
     data_dir: str | None = None
