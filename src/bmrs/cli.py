@@ -307,6 +307,17 @@ def _load_run_model(path: Path, data_dir=None, *, need_data: bool = False):
 # bmrs sweep
 
 
+def _swept_epoch(config: dict) -> str:
+    """Which epoch a sweep pruned, in words."""
+    epoch, epochs = config.get("epoch"), config.get("epochs")
+    last = Path(config["run"]).name == "checkpoint.pt"
+    which = "the last epoch" if last else "the best validation epoch"
+    other = "--epoch best: the best validation epoch" if last else "--epoch last: the last epoch"
+    if epoch is None:
+        return f"{which} ({other})"
+    return f"epoch {epoch}{f' of {epochs}' if epochs else ''}, {which} ({other})"
+
+
 def cmd_sweep(args) -> int:
     from .experiments.sweep import sweep_run
 
@@ -322,15 +333,17 @@ def cmd_sweep(args) -> int:
         raise CLIError(f"{out} already holds {' and '.join(existing)}; pass --force to replace them, or choose another --out")
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
+    if args.epoch is not None and not Path(args.run).is_dir():
+        raise CLIError("--epoch applies to a run directory (a state file is the epoch it holds)")
     result = sweep_run(
         args.run, out, criteria=args.criteria, levels=levels,
         finetune_epochs=args.finetune_epochs, split=args.split, target_kind=args.target_kind,
-        data_dir=args.data_dir, progress=not args.no_progress,
+        data_dir=args.data_dir, epoch=args.epoch or "last", progress=not args.no_progress,
     )
     config, records = result["run_config"], result["records"]
     _say(f"sweep of {args.run} ({config['model']} on {config['dataset']}): {len(records)} points, "
-         f"{len(result['config']['criteria'])} criteria x {len(result['config']['levels'])} levels, "
-         f"{args.split} accuracy of the run's model {_percent(result['model_accuracy'])}")
+         f"{len(result['config']['criteria'])} criteria x {len(result['config']['levels'])} levels")
+    _say(f"swept model: {_swept_epoch(result['config'])}, {args.split} accuracy {_percent(result['model_accuracy'])}")
     stops = [r for r in records if r["kind"] == "stop"]
     if stops:
         _say("stopping points (BMRS: delta F >= 0; baselines: their threshold):")
@@ -626,14 +639,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "sweep", parents=[threads, progress], formatter_class=_Formatter,
         help="post-training pruning of a trained run at many compression levels",
-        description="Prune a trained run's final model (typically a --method none run: gated, unpruned)\n"
+        description="Prune a trained run's last epoch (typically a --method none run: gated, unpruned)\n"
         "with each criterion to each compression level, optionally fine-tune, and measure the\n"
         "accuracy. Criteria with a stopping rule (BMRS: delta F >= 0; snr, etheta: threshold)\n"
         "also get that point (kind 'stop'). Writes OUT/sweep.json (settings, the run's\n"
         "configuration, records) and OUT/sweep.csv (the records).",
         epilog="example: bmrs sweep --run runs/none --criteria bmrs-n-code,bmrs-u8,l2 --out runs/none-sweep",
     )
-    p.add_argument("--run", metavar="RUN_DIR", required=True, help="a complete run directory (its model.pt: the best validation epoch), or a run's checkpoint.pt (the last epoch)")
+    p.add_argument("--run", metavar="RUN_DIR", required=True,
+                   help="a run directory (see --epoch), or one of its state files: checkpoint.pt (the last "
+                   "epoch) or model.pt (the best validation epoch)")
+    p.add_argument("--epoch", choices=("last", "best"), default=None,
+                   help="which model of a run directory to prune: last (default: the network training ended "
+                   "with, its gates settled; its checkpoint.pt) or best (the best validation epoch, its "
+                   "model.pt, often an early one whose gates have not settled)")
     p.add_argument("--criteria", default=",".join(default_criteria()),
                    help="comma-separated criteria: " + ", ".join(c.label_syntax or n for n, c in CRITERIA.items()))
     p.add_argument("--levels", type=_float_list, default=None,

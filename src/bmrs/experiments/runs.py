@@ -114,12 +114,13 @@ class RunConfig:
     ``lr`` and ``batch_size`` default to the paper's for the model. ``image_size`` defaults
     to 32 for the 28x28 sets, as in the paper. Baselines without a natural threshold
     (``l2``, ``taylor``, ``random``) need ``target`` (a compression) or ``match`` (a run
-    directory whose per-epoch parameter compression they follow).
+    directory whose per-epoch parameter compression they follow). ``method`` and
+    ``kl_reduction`` default to :data:`RECOMMENDED`, not to the paper's (:data:`PAPER`).
     """
 
     dataset: str = "digits"
     model: str = "mlp"
-    method: str = "bmrs-n"
+    method: str = RECOMMENDED["method"]
     bits: float = 8.0
     threshold: float | None = None
     target: float | None = None
@@ -363,13 +364,16 @@ class LoadedRun:
     architecture: dict
     example: torch.Tensor
     data: object | None
+    epoch: int | None = None  # the epoch whose state was loaded, where the run records it
 
 
 def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False) -> LoadedRun:
     """Rebuild the gated model of a run directory (or of its model.pt / checkpoint.pt).
 
     The data set is loaded when ``need_data`` or when the run's metrics do not record the
-    architecture; ``example`` is a batch of 64 inputs (test images, or seeded noise).
+    architecture; ``example`` is a batch of 64 inputs (test images, or seeded noise);
+    ``epoch`` the epoch of the state loaded (a checkpoint's last epoch, or model.pt's best
+    validation epoch), None where the run does not record it.
     """
     run_dir, state_file = run_files(path)
     config = RunConfig.from_dict(read_json(run_dir / "config.json"), run_dir / "config.json").resolved()
@@ -380,8 +384,10 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
         if not (isinstance(checkpoint, dict) and "model" in checkpoint):
             raise ValueError(f"{state_file} is not a checkpoint written by 'bmrs train'")
         state = checkpoint["model"]
+        epoch = len(checkpoint.get("history", [])) or None
     else:
         state = load_state_file(state_file)
+        epoch = None
     if isinstance(state, dict) and "metadata" in state and "state_dict" in state:
         raise ValueError(f"{state_file} is already a compacted model (see 'bmrs info {state_file}')")
     if not isinstance(state, dict):
@@ -389,6 +395,8 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
     architecture, data = None, None
     metrics_file = run_dir / "metrics.json"
     metrics = check_metrics(read_json(metrics_file), metrics_file) if metrics_file.is_file() else {}
+    if state_file.name == "model.pt":
+        epoch = metrics.get("best_epoch")
     if metrics and not need_data:
         architecture = (metrics.get("compaction") or {}).get("architecture")
     if architecture is None:
@@ -407,4 +415,4 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
         example = data.test.tensors[0][:64]
     else:
         example = torch.randn(64, *architecture["input_shape"], generator=torch.Generator().manual_seed(0))
-    return LoadedRun(config, model, architecture, example, data)
+    return LoadedRun(config, model, architecture, example, data, epoch)
