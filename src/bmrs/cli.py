@@ -24,6 +24,7 @@ from ._io import read_json
 from .datasets import DATASETS, ChecksumError
 from .models import MODELS
 from .training import TrainingDiverged
+from .experiments.live import LOG_FORMATS
 from .experiments.runs import PAPER, RECOMMENDED, RunConfig, methods
 from .experiments.suites import SUITES
 from .experiments.sweep import DEFAULT_LEVELS, default_criteria, parse_criteria
@@ -273,7 +274,7 @@ def cmd_train(args) -> int:
     created = not out.exists()
     had_config = (out / "config.json").exists()
     try:
-        metrics = train_run(config, out, progress=not args.no_progress, resume=started)
+        metrics = train_run(config, out, progress=not args.no_progress, resume=started, log=args.log)
     except TrainingDiverged as err:
         checkpoint = out / "checkpoint.pt"
         kept = (f"{checkpoint} keeps the last good epoch" if checkpoint.is_file() else "no epoch completed")
@@ -628,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, default=None, help="resnet: layers (6n+2); vit: transformer blocks")
     g.add_argument("--patch-size", type=int, default=None, help="vit: patch size")
     p.add_argument("--data-dir", default=None, help="directory searched first for the data files")
+    p.add_argument("--log", choices=LOG_FORMATS, default=None,
+                   help="live metrics after every epoch: csv (OUT/log.csv: losses, KL, accuracies, compression, "
+                   "kept structures per layer; OUT/delta_f.csv: delta F of every structure) or tensorboard "
+                   "(OUT/tensorboard/: the same, delta F as histograms; needs pip install 'bmrs[tensorboard]')")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT, or report a complete one")
     p.add_argument("--force", action="store_true",
                    help="start a new run in OUT even if it holds another run's files (config.json, checkpoint.pt, "

@@ -257,7 +257,9 @@ def _compaction(model: nn.Module, config: RunConfig, data, out: Path) -> dict:
         return {"error": f"{type(err).__name__}: {err}", "architecture": architecture}
 
 
-def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool = True, resume: bool = True) -> dict:
+def train_run(
+    config: RunConfig, out_dir: str | os.PathLike, *, progress: bool = True, resume: bool = True, log: str | None = None,
+) -> dict:
     """Train (and prune) one model as ``config`` says; write the run directory; return metrics.
 
     With ``resume`` (default), an existing ``checkpoint.pt`` in ``out_dir`` is continued and
@@ -267,6 +269,9 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
     The final model is also compacted into ``compact.pt``; ``metrics["compaction"]`` holds
     the parameters, FLOPs (one example) and layer widths before and after (or ``"error"``
     if the model cannot be compacted).
+
+    ``log`` (``"csv"`` or ``"tensorboard"``) writes live metrics after every epoch, see
+    :mod:`bmrs.experiments.live`.
     """
     if config.method not in methods():
         raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(methods())}")
@@ -289,7 +294,7 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
     val_loader = torch.utils.data.DataLoader(data.val, batch_size=1000)
     test_loader = torch.utils.data.DataLoader(data.test, batch_size=1000)
 
-    pruning = None
+    pruning, criterion = None, None
     if config.method != "none":
         criterion = build_criterion(config, train_loader)
         if config.match is not None:
@@ -302,10 +307,19 @@ def train_run(config: RunConfig, out_dir: str | os.PathLike, *, progress: bool =
             )
     optimizer = adam(model.parameters(), config.lr)
     trainer = Trainer(model, optimizer, kl_reduction=config.kl_reduction, dataset_size=len(data.train), progress=progress)
-    trainer.fit(
-        train_loader, val_loader, config.epochs, finetune_epochs=config.finetune_epochs, pruning=pruning,
-        checkpoint=out / "checkpoint.pt", generator=generator,
-    )
+    logger = None
+    if log is not None:
+        from .live import EpochLogger
+
+        logger = EpochLogger(log, out, model, criterion)
+    try:
+        trainer.fit(
+            train_loader, val_loader, config.epochs, finetune_epochs=config.finetune_epochs, pruning=pruning,
+            checkpoint=out / "checkpoint.pt", generator=generator, on_epoch_end=logger,
+        )
+    finally:
+        if logger is not None:
+            logger.close()
     test = trainer.evaluate(test_loader)
     val = trainer.evaluate(val_loader)
     named = gates(model)
