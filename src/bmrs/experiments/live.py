@@ -8,9 +8,9 @@
   gated layer, through ``torch.utils.tensorboard`` (needs the ``tensorboard`` package: the
   ``bmrs[tensorboard]`` extra; it is imported only here, only when asked for).
 
-delta F is the run's own criterion's for a BMRS method (for ``bmrs-n-kr`` the structure is
-pruned where it is >= -1, for the others where it is >= 0), and the exact BMRS_N's
-(``bmrs-n``) for ``none`` and the baselines, whose decisions do not use it.
+delta F is the run's own criterion's for a BMRS method (which prunes where it reaches the
+criterion's margin, e.g. -1 for ``bmrs-n-kr``), and the exact BMRS_N's (``bmrs-n``) for
+``none`` and the baselines, whose decisions do not use it.
 """
 
 from __future__ import annotations
