@@ -99,7 +99,7 @@ def _paper_fmnist(seeds: int) -> list[SuiteRun]:
     # Every setting is given, so that RunConfig's defaults (ours) change no run of the suite.
     base = RunConfig(
         epochs=50, finetune_epochs=10, prune_every=1, recompute_masks=True, kl_reduction=PAPER["kl_reduction"],
-        model_options={},
+        bits=8.0, model_options={},
     )
     return _table_runs("fashion-mnist", ("mlp", "lenet5"), seeds, base, kl_variants=("lenet5",))
 
@@ -109,7 +109,7 @@ def _quick(seeds: int) -> list[SuiteRun]:
     # learning rate high enough for unneeded gates to relax in 30 short epochs.
     base = RunConfig(
         epochs=30, finetune_epochs=5, prune_every=1, recompute_masks=False, batch_size=32, lr=2e-2,
-        kl_reduction="elbo", model_options={"width": 64},
+        kl_reduction="elbo", bits=8.0, model_options={"width": 64},
     )
     return _table_runs("digits", ("mlp",), seeds, base)
 
