@@ -595,9 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"Without --method and --kl-reduction it uses the recommended {RECOMMENDED['method']} and\n"
         f"{RECOMMENDED['kl_reduction']} (see docs/pruning.md) and says so; the paper's are --method "
         f"{PAPER['method']}\nand --kl-reduction {PAPER['kl_reduction']}.",
-        epilog="examples: bmrs train --dataset digits --model mlp --out runs/digits\n"
-        "          bmrs train --dataset fashion-mnist --model lenet5 --method bmrs-n-code --kl-reduction mean \\\n"
-        "              --recompute-masks --out runs/lenet5-paper",
+        epilog="example: bmrs train --dataset digits --model mlp --out runs/digits\n"
+        "the paper's settings: bmrs train --dataset fashion-mnist --model lenet5 --method bmrs-n-code \\\n"
+        "           --kl-reduction mean --recompute-masks --out runs/lenet5-paper",
     )
     p.add_argument("--dataset", type=_dataset_name, choices=DATASETS, required=True, help="data set")
     p.add_argument("--model", choices=tuple(MODELS), required=True, help="bundled model")
