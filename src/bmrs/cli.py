@@ -347,7 +347,7 @@ def cmd_sweep(args) -> int:
     _say(f"swept model: {_swept_epoch(result['config'])}, {args.split} accuracy {_percent(result['model_accuracy'])}")
     stops = [r for r in records if r["kind"] == "stop"]
     if stops:
-        _say("stopping points (BMRS: delta F >= 0; baselines: their threshold):")
+        _say("stopping points (BMRS: delta F >= the criterion's margin; baselines: their threshold):")
         for r in stops:
             _say(f"  {r['criterion']:<12} {_percent(r['parameter_compression']):>9} of parameters  "
                  f"accuracy {_percent(r['accuracy'])}")

@@ -100,7 +100,7 @@ def _sweep_section(root: Path) -> list[str]:
     swept = f"epoch {epoch} of {config.get('epochs')}, its {which}" if epoch is not None else f"its {which}"
     lines = [f"2. Pruning after training: the unpruned run ({swept}, {_pct(sweep['model_accuracy']).strip()}) cut to",
              "   16 compression levels by each criterion, no fine-tuning. Where each criterion stops",
-             "   by itself (BMRS: delta F >= 0; SNR, E[theta]: their thresholds) and the knee of its curve:",
+             "   by itself (BMRS: delta F >= its margin; SNR, E[theta]: their thresholds) and the knee of its curve:",
              f"   {'criterion':<12} {'stops at (removed, accuracy)':<30} {'knee of its curve':<22}"]
     for name, curve in curves_from_sweep(sweep["records"]).items():
         if curve["stop"] is None:
