@@ -170,6 +170,37 @@ def test_sweep(runs, tmp_path, capsys):
     assert (report / "accuracy_vs_compression.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_sweep_prunes_the_last_epoch_unless_told(runs, tmp_path, capsys):
+    metrics = json.loads((runs / "none" / "metrics.json").read_text())
+    epochs = len(metrics["history"])
+    common = ["--criteria", "bmrs-n-kr", "--levels", "0", "--threads", "1", "--no-progress"]
+    assert main(["sweep", "--run", str(runs / "none"), *common, "--out", str(tmp_path / "last")]) == 0
+    last = json.loads((tmp_path / "last" / "sweep.json").read_text())["config"]
+    assert last["run"] == str(runs / "none" / "checkpoint.pt") and (last["epoch"], last["epochs"]) == (epochs, epochs)
+    assert f"swept model: epoch {epochs} of {epochs}, the last epoch" in capsys.readouterr().out
+    assert main(["sweep", "--run", str(runs / "none"), "--epoch", "best", *common, "--out", str(tmp_path / "best")]) == 0
+    best = json.loads((tmp_path / "best" / "sweep.json").read_text())
+    assert best["config"]["run"] == str(runs / "none" / "model.pt") and best["config"]["epoch"] == metrics["best_epoch"]
+    assert best["model_accuracy"] == pytest.approx(metrics["test_accuracy"])  # model.pt is the model tested
+    assert f"swept model: epoch {metrics['best_epoch']} of {epochs}, the best validation epoch" in capsys.readouterr().out
+    status = main(["sweep", "--run", str(runs / "none" / "model.pt"), "--epoch", "last", *common, "--out", str(tmp_path / "x")])
+    assert_one_line_error(status, capsys.readouterr().err)
+
+
+def test_train_without_method_uses_the_recommended_defaults(tmp_path, capsys):
+    tiny = [a for a in TINY if a not in ("--kl-reduction", "elbo")]
+    assert main(["train", *tiny, "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == ("recommended defaults: --method bmrs-n-kr, --kl-reduction structures "
+                                   "(docs/pruning.md; the paper's: --method bmrs-n-code --kl-reduction mean)")
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (config["method"], config["kl_reduction"]) == ("bmrs-n-kr", "structures")
+    # given options are kept, and only the missing one is filled in and named
+    assert main(["train", *TINY, "--out", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("recommended defaults: --method bmrs-n-kr (")
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["kl_reduction"] == "elbo"
+
+
 # --- compact and info ------------------------------------------------------------------------
 
 

@@ -332,7 +332,7 @@ def test_a_bit_flip_in_model_or_compact_files_is_detected(run, tmp_path, capsys)
     state[name].view(-1).view(torch.int32)[7] ^= 1 << 20  # one bit of one weight
     torch.save(state, victim / "model.pt")
     for argv in (["info", victim / "model.pt"], ["compact", victim, "--out", tmp_path / "c.pt"],
-                 ["sweep", "--run", victim, "--out", tmp_path / "s", "--no-progress"]):
+                 ["sweep", "--run", victim, "--epoch", "best", "--out", tmp_path / "s", "--no-progress"]):
         line = one_line_error(capsys, main([str(a) for a in argv]))
         assert f"{victim / 'model.pt'} is damaged" in line
     packed = torch.load(victim / "compact.pt", weights_only=True)

@@ -47,7 +47,7 @@ OURS = {
 def _config(model, label, seed, dataset="fashion-mnist"):
     method, bits = ("bmrs-u", float(label[len("bmrs-u"):])) if label.startswith("bmrs-u") else (label, 8.0)
     config = RunConfig(dataset=dataset, model=model, method=method, bits=bits, seed=seed, epochs=50,
-                       finetune_epochs=10, recompute_masks=True)
+                       finetune_epochs=10, recompute_masks=True, kl_reduction="mean")
     return asdict(config.resolved())
 
 
@@ -293,7 +293,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     run = root / "train" / "mlp" / "bmrs-n-code" / "seed-0"
     train_run(RunConfig(dataset="digits", model="mlp", method="bmrs-n-code", epochs=2, finetune_epochs=0,
-                        model_options={"width": 8}), run, progress=False)
+                        kl_reduction="mean", model_options={"width": 8}), run, progress=False)
     state = torch.load(run / "model.pt", weights_only=True)
     state["2.bmrs_gate.loc"] = torch.tensor([mu for mu, _ in GATE2])
     state["2.bmrs_gate.log_scale"] = torch.tensor([s for _, s in GATE2])

@@ -209,3 +209,27 @@ def test_kl_variant_labels_and_their_paper_row():
     cell = compare(summary)["lenet5"]["bmrs-n-code+kl-structures"]
     assert cell["paper_row"] == "bmrs-n"
     assert cell["difference"]["accuracy"] == pytest.approx(87.0 - 77.90)
+
+
+def test_plot_styles_tell_bmrs_from_baselines_and_never_repeat_a_colour():
+    from matplotlib.colors import to_rgb
+
+    from bmrs.reporting.plots import _styles
+
+    labels = ["none", "bmrs-n", "bmrs-n-code", "bmrs-n-rel", "bmrs-n-kr", "bmrs-u8", "bmrs-u4", "bmrs-u2",
+              "snr", "etheta", "l2", "taylor", "random", "bmrs-n-code+kl-structures"]
+    styles = _styles(labels)
+    colours = {label: to_rgb(styles[label]["color"]) for label in labels}
+    bases = [label for label in labels if "+" not in label]
+    assert len({colours[b] for b in bases}) == len(bases)  # one colour per method
+    assert colours["bmrs-n-code+kl-structures"] == colours["bmrs-n-code"]  # a KL variant keeps its method's
+    for label in bases:
+        r, g, b = colours[label]
+        grey = r == g == b
+        if label.startswith("bmrs"):
+            assert not grey and styles[label]["linestyle"] == "-"
+        elif label != "none":
+            assert grey and styles[label]["linestyle"] == "--"
+    assert len({styles[b]["marker"] for b in ("snr", "etheta", "l2", "taylor", "random")}) == 5
+    # a method has the same style whatever else a figure shows
+    assert _styles(["bmrs-n-kr", "l2"]) == {k: styles[k] for k in ("bmrs-n-kr", "l2")}

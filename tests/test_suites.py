@@ -45,3 +45,33 @@ def test_run_suite_end_to_end(tiny_suite, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json")}
     suites.run_suite(tiny_suite, tmp_path, jobs=2, progress=False)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json")} == stamps
+
+
+def _other_defaults(**given):
+    """A RunConfig whose every setting not in ``given`` differs from RunConfig's default."""
+    other = {
+        "dataset": "cifar10", "model": "vit", "method": "random", "bits": 3.0, "epochs": 7, "finetune_epochs": 3,
+        "prune_every": 5, "recompute_masks": not RunConfig().recompute_masks, "seed": 99, "kl_reduction": "sum",
+        "model_options": {"width": 5},
+    }
+    defaults = RunConfig()
+    assert all(other[k] != getattr(defaults, k) for k in other)
+    return RunConfig(**{**other, **given})
+
+
+@pytest.mark.parametrize("name", sorted(suites.SUITES))
+def test_suite_runs_do_not_depend_on_the_defaults(name, monkeypatch):
+    """Every suite gives every setting: had RunConfig other defaults (say, other recommended
+    settings), no run of the suite would change."""
+    before = [(r.name, r.config) for r in suites.suite_runs(name, 2)]
+    monkeypatch.setattr(suites, "RunConfig", _other_defaults)
+    after = [(r.name, r.config) for r in suites.suite_runs(name, 2)]
+    assert after == before
+
+
+def test_paper_suite_pins_the_papers_settings():
+    runs = {r.name: r.config for r in suites.suite_runs("paper-fmnist", 1)}
+    assert runs["train/mlp/bmrs-n-code/seed-0"].kl_reduction == "mean"
+    assert runs["train/lenet5/bmrs-n-code+kl-structures/seed-0"].kl_reduction == "structures"
+    assert {c.kl_reduction for n, c in runs.items() if "+kl-" not in n} == {"mean"}
+    assert all(c.epochs == 50 and c.finetune_epochs == 10 and c.recompute_masks for c in runs.values())

@@ -25,7 +25,8 @@ from .datasets import DATASETS, ChecksumError
 from .deploy import FORMATS, RUNTIMES
 from .models import MODELS
 from .training import TrainingDiverged
-from .experiments.runs import RunConfig, methods
+from .experiments.live import LOG_FORMATS
+from .experiments.runs import PAPER, RECOMMENDED, RunConfig, methods
 from .experiments.suites import SUITES
 from .experiments.sweep import DEFAULT_LEVELS, default_criteria, parse_criteria
 from .pruning.criteria import CRITERIA, load_plugins
@@ -133,6 +134,20 @@ def _percent(x: float) -> str:
 
 # --------------------------------------------------------------------------------------------
 # bmrs train
+
+
+def _recommended_defaults(args) -> str | None:
+    """Fill in ``--method`` and ``--kl-reduction`` where not given (:data:`RECOMMENDED`);
+    the line that says so, or None when both were given."""
+    filled = []
+    for dest, flag in (("method", "--method"), ("kl_reduction", "--kl-reduction")):
+        if getattr(args, dest) is None:
+            setattr(args, dest, RECOMMENDED[dest])
+            filled.append(f"{flag} {RECOMMENDED[dest]}")
+    if not filled:
+        return None
+    paper = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PAPER.items())
+    return f"recommended defaults: {', '.join(filled)} (docs/pruning.md; the paper's: {paper})"
 
 
 def _config_from_args(args) -> RunConfig:
@@ -251,7 +266,10 @@ def cmd_train(args) -> int:
     # under torchrun: every rank checks OUT as it is, and none writes before all have checked
     device = distributed.init_from_environment()
     main = distributed.is_main()
+    defaults = _recommended_defaults(args)
     config = _config_from_args(args)
+    if defaults is not None and main:
+        _say(defaults)
     out = Path(args.out)
     complete = (out / "metrics.json").is_file()
     started = (out / "checkpoint.pt").is_file()
@@ -291,7 +309,7 @@ def cmd_train(args) -> int:
     had_config = (out / "config.json").exists()
     distributed.barrier()
     try:
-        metrics = train_run(config, out, progress=not args.no_progress, resume=started, device=device)
+        metrics = train_run(config, out, progress=not args.no_progress, resume=started, device=device, log=args.log)
     except TrainingDiverged as err:
         checkpoint = out / "checkpoint.pt"
         kept = (f"{checkpoint} keeps the last good epoch" if checkpoint.is_file() else "no epoch completed")
@@ -326,6 +344,17 @@ def _load_run_model(path: Path, data_dir=None, *, need_data: bool = False):
 # bmrs sweep
 
 
+def _swept_epoch(config: dict) -> str:
+    """Which epoch a sweep pruned, in words."""
+    epoch, epochs = config.get("epoch"), config.get("epochs")
+    last = Path(config["run"]).name == "checkpoint.pt"
+    which = "the last epoch" if last else "the best validation epoch"
+    other = "--epoch best: the best validation epoch" if last else "--epoch last: the last epoch"
+    if epoch is None:
+        return f"{which} ({other})"
+    return f"epoch {epoch}{f' of {epochs}' if epochs else ''}, {which} ({other})"
+
+
 def cmd_sweep(args) -> int:
     from .experiments.sweep import sweep_run
 
@@ -341,18 +370,20 @@ def cmd_sweep(args) -> int:
         raise CLIError(f"{out} already holds {' and '.join(existing)}; pass --force to replace them, or choose another --out")
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
+    if args.epoch is not None and not Path(args.run).is_dir():
+        raise CLIError("--epoch applies to a run directory (a state file is the epoch it holds)")
     result = sweep_run(
         args.run, out, criteria=args.criteria, levels=levels,
         finetune_epochs=args.finetune_epochs, split=args.split, target_kind=args.target_kind,
-        data_dir=args.data_dir, progress=not args.no_progress,
+        data_dir=args.data_dir, epoch=args.epoch or "last", progress=not args.no_progress,
     )
     config, records = result["run_config"], result["records"]
     _say(f"sweep of {args.run} ({config['model']} on {config['dataset']}): {len(records)} points, "
-         f"{len(result['config']['criteria'])} criteria x {len(result['config']['levels'])} levels, "
-         f"{args.split} accuracy of the run's model {_percent(result['model_accuracy'])}")
+         f"{len(result['config']['criteria'])} criteria x {len(result['config']['levels'])} levels")
+    _say(f"swept model: {_swept_epoch(result['config'])}, {args.split} accuracy {_percent(result['model_accuracy'])}")
     stops = [r for r in records if r["kind"] == "stop"]
     if stops:
-        _say("stopping points (BMRS: delta F >= 0; baselines: their threshold):")
+        _say("stopping points (BMRS: delta F >= the criterion's margin; baselines: their threshold):")
         for r in stops:
             _say(f"  {r['criterion']:<12} {_percent(r['parameter_compression']):>9} of parameters  "
                  f"accuracy {_percent(r['accuracy'])}")
@@ -757,13 +788,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc N trains in N processes on this machine (DistributedDataParallel through\n"
         "torchrun: gloo on the CPU, nccl on GPUs); --batch-size is per process, so a step sees\n"
         "N x batch-size examples. 'torchrun --nproc-per-node N -m bmrs train ...' does the same\n"
-        "(also on several machines). One run directory, written by rank 0; see docs/distributed.md.",
-        epilog="example: bmrs train --dataset digits --model mlp --method bmrs-n-code --width 64 \\\n"
-        "           --epochs 30 --finetune-epochs 5 --batch-size 32 --lr 0.02 --kl-reduction elbo --out runs/demo",
+        "(also on several machines). One run directory, written by rank 0; see docs/distributed.md.\n\n"
+        f"Without --method and --kl-reduction it uses the recommended {RECOMMENDED['method']} and\n"
+        f"{RECOMMENDED['kl_reduction']} (see docs/pruning.md) and says so; the paper's are --method "
+        f"{PAPER['method']}\nand --kl-reduction {PAPER['kl_reduction']}.",
+        epilog="example: bmrs train --dataset digits --model mlp --out runs/digits\n"
+        "the paper's settings: bmrs train --dataset fashion-mnist --model lenet5 --method bmrs-n-code \\\n"
+        "           --kl-reduction mean --recompute-masks --out runs/lenet5-paper",
     )
     p.add_argument("--dataset", type=_dataset_name, choices=DATASETS, required=True, help="data set")
     p.add_argument("--model", choices=tuple(MODELS), required=True, help="bundled model")
-    p.add_argument("--method", choices=methods(), required=True, help=_methods_help())
+    p.add_argument("--method", choices=methods(), default=None,
+                   help=f"default {RECOMMENDED['method']} (recommended; the paper's BMRS_N: {PAPER['method']}). "
+                   + _methods_help())
     p.add_argument("--bits", type=float, default=None, help=f"precision of {_with('bits')} in bits (default 8; fewer prune more)")
     p.add_argument("--threshold", type=float, default=None,
                    help=f"threshold of a baseline ({', '.join(n for n, c in CRITERIA.items() if not c.evidence_based)})")
@@ -778,8 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation, order and noise")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the paper's for the model)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size per process (default: the paper's for the model)")
-    p.add_argument("--kl-reduction", choices=("mean", "structures", "sum", "elbo"), default="mean",
-                   help="KL term: mean per layer then over layers (the paper), structures (sum / number of "
+    p.add_argument("--kl-reduction", choices=("mean", "structures", "sum", "elbo"), default=None,
+                   help=f"KL term (default {RECOMMENDED['kl_reduction']}, recommended): mean per layer then over layers (the paper's), structures (sum / number of "
                         "structures: equal weight per structure), sum, or elbo (sum / training set size)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to SxS (default 32 for (fashion-)mnist)")
     g = p.add_argument_group("model options (passed to the model builder)")
@@ -788,6 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, default=None, help="resnet: layers (6n+2); vit: transformer blocks")
     g.add_argument("--patch-size", type=int, default=None, help="vit: patch size")
     p.add_argument("--data-dir", default=None, help="directory searched first for the data files")
+    p.add_argument("--log", choices=LOG_FORMATS, default=None,
+                   help="live metrics after every epoch: csv (OUT/log.csv: losses, KL, accuracies, compression, "
+                   "kept structures per layer; OUT/delta_f.csv: delta F of every structure) or tensorboard "
+                   "(OUT/tensorboard/: the same, delta F as histograms; needs pip install 'bmrs[tensorboard]')")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT, or report a complete one")
     p.add_argument("--force", action="store_true",
                    help="start a new run in OUT even if it holds another run's files (config.json, checkpoint.pt, "
@@ -801,14 +842,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "sweep", parents=[threads, progress], formatter_class=_Formatter,
         help="post-training pruning of a trained run at many compression levels",
-        description="Prune a trained run's final model (typically a --method none run: gated, unpruned)\n"
+        description="Prune a trained run's last epoch (typically a --method none run: gated, unpruned)\n"
         "with each criterion to each compression level, optionally fine-tune, and measure the\n"
         "accuracy. Criteria with a stopping rule (BMRS: delta F >= 0; snr, etheta: threshold)\n"
         "also get that point (kind 'stop'). Writes OUT/sweep.json (settings, the run's\n"
         "configuration, records) and OUT/sweep.csv (the records).",
         epilog="example: bmrs sweep --run runs/none --criteria bmrs-n-code,bmrs-u8,l2 --out runs/none-sweep",
     )
-    p.add_argument("--run", metavar="RUN_DIR", required=True, help="a complete run directory (its model.pt: the best validation epoch), or a run's checkpoint.pt (the last epoch)")
+    p.add_argument("--run", metavar="RUN_DIR", required=True,
+                   help="a run directory (see --epoch), or one of its state files: checkpoint.pt (the last "
+                   "epoch) or model.pt (the best validation epoch)")
+    p.add_argument("--epoch", choices=("last", "best"), default=None,
+                   help="which model of a run directory to prune: last (default: the network training ended "
+                   "with, its gates settled; its checkpoint.pt) or best (the best validation epoch, its "
+                   "model.pt, often an early one whose gates have not settled)")
     p.add_argument("--criteria", default=",".join(default_criteria()),
                    help="comma-separated criteria: " + ", ".join(c.label_syntax or n for n, c in CRITERIA.items()))
     p.add_argument("--levels", type=_float_list, default=None,

@@ -45,6 +45,7 @@ from ._io import write_bytes
 
 __all__ = [
     "DATASETS",
+    "available",
     "ChecksumError",
     "DataNotFoundError",
     "DataSplits",
@@ -335,6 +336,19 @@ def _locate(name: str, data_dir: str | os.PathLike | None, download: bool) -> li
         download_note = "Download was not attempted (download=False)."
 
     raise DataNotFoundError(_not_found_message(name, source, user_roots + system_roots, download_note))
+
+
+def available(name: str, data_dir: str | os.PathLike | None = None) -> bool:
+    """Whether data set ``name`` can be loaded without a download (``digits`` always can:
+    it ships with scikit-learn)."""
+    name = name.lower().replace("_", "-")
+    if name not in _SOURCES:
+        return name in DATASETS
+    try:
+        _locate(name, data_dir, download=False)
+    except DataNotFoundError:
+        return False
+    return True
 
 
 def _not_found_message(name: str, source: _Source, roots: list[tuple[Path, str]], download_note: str) -> str:

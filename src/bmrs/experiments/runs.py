@@ -33,7 +33,7 @@ from .provenance import provenance
 __all__ = [
     "RunConfig", "methods", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",
     "run_files", "load_state_file", "check_metrics", "state_checksum", "verify_checksum",
-    "model_architecture", "layer_widths", "compact_to_file",
+    "model_architecture", "layer_widths", "compact_to_file", "RECOMMENDED", "PAPER",
 ]
 
 
@@ -41,6 +41,14 @@ def methods() -> tuple[str, ...]:
     """Methods of ``bmrs train --method``: ``none`` (no pruning), then every registered criterion."""
     return ("none", *CRITERIA)
 
+
+#: The settings ``bmrs train`` uses unless told otherwise, chosen from our reproduction
+#: (docs/pruning.md, "Recommended settings"): bmrs-n-kr breaks the ties of relaxed gates
+#: without a tuned threshold, and a KL weighted per structure does not collapse LeNet5's
+#: convolutions as the paper's per-layer mean does.
+RECOMMENDED = {"method": "bmrs-n-kr", "kl_reduction": "structures"}
+#: The paper's choices for the same settings (BMRS_N as its released code computes it).
+PAPER = {"method": "bmrs-n-code", "kl_reduction": "mean"}
 
 # The paper's optimiser settings (MATH.md section 5); other models get the LeNet5 ones.
 _PAPER_SETTINGS = {"mlp": {"batch_size": 128, "lr": 1.5e-3}, "lenet5": {"batch_size": 32, "lr": 1.4e-3}}
@@ -108,12 +116,13 @@ class RunConfig:
     ``lr`` and ``batch_size`` default to the paper's for the model. ``image_size`` defaults
     to 32 for the 28x28 sets, as in the paper. Baselines without a natural threshold
     (``l2``, ``taylor``, ``random``) need ``target`` (a compression) or ``match`` (a run
-    directory whose per-epoch parameter compression they follow).
+    directory whose per-epoch parameter compression they follow). ``method`` and
+    ``kl_reduction`` default to :data:`RECOMMENDED`, not to the paper's (:data:`PAPER`).
     """
 
     dataset: str = "digits"
     model: str = "mlp"
-    method: str = "bmrs-n"
+    method: str = RECOMMENDED["method"]
     bits: float = 8.0
     threshold: float | None = None
     target: float | None = None
@@ -125,7 +134,7 @@ class RunConfig:
     seed: int = 0
     lr: float | None = None
     batch_size: int | None = None
-    kl_reduction: str = "mean"
+    kl_reduction: str = RECOMMENDED["kl_reduction"]
     image_size: int | None = None
     model_options: dict = field(default_factory=dict)
     data_dir: str | None = None
@@ -252,7 +261,7 @@ def _compaction(model: nn.Module, config: RunConfig, data, out: Path) -> dict:
 
 def train_run(
     config: RunConfig, out_dir: str | os.PathLike, *, progress: bool = True, resume: bool = True,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", log: str | None = None,
 ) -> dict:
     """Train (and prune) one model as ``config`` says; write the run directory; return metrics.
 
@@ -269,6 +278,9 @@ def train_run(
     with ``config.batch_size`` examples per step (a global batch of N times that), through
     ``DistributedDataParallel`` on ``device``; only rank 0 writes files. The result is
     reproducible for a given seed and N; ``metrics["processes"]`` records N.
+
+    ``log`` (``"csv"`` or ``"tensorboard"``) writes live metrics after every epoch, see
+    :mod:`bmrs.experiments.live`.
     """
     if config.method not in methods():
         raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(methods())}")
@@ -301,7 +313,7 @@ def train_run(
     val_loader = torch.utils.data.DataLoader(data.val, batch_size=1000)
     test_loader = torch.utils.data.DataLoader(data.test, batch_size=1000)
 
-    pruning = None
+    pruning, criterion = None, None
     if config.method != "none":
         criterion = build_criterion(config, train_loader)
         if config.match is not None:
@@ -317,10 +329,19 @@ def train_run(
         trained, optimizer, kl_reduction=config.kl_reduction, dataset_size=len(data.train), device=device,
         progress=progress,
     )
-    trainer.fit(
-        train_loader, val_loader, config.epochs, finetune_epochs=config.finetune_epochs, pruning=pruning,
-        checkpoint=out / "checkpoint.pt", generator=generator,
-    )
+    logger = None
+    if log is not None and main:  # live metrics are files: rank 0 writes them
+        from .live import EpochLogger
+
+        logger = EpochLogger(log, out, model, criterion)
+    try:
+        trainer.fit(
+            train_loader, val_loader, config.epochs, finetune_epochs=config.finetune_epochs, pruning=pruning,
+            checkpoint=out / "checkpoint.pt", generator=generator, on_epoch_end=logger,
+        )
+    finally:
+        if logger is not None:
+            logger.close()
     test = trainer.evaluate(test_loader)
     val = trainer.evaluate(val_loader)
     model = model.cpu()  # the files hold CPU tensors, whatever the device of training
@@ -386,13 +407,16 @@ class LoadedRun:
     architecture: dict
     example: torch.Tensor
     data: object | None
+    epoch: int | None = None  # the epoch whose state was loaded, where the run records it
 
 
 def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False) -> LoadedRun:
     """Rebuild the gated model of a run directory (or of its model.pt / checkpoint.pt).
 
     The data set is loaded when ``need_data`` or when the run's metrics do not record the
-    architecture; ``example`` is a batch of 64 inputs (test images, or seeded noise).
+    architecture; ``example`` is a batch of 64 inputs (test images, or seeded noise);
+    ``epoch`` the epoch of the state loaded (a checkpoint's last epoch, or model.pt's best
+    validation epoch), None where the run does not record it.
     """
     run_dir, state_file = run_files(path)
     config = RunConfig.from_dict(read_json(run_dir / "config.json"), run_dir / "config.json").resolved()
@@ -403,8 +427,10 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
         if not (isinstance(checkpoint, dict) and "model" in checkpoint):
             raise ValueError(f"{state_file} is not a checkpoint written by 'bmrs train'")
         state = checkpoint["model"]
+        epoch = len(checkpoint.get("history", [])) or None
     else:
         state = load_state_file(state_file)
+        epoch = None
     if isinstance(state, dict) and "metadata" in state and "state_dict" in state:
         raise ValueError(f"{state_file} is already a compacted model (see 'bmrs info {state_file}')")
     if not isinstance(state, dict):
@@ -412,6 +438,8 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
     architecture, data = None, None
     metrics_file = run_dir / "metrics.json"
     metrics = check_metrics(read_json(metrics_file), metrics_file) if metrics_file.is_file() else {}
+    if state_file.name == "model.pt":
+        epoch = metrics.get("best_epoch")
     if metrics and not need_data:
         architecture = (metrics.get("compaction") or {}).get("architecture")
     if architecture is None:
@@ -430,4 +458,4 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
         example = data.test.tensors[0][:64]
     else:
         example = torch.randn(64, *architecture["input_shape"], generator=torch.Generator().manual_seed(0))
-    return LoadedRun(config, model, architecture, example, data)
+    return LoadedRun(config, model, architecture, example, data, epoch)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._io import write_json, write_text
+from .._io import read_json, write_json, write_text
 from ..pruning.criteria import Criterion, criterion_class, default_labels, parse_label
 from ..pruning.masks import decide, parameter_compression, set_masks, structure_compression
 from .runs import load_run
@@ -83,6 +83,18 @@ def sweep(
     return records
 
 
+#: The state file of a run directory that ``sweep_run(epoch=...)`` prunes.
+_EPOCH_FILES = {"last": "checkpoint.pt", "best": "model.pt"}
+
+
+def _run_epochs(run_dir: Path) -> int | None:
+    """The number of epochs a complete run trained (None for an unfinished one)."""
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        return None
+    return len(read_json(metrics).get("history", [])) or None
+
+
 def default_criteria() -> tuple[str, ...]:
     """Criteria of a default sweep: the default labels of every registered criterion
     (``bmrs-u8`` and ``bmrs-u4`` for BMRS_U)."""
@@ -121,13 +133,20 @@ def sweep_run(
     split: str = "test",
     target_kind: str = "params",
     data_dir=None,
+    epoch: str = "last",
     progress: bool = True,
 ) -> dict:
     """Post-training sweep of a trained run's final model; writes ``out/sweep.json`` (last:
     its presence marks the sweep complete) and ``out/sweep.csv``; returns the JSON content.
 
     Args:
-        run: a run directory (typically ``--method none``: trained with gates, unpruned).
+        run: a run directory (typically ``--method none``: trained with gates, unpruned),
+            or one of its state files (``checkpoint.pt``: the last epoch; ``model.pt``: the
+            best validation epoch), which then decides the epoch.
+        epoch: for a run directory, ``"last"`` (its ``checkpoint.pt``: the network training
+            ended with, whose gates have settled under the KL) or ``"best"`` (its
+            ``model.pt``: the best validation epoch, often an early one on which the
+            BMRS criteria find nothing to prune).
         criteria: comma-separated tokens of :func:`parse_criteria` (default: :func:`default_criteria`).
         levels: parameter (or structure, see ``target_kind``) compressions to prune to.
         finetune_epochs: epochs of fine-tuning (masks fixed) after each pruning.
@@ -141,6 +160,12 @@ def sweep_run(
     if finetune_epochs < 0:
         raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
     specs = parse_criteria(",".join(default_criteria()) if criteria is None else criteria)
+    if epoch not in _EPOCH_FILES:
+        raise ValueError(f"epoch must be 'last' or 'best', got {epoch!r}")
+    if Path(run).is_dir():
+        run = Path(run) / _EPOCH_FILES[epoch]
+        if not run.is_file():
+            raise FileNotFoundError(f"{run.parent} has no {run.name} (the {epoch} epoch)")
     loaded = load_run(run, data_dir, need_data=True)
     config, model, data = loaded.config, loaded.model, loaded.data
     generator = seed_everything(config.seed)
@@ -177,6 +202,7 @@ def sweep_run(
         "config": {
             "run": str(run), "criteria": [label for label, _, _ in specs], "levels": list(levels),
             "finetune_epochs": finetune_epochs, "split": split, "target_kind": target_kind,
+            "epoch": loaded.epoch, "epochs": _run_epochs(Path(run).parent),
         },
         "run_config": asdict(config),
         "model_accuracy": model_accuracy,
