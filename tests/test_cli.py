@@ -357,8 +357,10 @@ def test_resume_after_kill_gives_the_uninterrupted_metrics(tmp_path):
     resumed = json.loads((killed / "metrics.json").read_text())
     full = json.loads((reference / "metrics.json").read_text())
     assert set(resumed) == set(full)
-    for key in set(full) - {"train_seconds", "history"}:
+    for key in set(full) - {"train_seconds", "history", "provenance"}:
         assert resumed[key] == full[key], key
+    # what produced them: the same command but for the run directory
+    assert resumed["provenance"]["command"].replace(str(killed), "OUT") == full["provenance"]["command"].replace(str(reference), "OUT")
     assert len(resumed["history"]) == len(full["history"]) == 42
     # the epochs done before the kill were not trained again: their records (timings
     # included) are the checkpoint's
