@@ -50,7 +50,7 @@ RECOMMENDED = {"method": "bmrs-n-kr", "kl_reduction": "structures"}
 #: The paper's choices for the same settings (BMRS_N as its released code computes it).
 PAPER = {"method": "bmrs-n-code", "kl_reduction": "mean"}
 
-# The paper's optimiser settings (MATH.md section 5); other models get the LeNet5 ones.
+# The paper's optimiser settings (docs/results.md, "What ran"); other models get the LeNet5 ones.
 _PAPER_SETTINGS = {"mlp": {"batch_size": 128, "lr": 1.5e-3}, "lenet5": {"batch_size": 32, "lr": 1.4e-3}}
 _DEFAULT_SETTINGS = {"batch_size": 64, "lr": 1e-3}
 

@@ -21,7 +21,7 @@ closed forms on the trained posteriors):
 
 A structure is *relaxed* when its (clamped) log sigma is at least ``relaxed_at`` (2.3: the
 posterior is wider than half the prior's interval of log theta): it has drifted back toward
-the prior, so every reduced prior gives delta F close to 0 (MATH.md section 6). In our runs
+the prior, so every reduced prior gives delta F close to 0 (docs/results.md, "Why BMRS prunes what it prunes"). In our runs
 such posteriors stop at log sigma 3 to 4.4, short of the clamp at 5.
 """
 
