@@ -73,5 +73,7 @@ def test_paper_suite_pins_the_papers_settings():
     runs = {r.name: r.config for r in suites.suite_runs("paper-fmnist", 1)}
     assert runs["train/mlp/bmrs-n-code/seed-0"].kl_reduction == "mean"
     assert runs["train/lenet5/bmrs-n-code+kl-structures/seed-0"].kl_reduction == "structures"
+    # the recommended criterion under the recommended KL weighting is a row of its own
+    assert runs["train/lenet5/bmrs-n-kr+kl-structures/seed-0"].method == "bmrs-n-kr"
     assert {c.kl_reduction for n, c in runs.items() if "+kl-" not in n} == {"mean"}
     assert all(c.epochs == 50 and c.finetune_epochs == 10 and c.recompute_masks for c in runs.values())

@@ -45,9 +45,9 @@ _MATCHED = ("l2", "bmrs-n-code")
 
 # Our variants: the KL of every structure weighted alike ("structures") instead of the
 # paper's per-layer mean, which pulls a LeNet5 conv1 filter 20 times harder than an fc1
-# unit; for the BMRS rows the paper publishes. For the MLP (two layers of 150) the two
+# unit; for the BMRS rows the paper publishes and for the recommended bmrs-n-kr. For the MLP (two layers of 150) the two
 # reductions are the same, so LeNet5 only.
-_KL_VARIANTS = ("none", "bmrs-n-code", "bmrs-u8", "bmrs-u4")
+_KL_VARIANTS = ("none", "bmrs-n-code", "bmrs-n-kr", "bmrs-u8", "bmrs-u4")
 
 
 def _paper_labels() -> tuple[str, ...]:
