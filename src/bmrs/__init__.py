@@ -18,7 +18,7 @@ The core objects:
 from . import distributed
 from .attention import MultiheadSelfAttention, compact_attention, expose_heads
 from .compaction import compact, load_compact, save_compact
-from .models import build_model  # also registers the bundled architectures for load_compact
+from .models import build_model
 from .training import Trainer, elbo_loss, seed_everything
 from .gates import NoiseGate, attach_gates, detach_gates, gate_layout, gates, model_kl
 from .math.distributions import LogUniform, TruncatedLogNormal

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from .attention import MultiheadSelfAttention
-from .compaction.storage import register_architecture
 from .gates import attach_gates
 
 __all__ = ["mlp", "lenet5", "resnet", "vit", "MODELS", "build_model"]
@@ -196,9 +195,9 @@ def vit(
     return _ViT(channels, tokens, num_classes, patch_size, embed_dim, depth, num_heads, hidden, dropout)
 
 
+#: The bundled builders by name (also what :func:`bmrs.compaction.load_compact` rebuilds a
+#: compacted bundled model with).
 MODELS = {"mlp": mlp, "lenet5": lenet5, "resnet": resnet, "vit": vit}
-for _name, _builder in MODELS.items():  # compacted bundled models can be rebuilt by name
-    register_architecture(_name, _builder)
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, gated: bool = True, **options) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from ..adapters import find_adapter, integration_of
 from ..attention import CompactMultiheadAttention, MultiheadSelfAttention, compact_attention
 from ..gates import gates
 
-__all__ = ["save_compact", "load_compact", "register_architecture", "ARCHITECTURES"]
+__all__ = ["save_compact", "load_compact", "register_architecture", "architecture_builder", "ARCHITECTURES"]
 
 _FORMAT = "bmrs-compact"
 _VERSION = 1
@@ -38,15 +39,44 @@ _MAX_INPUT_ELEMENTS = 2**26
 _SKELETON_FACTOR = 1000
 _SKELETON_MIN_BYTES = 2**30
 
-#: Builders that :func:`load_compact` can rebuild an architecture from, by name:
-#: ``builder(input_shape, num_classes, **options) -> nn.Module``. The bundled models of
-#: :mod:`bmrs.models` register themselves; users may add their own.
+#: Builders registered with :func:`register_architecture`, by name:
+#: ``builder(input_shape, num_classes, **options) -> nn.Module``. They are looked up before
+#: the bundled models.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+
+#: The module of the bundled builders (its ``MODELS``: name -> builder). Compaction sits
+#: below the model zoo and does not import it with itself: a name nobody registered is
+#: resolved by importing this module by name on first use (see docs/architecture.md).
+BUNDLED_MODELS = "bmrs.models"
 
 
 def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
-    """Make ``name`` rebuildable by :func:`load_compact` (and accepted by :func:`save_compact`)."""
+    """Make ``name`` rebuildable by :func:`load_compact` (and accepted by :func:`save_compact`);
+    a registered name takes precedence over a bundled model of the same name."""
     ARCHITECTURES[name] = builder
+
+
+def architecture_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder :func:`load_compact` rebuilds architecture ``name`` with: a registered one
+    (:data:`ARCHITECTURES`, where an optional integration such as :mod:`bmrs.transformers`
+    registers its own when its name is asked for, see :mod:`bmrs.adapters`), else the
+    bundled model of that name.
+
+    Raises:
+        ValueError: no builder of that name.
+    """
+    if name not in ARCHITECTURES:
+        integration_of(name)  # an optional integration registers its own
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
+    bundled = importlib.import_module(BUNDLED_MODELS).MODELS
+    if name in bundled:
+        return bundled[name]
+    known = ", ".join(sorted({*ARCHITECTURES, *bundled}))
+    raise ValueError(
+        f"architecture {name!r} is neither registered nor bundled (known: {known}); "
+        "see bmrs.compaction.register_architecture"
+    )
 
 
 def save_compact(model: nn.Module, path, *, architecture: dict | None = None) -> None:
@@ -111,7 +141,7 @@ def load_compact(path, *, model: nn.Module | None = None) -> nn.Module:
         net = copy.deepcopy(model)
     elif metadata["architecture"] is not None:
         arch = _check_architecture(metadata["architecture"], path)
-        net = _build_skeleton(ARCHITECTURES[arch["name"]], arch, state, path)
+        net = _build_skeleton(architecture_builder(arch["name"]), arch, state, path)
     else:
         raise ValueError(f"{path} was saved without an architecture: pass model=<an unpruned instance of it>")
     try:
@@ -231,13 +261,7 @@ def _check_architecture(architecture: dict, path=None) -> dict:
         raise ValueError(f"{where}architecture lacks {sorted(missing)}; expected keys {sorted(_ARCHITECTURE_KEYS)}")
     if not isinstance(architecture["name"], str):
         raise ValueError(f"{where}architecture name must be a string, got {architecture['name']!r}")
-    if architecture["name"] not in ARCHITECTURES:
-        integration_of(str(architecture["name"]))  # an optional integration registers its own
-    if architecture["name"] not in ARCHITECTURES:
-        raise ValueError(
-            f"architecture {architecture['name']!r} is not registered (known: {', '.join(ARCHITECTURES) or 'none'}); "
-            f"see bmrs.compaction.register_architecture"
-        )
+    architecture_builder(architecture["name"])  # a clear error for an unknown name
     shape, classes = architecture.get("input_shape"), architecture.get("num_classes")
     if not (isinstance(shape, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
             and isinstance(classes, int) and not isinstance(classes, bool) and classes >= 0
