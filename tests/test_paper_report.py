@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from bmrs.cli import main
+from bmrs.experiments.analysis import diagnose_runs, run_diagnostics
 from bmrs.experiments.runs import RunConfig, state_checksum, train_run
 from bmrs.reporting import collect, write_report
-from bmrs.reporting.diagnostics import (
-    knee_analysis, knees_markdown, run_diagnostics, select_runs, write_diagnostics,
-)
+from bmrs.reporting.diagnostics import select_runs
+from bmrs.reporting.knees import knee_analysis, knees_markdown
 from bmrs.reporting.paper import PAPER_TABLES, compare, comparison_markdown, paper_summary, paper_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -341,7 +341,7 @@ def test_diagnostics_of_hand_set_posteriors(tiny_run, tmp_path):
     assert expected_u8 == expected_u4 == 4  # SMALL and the three relaxed ones (ties broken upward)
     median_relaxed = delta_f_n(*RELAXED)
 
-    _, files, notes = write_diagnostics([run], tmp_path / "out")
+    _, files, notes = diagnose_runs([run], tmp_path / "out")
     assert notes == []
     md = (tmp_path / "out" / "diagnostics.md").read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
@@ -367,7 +367,7 @@ def test_diagnostics_of_hand_set_posteriors(tiny_run, tmp_path):
 
 def test_write_diagnostics_notes_runs_without_a_model(tmp_path):
     make_suite(tmp_path, {"mlp": {"none": ((0.0, 0.0), (88.0, 0.3))}})
-    diags, files, notes = write_diagnostics([tmp_path / "train/mlp/none/seed-0"], tmp_path / "out")
+    diags, files, notes = diagnose_runs([tmp_path / "train/mlp/none/seed-0"], tmp_path / "out")
     assert diags == [] and files == {} and len(notes) == 1 and "model.pt" in notes[0]
 
 
@@ -388,7 +388,9 @@ def test_write_report_with_paper_and_analysis(tmp_path, tiny_run):
     for seed in (0, 1):
         write_sweep(suite / "sweep" / "mlp" / f"seed-{seed}", "mlp", seed)
     out = tmp_path / "report"
-    report = write_report([suite, tiny_run[0]], out, paper="fashion-mnist", analysis=True)
+    collection = collect([suite, tiny_run[0]])
+    report = write_report(collection, out, paper="fashion-mnist", analysis=True)
+    _, _, diagnostic_notes = diagnose_runs(select_runs(collection.runs), out)  # what bmrs reproduce adds
     names = {p.name for p in out.iterdir()}
     assert {"results.md", "results.json", "accuracy_vs_compression.png", "widths.png", "comparison.md",
             "comparison.json", "paper-fmnist.json", "knees.md", "knees.json", "diagnostics.md",
@@ -404,7 +406,7 @@ def test_write_report_with_paper_and_analysis(tmp_path, tiny_run):
     # diagnostics: the digits run is rebuilt; the synthetic runs have no model.pt and are noted
     md = (out / "diagnostics.md").read_text()
     assert "mlp / digits, bmrs-n-code, seed 0" in md and "fashion-mnist" not in md.split("## Figures")[0]
-    assert any("model.pt" in n for n in report.notes)
+    assert any("model.pt" in n for n in report.notes + diagnostic_notes)
     assert "posteriors_digits_mlp_bmrs-n-code_seed-0.png" in names
     # without the options the report is as before
     plain = write_report([suite], tmp_path / "plain")

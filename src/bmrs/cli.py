@@ -16,19 +16,30 @@ import json
 import math
 import os
 import sys
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from . import __version__
+from . import distributed
 from ._io import read_json
-from .datasets import DATASETS, ChecksumError
-from .models import MODELS
-from .training import TrainingDiverged
-from .experiments.runs import RunConfig, methods
+from .compaction import count_flops, count_parameters, load_compact
+from .datasets import ChecksumError, DATASETS
+from .experiments import suites
+from .experiments.analysis import diagnose_runs
+from .experiments.runs import RunConfig, build_criterion, check_metrics, compact_to_file, layer_widths, load_metrics, load_run, load_state_file, methods, run_files, train_run, verify_checksum
 from .experiments.suites import SUITES
-from .experiments.sweep import DEFAULT_LEVELS, default_criteria, parse_criteria
+from .experiments.sweep import DEFAULT_LEVELS, default_criteria, parse_criteria, sweep_run
+from .gates import gates
+from .models import MODELS
 from .pruning.criteria import CRITERIA, load_plugins
-from .reporting.diagnostics import diagnostic_methods
+from .reporting import collect, write_report
+from .reporting.collect import natural_key
+from .reporting.diagnostics import diagnostic_methods, select_runs
+from .reporting.paper import SUITE_PAPERS
+from .training import TrainingDiverged
 
 __all__ = ["main", "build_parser", "parse_criteria"]
 
@@ -92,8 +103,6 @@ def _set_threads(args) -> None:
     if threads is not None:
         if threads < 1:
             raise CLIError(f"--threads must be >= 1, got {threads}")
-        import torch
-
         torch.set_num_threads(threads)
 
 
@@ -181,8 +190,6 @@ def _config_from_args(args) -> RunConfig:
         data_dir=None if args.data_dir is None else str(args.data_dir),
     )
     if config.method != "none":
-        from .experiments.runs import build_criterion
-
         build_criterion(config.resolved(), None)  # threshold / target rules, before any file is written
     return config
 
@@ -199,8 +206,6 @@ def _print_run_summary(out: Path, config: dict, metrics: dict) -> None:
          f"best epoch {metrics['best_epoch']})")
     _say(f"  compression        {_percent(metrics['parameter_compression'])} of parameters, "
          f"{_percent(metrics['structure_compression'])} of structures")
-    from .reporting.collect import natural_key
-
     kept = ", ".join(
         f"{name}: {metrics['kept'][name]}/{metrics['structures'].get(name, '?')}"
         for name in sorted(metrics["kept"], key=natural_key)
@@ -239,9 +244,6 @@ def _launch(nproc: int, argv: list[str]) -> None:
 
 
 def cmd_train(args) -> int:
-    from . import distributed
-    from .experiments.runs import train_run
-
     _set_threads(args)
     _positive("--nproc", args.nproc)
     launched = _under_torchrun()
@@ -279,8 +281,6 @@ def cmd_train(args) -> int:
                            "repeat the original options with --resume, or choose another --out")
     if complete:
         _say(f"{out} is complete; nothing to train.")
-        from .experiments.runs import load_metrics
-
         _print_run_summary(out, read_json(out / "config.json"), load_metrics(out))
         return 0
     if args.nproc > 1 and not launched:
@@ -315,8 +315,6 @@ def cmd_train(args) -> int:
 
 def _load_run_model(path: Path, data_dir=None, *, need_data: bool = False):
     """(config, model, architecture, example input, data or None) of a run (see load_run)."""
-    from .experiments.runs import load_run
-
     loaded = load_run(path, data_dir, need_data=need_data)
     return loaded.config, loaded.model, loaded.architecture, loaded.example, loaded.data
 
@@ -326,8 +324,6 @@ def _load_run_model(path: Path, data_dir=None, *, need_data: bool = False):
 
 
 def cmd_sweep(args) -> int:
-    from .experiments.sweep import sweep_run
-
     _set_threads(args)
     _positive("--finetune-epochs", args.finetune_epochs, 0)
     levels = list(DEFAULT_LEVELS) if args.levels is None else args.levels
@@ -364,9 +360,14 @@ def cmd_sweep(args) -> int:
 
 
 def _report(paths, out: Path, *, paper: str | None = None, analysis: bool = False) -> None:
-    from .reporting import write_report
-
-    report = write_report(paths, out, paper=paper, analysis=analysis)
+    """Write the report of ``paths`` into ``out``; with ``analysis``, also the knees of the
+    sweeps and the gate diagnostics of the lowest-seed run of each diagnosed method."""
+    collection = collect(paths)
+    report = write_report(collection, out, paper=paper, analysis=analysis)
+    if analysis:
+        _, files, notes = diagnose_runs(select_runs(collection.runs), out)
+        report.files.update(files)
+        report.notes.extend(notes)
     for note in report.notes:
         print(f"bmrs: note: {note}", file=sys.stderr)
     _say(report.markdown.split("\n## ")[0].rstrip())
@@ -392,15 +393,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .experiments.suites import run_suite
-
     _positive("--seeds", args.seeds)
     _positive("--jobs", args.jobs)
     out = Path(args.out)
-    run_dirs = run_suite(args.suite, out, seeds=args.seeds, jobs=args.jobs, progress=not args.no_progress)
+    run_dirs = suites.run_suite(args.suite, out, seeds=args.seeds, jobs=args.jobs, progress=not args.no_progress)
     _say(f"suite {args.suite}: {len(run_dirs)} runs under {out}")
-    from .reporting.paper import SUITE_PAPERS
-
     _report([out], out / "report", paper=SUITE_PAPERS.get(args.suite), analysis=True)
     return 0
 
@@ -410,20 +407,14 @@ def cmd_reproduce(args) -> int:
 
 
 def _width_lines(before: dict, after: dict) -> list[str]:
-    from .reporting.collect import natural_key
-
     return [f"  {name:<24} {before.get(name, '?'):>6} -> {after.get(name, '?')}" for name in sorted(set(before) | set(after), key=natural_key)]
 
 
 def cmd_compact(args) -> int:
-    from .experiments.runs import compact_to_file
-
     _set_threads(args)
     out = Path(args.out)
     if out.is_dir():
         raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'compact.pt'}")
-    from .experiments.runs import run_files
-
     run_dir, state_file = run_files(Path(args.checkpoint))
     inputs = [state_file, *(run_dir / name for name in _RUN_FILES if name != "compact.pt")]
     if out.exists() and any(p.exists() and os.path.samefile(out, p) for p in inputs):
@@ -446,12 +437,6 @@ def cmd_compact(args) -> int:
 
 
 def _describe_compact(path: Path) -> dict:
-    import torch
-
-    from .compaction import count_flops, count_parameters, load_compact
-
-    from .experiments.runs import check_metrics, load_state_file, verify_checksum
-
     data = load_state_file(path)
     if not (isinstance(data, dict) and "metadata" in data and "state_dict" in data):
         raise CLIError(f"{path} is not a compacted model (written by 'bmrs compact' or save_compact)")
@@ -481,15 +466,8 @@ def _describe_compact(path: Path) -> dict:
 
 
 def _describe_gated(path: Path, data_dir) -> dict:
-    import torch
-
-    from .compaction import count_flops, count_parameters
-    from .gates import gates
-
     _, model, architecture, _, _ = _load_run_model(path, data_dir)
     shape = [1, *architecture["input_shape"]]
-    from .experiments.runs import layer_widths
-
     return {
         "file": str(path), "kind": "gated (not compacted)", "architecture": architecture,
         "widths": layer_widths(model),
@@ -517,8 +495,6 @@ def cmd_info(args) -> int:
     if arch is not None:
         _say(f"architecture  {arch['name']}, {arch['num_classes']} classes, options {arch['options'] or '{}'}")
     _say("layer widths:")
-    from .reporting.collect import natural_key
-
     for name in sorted(info["widths"], key=natural_key):
         _say(f"  {name:<24} {info['widths'][name]}")
     if info.get("kept"):
@@ -557,33 +533,11 @@ def _methods_help() -> str:
 
 def _wrap(text: str, width: int, indent: int) -> str:
     """``text`` broken at spaces into lines of at most ``width``, continued at ``indent``."""
-    import textwrap
-
     return ("\n" + " " * indent).join(textwrap.wrap(text, width))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``bmrs`` command."""
-    parser = _Parser(
-        prog="bmrs",
-        description="Structured pruning of neural networks with Bayesian model reduction (BMRS).\n\n"
-        "Train with noise gates and prune continuously (train), prune a trained model at many\n"
-        "compression levels (sweep), tabulate and plot results (report), turn a pruned model\n"
-        "into a smaller plain network (compact, info), or run a whole experiment suite (reproduce).",
-        formatter_class=_Formatter,
-        epilog="Run 'bmrs COMMAND --help' for the options of a command. Exit status: 0 success, 2 a usage error or a\n"
-        "bad input file (one line on stderr), 3 training diverged. Documentation: docs/cli.md, docs/reliability.md",
-    )
-    parser.add_argument("--version", action="version", version=f"bmrs {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
-
-    threads = _Parser(add_help=False)
-    threads.add_argument("--threads", type=int, default=None,
-                         help="PyTorch CPU threads (default: PyTorch's choice; 1 is fastest for small models on a busy machine)")
-    progress = _Parser(add_help=False)
-    progress.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    # train ---------------------------------------------------------------------------------
+def _add_train(commands, threads: argparse.ArgumentParser, progress: argparse.ArgumentParser) -> None:
+    """The parser of ``bmrs train``."""
     p = commands.add_parser(
         "train", parents=[threads, progress], formatter_class=_Formatter,
         help="train a gated model, pruning continuously (or not: --method none)",
@@ -639,7 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="RUN_DIR", type=_out_path, required=True, help="run directory to write")
     p.set_defaults(func=cmd_train)
 
-    # sweep ---------------------------------------------------------------------------------
+
+def _add_sweep(commands, threads: argparse.ArgumentParser, progress: argparse.ArgumentParser) -> None:
+    """The parser of ``bmrs sweep``."""
     p = commands.add_parser(
         "sweep", parents=[threads, progress], formatter_class=_Formatter,
         help="post-training pruning of a trained run at many compression levels",
@@ -663,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", type=_out_path, required=True, help="directory to write sweep.json and sweep.csv into")
     p.set_defaults(func=cmd_sweep)
 
-    # report --------------------------------------------------------------------------------
+
+def _add_report(commands) -> None:
+    """The parser of ``bmrs report``."""
     p = commands.add_parser(
         "report", formatter_class=_Formatter,
         help="tables and plots from runs and sweeps",
@@ -688,7 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "comparison.md, comparison.json and paper-fmnist.json (paper-mnist.json)")
     p.set_defaults(func=cmd_report)
 
-    # compact -------------------------------------------------------------------------------
+
+def _add_compact(commands, threads: argparse.ArgumentParser) -> None:
+    """The parser of ``bmrs compact``."""
     p = commands.add_parser(
         "compact", parents=[threads], formatter_class=_Formatter,
         help="turn a run's pruned model into a smaller plain network",
@@ -705,7 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing FILE (never one of the run's own files)")
     p.set_defaults(func=cmd_compact)
 
-    # info ----------------------------------------------------------------------------------
+
+def _add_info(commands, threads: argparse.ArgumentParser) -> None:
+    """The parser of ``bmrs info``."""
     p = commands.add_parser(
         "info", parents=[threads], formatter_class=_Formatter,
         help="layer widths, parameters and FLOPs of a compacted model or a run",
@@ -719,7 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="data directory, if the data set must be read (default: the run's)")
     p.set_defaults(func=cmd_info)
 
-    # reproduce -----------------------------------------------------------------------------
+
+def _add_reproduce(commands, progress: argparse.ArgumentParser) -> None:
+    """The parser of ``bmrs reproduce``."""
     p = commands.add_parser(
         "reproduce", parents=[progress], formatter_class=_Formatter,
         help="run an experiment suite, then report it",
@@ -739,6 +703,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the suite's)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.set_defaults(func=cmd_reproduce)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bmrs`` command."""
+    parser = _Parser(
+        prog="bmrs",
+        description="Structured pruning of neural networks with Bayesian model reduction (BMRS).\n\n"
+        "Train with noise gates and prune continuously (train), prune a trained model at many\n"
+        "compression levels (sweep), tabulate and plot results (report), turn a pruned model\n"
+        "into a smaller plain network (compact, info), or run a whole experiment suite (reproduce).",
+        formatter_class=_Formatter,
+        epilog="Run 'bmrs COMMAND --help' for the options of a command. Exit status: 0 success, 2 a usage error or a\n"
+        "bad input file (one line on stderr), 3 training diverged. Documentation: docs/cli.md, docs/reliability.md",
+    )
+    parser.add_argument("--version", action="version", version=f"bmrs {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    threads = _Parser(add_help=False)
+    threads.add_argument("--threads", type=int, default=None,
+                         help="PyTorch CPU threads (default: PyTorch's choice; 1 is fastest for small models on a busy machine)")
+    progress = _Parser(add_help=False)
+    progress.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    _add_train(commands, threads, progress)
+    _add_sweep(commands, threads, progress)
+    _add_report(commands)
+    _add_compact(commands, threads)
+    _add_info(commands, threads)
+    _add_reproduce(commands, progress)
     return parser
 
 

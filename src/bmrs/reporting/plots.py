@@ -10,6 +10,7 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -44,8 +45,6 @@ def _legends_right(fig: Figure, axes: list) -> None:
 
 
 def _colors(labels: Sequence[str], name: str | None = None) -> dict[str, object]:
-    from matplotlib import colormaps
-
     cmap = colormaps[name or ("tab10" if len(labels) <= 10 else "tab20")]
     return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
