@@ -138,6 +138,19 @@ def test_exposed_multihead_attention_matches_torch(case):
         assert _relative(q.grad, p.grad) < 1e-5, name
 
 
+def test_masks_of_other_types_are_refused_or_warned_about_as_torch_does():
+    """An integer mask is refused and a bool / float pair warns, in nn.MultiheadAttention and
+    in ours (which no longer borrows PyTorch's private mask helper)."""
+    reference = nn.MultiheadAttention(E, H, batch_first=True)
+    exposed = expose_heads(copy.deepcopy(reference))
+    x = torch.randn(N, L, E)
+    for module in (reference, exposed):
+        with pytest.raises(AssertionError, match="only bool and floating types of attn_mask"):
+            module(x, x, x, attn_mask=torch.zeros(L, L, dtype=torch.int64))
+        with pytest.warns(UserWarning, match="key_padding_mask"):
+            module(x, x, x, attn_mask=torch.zeros(L, L), key_padding_mask=torch.zeros(N, L, dtype=torch.bool))
+
+
 def test_expose_heads_keeps_parameters_and_rejects_what_it_cannot_handle():
     module = nn.MultiheadAttention(E, H)
     keys = set(module.state_dict())

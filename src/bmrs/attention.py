@@ -19,6 +19,7 @@ puts a :class:`~bmrs.NoiseGate` with ``dim=1`` on that module, one structure per
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -105,17 +106,25 @@ def _attend(
 
 
 def _canonical_masks(key_padding_mask: Tensor | None, attn_mask: Tensor | None, dtype: torch.dtype):
-    """Both masks in ``nn.MultiheadAttention``'s canonical form (float, added to the scores),
-    checked as it checks them."""
-    key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask", target_type=dtype,
-    )
-    attn_mask = F._canonical_mask(
-        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=dtype,
-        check_other=False,
-    )
-    return key_padding_mask, attn_mask
+    """Both masks in the form ``nn.MultiheadAttention`` adds to the attention scores, checked
+    as it checks them: a float mask is used as it is, a boolean one becomes 0 where False and
+    -inf where True; other types are refused, and masks of two different types warn (PyTorch
+    deprecates mixing them)."""
+    if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+        warnings.warn(
+            f"key_padding_mask ({key_padding_mask.dtype}) and attn_mask ({attn_mask.dtype}) have different "
+            "types; PyTorch deprecates mixing them, give both the same type",
+            stacklevel=3,
+        )
+    return _additive_mask(key_padding_mask, "key_padding_mask", dtype), _additive_mask(attn_mask, "attn_mask", dtype)
+
+
+def _additive_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
+    if mask is None or torch.is_floating_point(mask):
+        return mask
+    if mask.dtype != torch.bool:
+        raise AssertionError(f"only bool and floating types of {name} are supported")
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
 def _split_heads(x: Tensor, num_heads: int) -> Tensor:
