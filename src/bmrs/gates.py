@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .adapters import find_adapter, remove_input_groups
 from .distributed import unwrap
@@ -70,6 +71,9 @@ class NoiseGate(nn.Module):
         self.log_scale = nn.Parameter(torch.full((self.num_structures,), float(init_log_scale)))
         self.register_buffer("mask", torch.ones(self.num_structures))
         self._bank = _Bank([self])  # attach_gates puts all gates of a model in one bank
+        #: The handle of the forward hook that applies this gate to the module it follows
+        #: (set by :func:`attach_gates`, used by :func:`detach_gates` to remove the hook).
+        self.hook_handle: RemovableHandle | None = None
 
     def extra_repr(self) -> str:
         kept = int(self.mask.sum().item())
@@ -374,7 +378,7 @@ def attach_gates(
             gate = gate.to(device=reference.device)
         host = modules[site.site]
         host.add_module(GATE_ATTR, gate)
-        host.register_forward_hook(gate._hook)
+        gate.hook_handle = host.register_forward_hook(gate._hook)
     bank = _Bank([modules[site.site].get_submodule(GATE_ATTR) for site in sites])
     for gate in bank.gates:
         gate._bank = bank
@@ -419,9 +423,9 @@ def detach_gates(model: nn.Module) -> None:
     for module in model.modules():
         gate = getattr(module, GATE_ATTR, None)
         if isinstance(gate, NoiseGate):
-            for key, hook in list(module._forward_hooks.items()):
-                if getattr(hook, "__self__", None) is gate:
-                    del module._forward_hooks[key]
+            if gate.hook_handle is not None:
+                gate.hook_handle.remove()
+                gate.hook_handle = None
             delattr(module, GATE_ATTR)
     remove_input_groups(model)
     if hasattr(model, _LAYOUT_ATTR):
