@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import BMRSError
+
 __all__ = [
     "MultiheadSelfAttention",
     "HeadedMultiheadAttention",
@@ -155,17 +157,17 @@ class MultiheadSelfAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int | None = None, bias: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
         if embed_dim < 1 or num_heads < 1:
-            raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
+            raise BMRSError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
         if head_dim is None:
             if embed_dim % num_heads:
-                raise ValueError(
+                raise BMRSError(
                     f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; give head_dim explicitly"
                 )
             head_dim = embed_dim // num_heads
         if head_dim < 1:
-            raise ValueError(f"head_dim must be positive, got {head_dim}")
+            raise BMRSError(f"head_dim must be positive, got {head_dim}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+            raise BMRSError(f"dropout must lie in [0, 1), got {dropout}")
         self.num_heads, self.head_dim = int(num_heads), int(head_dim)
         self.dropout = float(dropout)
         inner = self.num_heads * self.head_dim
@@ -198,7 +200,7 @@ class MultiheadSelfAttention(nn.Module):
         only to itself and earlier tokens (on top of any mask given).
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"MultiheadSelfAttention expects input (N, T, {self.embed_dim}), got {tuple(x.shape)}")
+            raise BMRSError(f"MultiheadSelfAttention expects input (N, T, {self.embed_dim}), got {tuple(x.shape)}")
         key_padding_mask, attn_mask = _canonical_masks(key_padding_mask, attn_mask, x.dtype)
         q, k, v = (_split_heads(layer(x), self.num_heads) for layer in (self.q, self.k, self.v))
         merged, _ = _attend(
@@ -231,7 +233,7 @@ class _MultiheadAttentionCall:
     ) -> tuple[Tensor, Tensor | None]:
         """As ``nn.MultiheadAttention.forward`` (same arguments, masks and outputs)."""
         if query.is_nested or key.is_nested or value.is_nested:
-            raise ValueError(
+            raise BMRSError(
                 f"{type(self).__name__} does not take nested tensors; an nn.TransformerEncoder holding it "
                 "needs use_nested_tensor = False"
             )
@@ -320,7 +322,7 @@ def expose_heads(module: nn.MultiheadAttention) -> HeadedMultiheadAttention:
         raise TypeError(f"expose_heads takes a plain nn.MultiheadAttention, got the subclass {type(module).__name__}")
     problem = _unsupported(module)
     if problem is not None:
-        raise ValueError(f"cannot expose the heads of this nn.MultiheadAttention: {problem}")
+        raise BMRSError(f"cannot expose the heads of this nn.MultiheadAttention: {problem}")
     module.__class__ = HeadedMultiheadAttention
     module.add_module("heads", nn.Identity())
     return module
@@ -360,7 +362,7 @@ class CompactMultiheadAttention(_MultiheadAttentionCall, nn.Module):
         super().__init__()
         inner = q.out_features
         if k.out_features != inner or v.out_features != inner or out.in_features != inner or inner % num_heads:
-            raise ValueError(
+            raise BMRSError(
                 f"q, k, v must project to, and out from, the same width divisible by num_heads={num_heads}; got "
                 f"{q.out_features}, {k.out_features}, {v.out_features} and {out.in_features}"
             )
@@ -433,7 +435,7 @@ def _weights(module: nn.Module) -> _Weights:
     elif isinstance(module, nn.MultiheadAttention):
         problem = _unsupported(module)
         if problem is not None:
-            raise ValueError(f"cannot handle the heads of this nn.MultiheadAttention: {problem}")
+            raise BMRSError(f"cannot handle the heads of this nn.MultiheadAttention: {problem}")
         projections = HeadedMultiheadAttention._projections(module)
     else:
         raise TypeError(
@@ -492,13 +494,13 @@ def compact_attention(module: nn.Module, keep: Tensor, scale: Tensor) -> nn.Modu
     heads, d = w.num_heads, w.head_dim
     keep = torch.as_tensor(keep).detach().cpu()
     if keep.dtype != torch.bool or keep.shape != (heads,):
-        raise ValueError(f"keep must be a bool tensor of shape ({heads},), got {keep.dtype} of shape {tuple(keep.shape)}")
+        raise BMRSError(f"keep must be a bool tensor of shape ({heads},), got {keep.dtype} of shape {tuple(keep.shape)}")
     scale = torch.as_tensor(scale).detach().cpu().to(torch.float64)
     kept = keep.nonzero().flatten()
     if scale.shape == (heads,):
         scale = scale[kept]
     elif scale.shape != (len(kept),):
-        raise ValueError(
+        raise BMRSError(
             f"scale must have shape ({heads},) or one entry per kept head ({len(kept)},), got {tuple(scale.shape)}"
         )
     if len(kept) == 0:  # keep one silent head: the module stays valid and outputs its bias

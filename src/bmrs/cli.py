@@ -1,9 +1,12 @@
 """The ``bmrs`` command: train, sweep, report, compact, inspect and reproduce.
 
 A thin layer over :mod:`bmrs.experiments`, :mod:`bmrs.compaction` and
-:mod:`bmrs.reporting`. Every error a user can cause (a bad option, a missing file or data
-set, an unknown name) ends the command with one line ``bmrs: error: ...`` on stderr and exit
-status 2, never a traceback; training that diverges ends with one line and exit status 3.
+:mod:`bmrs.reporting`. Every error a user can cause (a :class:`~bmrs.BMRSError`: a bad
+option, an unknown name, a file that is not what bmrs expects; an ``OSError``: a file or
+directory that is missing or cannot be read or written; a download whose checksum is wrong)
+ends the command with one line ``bmrs: error: ...`` on stderr and exit status 2; training
+that diverges ends with one line and exit status 3. Anything else is a defect and shows its
+traceback.
 Result files are written to temporary names and renamed, so an interrupted command leaves
 no half-written file, and no command replaces a file it did not write (``--force``). See
 ``docs/cli.md`` and ``docs/reliability.md``.
@@ -27,6 +30,7 @@ from . import distributed
 from ._io import read_json
 from .compaction import count_flops, count_parameters, load_compact
 from .datasets import ChecksumError, DATASETS
+from .errors import BMRSError
 from .experiments import suites
 from .experiments.analysis import diagnose_runs
 from .experiments.runs import RunConfig, build_criterion, check_metrics, compact_to_file, layer_widths, load_metrics, load_run, load_state_file, methods, run_files, train_run, verify_checksum
@@ -57,10 +61,6 @@ _MODEL_OPTIONS = {
 _FLAG = {"width": "--width", "hidden_layers": "--hidden-layers", "depth": "--depth", "patch_size": "--patch-size"}
 
 
-class CLIError(Exception):
-    """An error the user can fix; reported as one line with exit status 2."""
-
-
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the descriptions' line breaks and shows the defaults that are values."""
 
@@ -72,10 +72,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors become :class:`CLIError` (one line, exit 2)."""
+    """An argument parser whose errors become :class:`~bmrs.BMRSError` (one line, exit 2)."""
 
     def error(self, message):
-        raise CLIError(f"{self.prog}: {message} (see '{self.prog} --help')")
+        raise BMRSError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,14 +87,11 @@ def _say(*parts) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    if isinstance(err, KeyError) and err.args and isinstance(err.args[0], str):
-        text = f"unknown name {err.args[0]!r}"
-    else:
-        text = str(err) or type(err).__name__
-        # "[Errno 22] Invalid argument" and the like: say which file
-        name = getattr(err, "filename", None) if isinstance(err, OSError) else None
-        if name is not None and str(name) not in text:
-            text = f"{name}: {text}"
+    text = str(err) or type(err).__name__
+    # "[Errno 22] Invalid argument" and the like: say which file
+    name = getattr(err, "filename", None) if isinstance(err, OSError) else None
+    if name is not None and str(name) not in text:
+        text = f"{name}: {text}"
     return " ".join(text.split())
 
 
@@ -102,13 +99,13 @@ def _set_threads(args) -> None:
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:
-            raise CLIError(f"--threads must be >= 1, got {threads}")
+            raise BMRSError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
 
 
 def _positive(name: str, value, minimum=1) -> None:
     if value is not None and value < minimum:
-        raise CLIError(f"{name} must be >= {minimum}, got {value}")
+        raise BMRSError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _dataset_name(text: str) -> str:
@@ -148,13 +145,13 @@ def _config_from_args(args) -> RunConfig:
     if args.method == "none":
         for flag, value in (("--bits", args.bits), ("--threshold", args.threshold), ("--target", args.target), ("--match", args.match)):
             if value is not None:
-                raise CLIError(f"{flag} applies to a pruning method, not --method none")
+                raise BMRSError(f"{flag} applies to a pruning method, not --method none")
     if args.bits is not None and "bits" not in CRITERIA[args.method].needs:
-        raise CLIError(f"--bits applies to --method {_with('bits')} only (got --method {args.method})")
+        raise BMRSError(f"--bits applies to --method {_with('bits')} only (got --method {args.method})")
     if args.target is not None and not 0.0 <= args.target < 1.0:
-        raise CLIError(f"--target is a compression in [0, 1), got {args.target}")
+        raise BMRSError(f"--target is a compression in [0, 1), got {args.target}")
     if args.target is not None and args.match is not None:
-        raise CLIError("give --target or --match, not both")
+        raise BMRSError("give --target or --match, not both")
     _positive("--epochs", args.epochs)
     _positive("--finetune-epochs", args.finetune_epochs, 0)
     _positive("--prune-every", args.prune_every)
@@ -162,9 +159,9 @@ def _config_from_args(args) -> RunConfig:
     _positive("--batch-size", args.batch_size)
     _positive("--image-size", args.image_size)
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
-        raise CLIError(f"--lr must be a positive number, got {args.lr}")
+        raise BMRSError(f"--lr must be a positive number, got {args.lr}")
     if args.threshold is not None and not math.isfinite(args.threshold):
-        raise CLIError(f"--threshold must be a finite number, got {args.threshold}")
+        raise BMRSError(f"--threshold must be a finite number, got {args.threshold}")
     options = {}
     allowed = _MODEL_OPTIONS[args.model]
     for dest, flag in _FLAG.items():
@@ -173,14 +170,14 @@ def _config_from_args(args) -> RunConfig:
             continue
         if dest not in allowed:
             takes = ", ".join(_FLAG[d] for d in allowed) or "no model options"
-            raise CLIError(f"{flag} does not apply to --model {args.model} (it takes {takes})")
+            raise BMRSError(f"{flag} does not apply to --model {args.model} (it takes {takes})")
         _positive(flag, value)
         options[allowed[dest]] = value
     match = None
     if args.match is not None:
         match = str(args.match)
         if not (Path(match) / "metrics.json").is_file():
-            raise CLIError(f"--match {match}: not a complete run directory (no metrics.json)")
+            raise BMRSError(f"--match {match}: not a complete run directory (no metrics.json)")
     config = RunConfig(
         dataset=args.dataset, model=args.model, method=args.method,
         bits=8.0 if args.bits is None else float(args.bits), threshold=args.threshold, target=args.target,
@@ -257,27 +254,27 @@ def cmd_train(args) -> int:
     complete = (out / "metrics.json").is_file()
     started = (out / "checkpoint.pt").is_file()
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
+        raise BMRSError(f"--out {out} exists and is not a directory")
     if args.force and args.resume:
-        raise CLIError("give --resume or --force, not both")
+        raise BMRSError("give --resume or --force, not both")
     if args.force:
         # start afresh: no file of the earlier run is left to be mistaken for the new one's
         for name in _RUN_FILES if main else ():
             (out / name).unlink(missing_ok=True)
         complete = started = False
     if complete and not args.resume:
-        raise CLIError(f"{out} already holds a complete run; pass --resume to report it, or choose another --out")
+        raise BMRSError(f"{out} already holds a complete run; pass --resume to report it, or choose another --out")
     if started and not complete and not args.resume:
-        raise CLIError(f"{out} holds an unfinished run (checkpoint.pt); pass --resume to continue it, or choose another --out")
+        raise BMRSError(f"{out} holds an unfinished run (checkpoint.pt); pass --resume to continue it, or choose another --out")
     foreign = [name for name in _RUN_FILES if (out / name).exists()] if not started else []
     if foreign and not args.force:
-        raise CLIError(f"{out} already holds {', '.join(foreign)} of no run in progress; choose another --out, "
+        raise BMRSError(f"{out} already holds {', '.join(foreign)} of no run in progress; choose another --out, "
                        "or pass --force to replace them")
     if complete or started:
         previous = read_json(out / "config.json") if (out / "config.json").is_file() else {}
         differing = _differences(previous, asdict(config.resolved()))
         if differing:
-            raise CLIError(f"{out} holds a run with other options ({', '.join(differing)} differ); "
+            raise BMRSError(f"{out} holds a run with other options ({', '.join(differing)} differ); "
                            "repeat the original options with --resume, or choose another --out")
     if complete:
         _say(f"{out} is complete; nothing to train.")
@@ -329,13 +326,13 @@ def cmd_sweep(args) -> int:
     levels = list(DEFAULT_LEVELS) if args.levels is None else args.levels
     bad = [v for v in levels if not 0.0 <= v <= 1.0]
     if bad:
-        raise CLIError(f"--levels must lie in [0, 1], got {', '.join(f'{v:g}' for v in bad)}")
+        raise BMRSError(f"--levels must lie in [0, 1], got {', '.join(f'{v:g}' for v in bad)}")
     out = Path(args.out)
     existing = [name for name in ("sweep.json", "sweep.csv") if (out / name).exists()]
     if existing and not args.force:
-        raise CLIError(f"{out} already holds {' and '.join(existing)}; pass --force to replace them, or choose another --out")
+        raise BMRSError(f"{out} already holds {' and '.join(existing)}; pass --force to replace them, or choose another --out")
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
+        raise BMRSError(f"--out {out} exists and is not a directory")
     result = sweep_run(
         args.run, out, criteria=args.criteria, levels=levels,
         finetune_epochs=args.finetune_epochs, split=args.split, target_kind=args.target_kind,
@@ -414,19 +411,19 @@ def cmd_compact(args) -> int:
     _set_threads(args)
     out = Path(args.out)
     if out.is_dir():
-        raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'compact.pt'}")
+        raise BMRSError(f"--out {out} is a directory; give a file name such as {out / 'compact.pt'}")
     run_dir, state_file = run_files(Path(args.checkpoint))
     inputs = [state_file, *(run_dir / name for name in _RUN_FILES if name != "compact.pt")]
     if out.exists() and any(p.exists() and os.path.samefile(out, p) for p in inputs):
-        raise CLIError(f"--out {out} is a file of the run being compacted; choose another --out")
+        raise BMRSError(f"--out {out} is a file of the run being compacted; choose another --out")
     if out.exists() and not args.force:
-        raise CLIError(f"--out {out} exists; pass --force to replace it, or choose another --out")
+        raise BMRSError(f"--out {out} exists; pass --force to replace it, or choose another --out")
     _, model, architecture, example, _ = _load_run_model(Path(args.checkpoint), args.data_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         info = compact_to_file(model, example, out, architecture)
     except NotImplementedError as err:
-        raise CLIError(f"cannot compact this model yet: {_one_line(err)}") from None
+        raise BMRSError(f"cannot compact this model yet: {_one_line(err)}") from None
     _say(f"compacted {args.checkpoint} ({architecture['name']}) into {out}")
     _say("layer widths (before -> after):")
     for line in _width_lines(info["widths_before"], info["widths_after"]):
@@ -439,7 +436,7 @@ def cmd_compact(args) -> int:
 def _describe_compact(path: Path) -> dict:
     data = load_state_file(path)
     if not (isinstance(data, dict) and "metadata" in data and "state_dict" in data):
-        raise CLIError(f"{path} is not a compacted model (written by 'bmrs compact' or save_compact)")
+        raise BMRSError(f"{path} is not a compacted model (written by 'bmrs compact' or save_compact)")
     metrics_file = path.parent / "metrics.json"
     if path.name == "compact.pt" and (path.parent / "config.json").is_file() and metrics_file.is_file():
         recorded = check_metrics(read_json(metrics_file), metrics_file).get("checksums", {}).get("compact.pt")
@@ -448,7 +445,7 @@ def _describe_compact(path: Path) -> dict:
         metadata = json.loads(data["metadata"])
         layers = metadata.get("layers", {})
     except (TypeError, ValueError, AttributeError):
-        raise CLIError(f"{path}: its metadata is not the JSON object save_compact writes") from None
+        raise BMRSError(f"{path}: its metadata is not the JSON object save_compact writes") from None
     widths = {
         name: layer.get("out_features", layer.get("out_channels", layer.get("num_features")))
         for name, layer in layers.items()
@@ -760,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"bmrs: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (CLIError, ValueError, KeyError, OSError, NotImplementedError, ChecksumError) as err:
+    except (BMRSError, OSError, ChecksumError) as err:  # what a user can fix; anything else is a defect
         print(f"bmrs: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -12,6 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters import find_adapter, remove_input_groups
 from .distributed import unwrap
+from .errors import BMRSError
 from .math import fast
 from .math.distributions import LogUniform, TruncatedLogNormal
 from .structure import GateLayout, couple, find_sites, traces
@@ -55,13 +56,13 @@ class NoiseGate(nn.Module):
     ) -> None:
         super().__init__()
         if int(num_structures) < 1:
-            raise ValueError(f"num_structures must be a positive integer, got {num_structures!r}")
+            raise BMRSError(f"num_structures must be a positive integer, got {num_structures!r}")
         if dim == 0:
-            raise ValueError("dim=0 is the batch axis; pass the channel axis (1 or -1)")
+            raise BMRSError("dim=0 is the batch axis; pass the channel axis (1 or -1)")
         if not log_low < log_high:
-            raise ValueError(f"log_low must be smaller than log_high, got {log_low} and {log_high}")
+            raise BMRSError(f"log_low must be smaller than log_high, got {log_low} and {log_high}")
         if not log_scale_bounds[0] < log_scale_bounds[1]:
-            raise ValueError(f"log_scale_bounds must be increasing, got {log_scale_bounds}")
+            raise BMRSError(f"log_scale_bounds must be increasing, got {log_scale_bounds}")
         self.num_structures = int(num_structures)
         self.dim = int(dim)
         self.log_low = float(log_low)
@@ -115,7 +116,7 @@ class NoiseGate(nn.Module):
     def _broadcast_shape(self, x: Tensor, batch: int) -> list[int]:
         dim = self.dim % x.dim()
         if dim == 0 or x.shape[dim] != self.num_structures:
-            raise ValueError(
+            raise BMRSError(
                 f"NoiseGate expects {self.num_structures} channels on axis {self.dim} of a batched input, "
                 f"got input of shape {tuple(x.shape)}"
             )
@@ -175,7 +176,7 @@ def check_finite_gates(model: nn.Module, *, masked: bool = False) -> None:
             where = broken.nonzero().flatten().tolist()
             bad.append(f"{name} (structures {', '.join(map(str, where[:5]))}{', ...' if len(where) > 5 else ''})")
     if bad:
-        raise ValueError(f"non-finite gate parameters (loc or log_scale) in {'; '.join(bad)}")
+        raise BMRSError(f"non-finite gate parameters (loc or log_scale) in {'; '.join(bad)}")
 
 
 def _key(gate: NoiseGate) -> tuple:
@@ -356,10 +357,10 @@ def attach_gates(
         gated for a reason other than being final or excluded.
     """
     if unwrap(model) is not model:
-        raise ValueError("attach gates before wrapping the model in DistributedDataParallel: "
+        raise BMRSError("attach gates before wrapping the model in DistributedDataParallel: "
                          "the wrapper only synchronises the parameters it saw when it was built")
     if gates(model):
-        raise ValueError("the model already has gates; call bmrs.detach_gates(model) first")
+        raise BMRSError("the model already has gates; call bmrs.detach_gates(model) first")
     adapter = find_adapter(model)
     if adapter is not None:  # a model family with its own structures (e.g. Hugging Face transformers)
         sites, families, skipped = adapter.layout(model, example_input, exclude=exclude, heads=heads)
@@ -412,7 +413,7 @@ def gate_layout(model: nn.Module) -> GateLayout:
     """The :class:`~bmrs.structure.GateLayout` recorded by :func:`attach_gates`."""
     layout = getattr(unwrap(model), _LAYOUT_ATTR, None)
     if layout is None:
-        raise ValueError("the model has no gates attached by bmrs.attach_gates")
+        raise BMRSError("the model has no gates attached by bmrs.attach_gates")
     return layout
 
 
@@ -451,9 +452,9 @@ def model_kl(model: nn.Module, reduction: str = "mean", dataset_size: int | None
     to the prior once pruning starts).
     """
     if reduction not in ("mean", "structures", "sum", "elbo"):
-        raise ValueError(f"reduction must be 'mean', 'structures', 'sum' or 'elbo', got {reduction!r}")
+        raise BMRSError(f"reduction must be 'mean', 'structures', 'sum' or 'elbo', got {reduction!r}")
     if reduction == "elbo" and not (isinstance(dataset_size, int) and dataset_size > 0):
-        raise ValueError(f"reduction='elbo' needs the training set size as a positive int, got {dataset_size!r}")
+        raise BMRSError(f"reduction='elbo' needs the training set size as a positive int, got {dataset_size!r}")
     all_gates = list(gates(model).values())
     if not all_gates:
         return torch.zeros(())

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..adapters import find_adapter
 from ..attention import compact_attention
 from ..distributed import unwrap
+from ..errors import BMRSError
 from ..gates import check_finite_gates, detach_gates, gate_layout, gates
 from ..structure import (
     Call, Family, GateSite, build_dependency_graph, call_model, module_names, output_tensors, trace, traces,
@@ -144,7 +145,7 @@ _GENERIC_KINDS = ("channels", "heads")
 
 def _check_supported(site: GateSite, adapter) -> None:
     if site.kind not in _GENERIC_KINDS and adapter is None:
-        raise ValueError(f"gate {site.name!r} has kind {site.kind!r}, but no adapter handles this model")
+        raise BMRSError(f"gate {site.name!r} has kind {site.kind!r}, but no adapter handles this model")
 
 
 def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
@@ -166,7 +167,7 @@ class _Trace:
     def call_of(self, name: str) -> Call:
         found = [c for c in self.calls if c.name == name]
         if len(found) != 1:
-            raise ValueError(
+            raise BMRSError(
                 f"module {name!r} is called {len(found)} times in a forward pass; a gate on it cannot be folded"
             )
         return found[0]
@@ -252,20 +253,20 @@ def _plan_fold(site: GateSite, coupled_to: list[str], trace: _Trace, graph, modu
     if target is not None:
         return _Fold(target=modules[target])
     if coupled_to:
-        raise ValueError(
+        raise BMRSError(
             f"gate {site.name!r} is tied to {', '.join(coupled_to)} by a residual addition, so it must fold "
             f"into the layer before it, but {reason}; folding it forward through the addition would be wrong"
         )
     found, blocker = trace.consumers(call)
     if blocker is not None:
-        raise ValueError(
+        raise BMRSError(
             f"gate {site.name!r} cannot be folded into the weights exactly: {reason}, "
             f"and its output reaches {blocker}"
         )
     group = _out_channel_group(graph, modules[site.producer], list(range(site.num_structures)))
     columns = _input_columns(graph, group, names)
     if {names[m] for m, _, _ in columns} != found:
-        raise ValueError(
+        raise BMRSError(
             f"gate {site.name!r} cannot be folded into the weights exactly: {reason}, and Torch-Pruning's "
             f"consumers of {site.producer} ({sorted(names[m] for m, _, _ in columns)}) are not "
             f"those the trace found ({sorted(found)})"

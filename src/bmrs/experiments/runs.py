@@ -21,6 +21,7 @@ from torch import nn
 from .. import distributed
 from .._io import read_json, read_tensors, write_json
 from ..compaction import compact, count_flops, count_parameters, save_compact
+from ..errors import BMRSError
 from ..gates import gates
 from ..pruning.criteria import CRITERIA, Criterion, criterion_class
 from ..pruning.masks import kept_structures, parameter_compression, structure_compression
@@ -76,9 +77,9 @@ def check_metrics(data: dict, source, *, complete: bool = True) -> dict:
         if key in ("compaction", "checksums") and key not in data or not complete and key not in data:
             continue
         if key not in data:
-            raise ValueError(f"{source}: no {key!r}; not the metrics of a run written by bmrs")
+            raise BMRSError(f"{source}: no {key!r}; not the metrics of a run written by bmrs")
         if not ok(data[key]):
-            raise ValueError(f"{source}: {key!r} has a value of the wrong kind ({data[key]!r:.60})")
+            raise BMRSError(f"{source}: {key!r} has a value of the wrong kind ({data[key]!r:.60})")
     return data
 
 
@@ -96,7 +97,7 @@ def state_checksum(state: dict) -> str:
 def verify_checksum(state: dict, path: Path, recorded: str | None) -> None:
     """``ValueError`` when ``state`` (read from ``path``) differs from what bmrs wrote."""
     if recorded is not None and state_checksum(state) != recorded:
-        raise ValueError(f"{path} is damaged: its contents do not match the checksum recorded in "
+        raise BMRSError(f"{path} is damaged: its contents do not match the checksum recorded in "
                          f"{path.parent / 'metrics.json'} when bmrs wrote it")
 
 
@@ -146,11 +147,11 @@ class RunConfig:
         known = {f.name: f.type for f in fields(cls)}
         unknown = set(data) - set(known)
         if unknown:
-            raise ValueError(f"{source}: unknown configuration keys: {', '.join(sorted(unknown))}")
+            raise BMRSError(f"{source}: unknown configuration keys: {', '.join(sorted(unknown))}")
         for key, value in data.items():
             allowed = [_TYPES[t.strip()] for t in str(known[key]).split("|")]
             if not any(ok(value) for ok in allowed):
-                raise ValueError(f"{source}: {key} must be {known[key].replace('|', 'or')}, got {value!r}")
+                raise BMRSError(f"{source}: {key} must be {known[key].replace('|', 'or')}, got {value!r}")
         return cls(**data)
 
 
@@ -185,11 +186,11 @@ def build_criterion(config: RunConfig, train_loader) -> Criterion:
     options = {key: context[key] for key in cls.needs}
     if config.threshold is not None:
         if cls.evidence_based:
-            raise ValueError(f"{config.method} takes no threshold: it prunes where delta F >= its margin")
+            raise BMRSError(f"{config.method} takes no threshold: it prunes where delta F >= its margin")
         options["threshold"] = config.threshold
     criterion = cls(**options)
     if criterion.threshold is None and config.target is None and config.match is None:
-        raise ValueError(f"method {config.method!r} has no threshold: give --target or --match")
+        raise BMRSError(f"method {config.method!r} has no threshold: give --target or --match")
     return criterion
 
 
@@ -270,7 +271,7 @@ def train_run(
     reproducible for a given seed and N; ``metrics["processes"]`` records N.
     """
     if config.method not in methods():
-        raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(methods())}")
+        raise BMRSError(f"unknown method {config.method!r}; choose from {', '.join(methods())}")
     out = Path(out_dir)
     config = config.resolved()
     if (out / "metrics.json").exists() and resume:
@@ -278,7 +279,7 @@ def train_run(
     if (out / "config.json").exists() and resume:
         previous = read_json(out / "config.json")
         if previous != asdict(config):
-            raise ValueError(f"{out} holds a run with another configuration; choose another --out")
+            raise BMRSError(f"{out} holds a run with another configuration; choose another --out")
     main = distributed.is_main()
     if main and not resume:
         (out / "checkpoint.pt").unlink(missing_ok=True)
@@ -366,11 +367,11 @@ def run_files(path: str | os.PathLike) -> tuple[Path, Path]:
         run_dir, state = path, path / "model.pt"
         if not state.is_file():
             hint = " (the run is unfinished: pass its checkpoint.pt to use the last epoch)" if (path / "checkpoint.pt").is_file() else ""
-            raise ValueError(f"{path} has no model.pt{hint}")
+            raise BMRSError(f"{path} has no model.pt{hint}")
     else:
         run_dir, state = path.parent, path
     if not (run_dir / "config.json").is_file():
-        raise ValueError(f"{run_dir} has no config.json: expected a run directory written by 'bmrs train', "
+        raise BMRSError(f"{run_dir} has no config.json: expected a run directory written by 'bmrs train', "
                          "or its model.pt or checkpoint.pt")
     return run_dir, state
 
@@ -399,14 +400,14 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
     if state_file.name == "checkpoint.pt":
         checkpoint = load_state_file(state_file)
         if not (isinstance(checkpoint, dict) and "model" in checkpoint):
-            raise ValueError(f"{state_file} is not a checkpoint written by 'bmrs train'")
+            raise BMRSError(f"{state_file} is not a checkpoint written by 'bmrs train'")
         state = checkpoint["model"]
     else:
         state = load_state_file(state_file)
     if isinstance(state, dict) and "metadata" in state and "state_dict" in state:
-        raise ValueError(f"{state_file} is already a compacted model (see 'bmrs info {state_file}')")
+        raise BMRSError(f"{state_file} is already a compacted model (see 'bmrs info {state_file}')")
     if not isinstance(state, dict):
-        raise ValueError(f"{state_file} does not hold a model state dict")
+        raise BMRSError(f"{state_file} does not hold a model state dict")
     architecture, data = None, None
     metrics_file = run_dir / "metrics.json"
     metrics = check_metrics(read_json(metrics_file), metrics_file) if metrics_file.is_file() else {}
@@ -420,7 +421,7 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
         model.load_state_dict(state)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
-        raise ValueError(f"{state_file} does not fit the model of {run_dir / 'config.json'} ({detail})") from None
+        raise BMRSError(f"{state_file} does not fit the model of {run_dir / 'config.json'} ({detail})") from None
     if state_file.name == "model.pt":
         verify_checksum(state, state_file, metrics.get("checksums", {}).get("model.pt"))
     model.eval()

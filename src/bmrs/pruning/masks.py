@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import broadcast, unwrap
+from ..errors import BMRSError
 from ..gates import check_finite_gates, gate_layout, gates
 from .criteria import Criterion
 
@@ -50,7 +51,7 @@ def decide(
     Families of coupled structures are decided as one, from the criterion's family score.
     """
     if target_kind not in ("structures", "params"):
-        raise ValueError(f"target_kind must be 'structures' or 'params', got {target_kind!r}")
+        raise BMRSError(f"target_kind must be 'structures' or 'params', got {target_kind!r}")
     model = unwrap(model)
     layout = gate_layout(model)
     check_finite_gates(model, masked=not keep_pruned)
@@ -61,14 +62,14 @@ def decide(
     ]
     if target is None:
         if criterion.threshold is None:
-            raise ValueError(f"criterion {criterion.name!r} has no threshold: give a target compression")
+            raise BMRSError(f"criterion {criterion.name!r} has no threshold: give a target compression")
         keep_slots = []
         for score in family_scores:
             # BMRS prunes at delta F >= 0, i.e. keeps -delta F > 0; baselines keep score >= threshold
             keep_slots.append(score > criterion.threshold if criterion.evidence_based else score >= criterion.threshold)
     else:
         if not 0.0 <= float(target) <= 1.0:
-            raise ValueError(f"target compression must lie in [0, 1], got {target}")
+            raise BMRSError(f"target compression must lie in [0, 1], got {target}")
         keep_slots = _rank_and_cut(model, layout, family_scores, already if keep_pruned else None, float(target), target_kind)
     if keep_pruned:
         keep_slots = [k & ~a for k, a in zip(keep_slots, already)]

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import write_json, write_text
+from ..errors import BMRSError
 from ..pruning.criteria import default_labels
 from .collect import SweepResult
 from .tables import column_key, format_mean_std, markdown_table, mean_std, method_order
@@ -59,7 +60,7 @@ def knee(compression: Sequence[float], accuracy: Sequence[float], *, grid: int =
     """
     x, y = _clean(compression, accuracy)
     if len(x) < 3:
-        raise ValueError("a knee needs at least three distinct compression levels")
+        raise BMRSError("a knee needs at least three distinct compression levels")
     xs = np.linspace(x[0], x[-1], grid)
     ys = np.interp(xs, x, y)
     xn = (xs - xs[0]) / (xs[-1] - xs[0])

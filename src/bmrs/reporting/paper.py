@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from .._io import write_json
+from ..errors import BMRSError
 from ..pruning.criteria import default_labels
 from .collect import RunResult, base_label
 from .tables import format_mean_std, method_order, summarize
@@ -117,7 +118,7 @@ def paper_table(dataset: str) -> dict[str, dict[str, dict]]:
         ValueError: no published numbers for ``dataset``.
     """
     if dataset not in PAPER_TABLES:
-        raise ValueError(f"no published numbers for data set {dataset!r}; choose from {', '.join(PAPER_TABLES)}")
+        raise BMRSError(f"no published numbers for data set {dataset!r}; choose from {', '.join(PAPER_TABLES)}")
     return {model: {label: {k: (list(v) if isinstance(v, list) else v) for k, v in entry.items()}
                     for label, entry in rows.items()}
             for model, rows in PAPER_TABLES[dataset].items()}

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._io import write_json, write_text
+from ..errors import BMRSError
 from .collect import Collection, collect
 from .knees import write_knees
 from .paper import PAPER_FILES, compare, comparison_markdown, paper_table, write_paper_json
@@ -72,7 +73,7 @@ def write_report(source, out_dir: str | os.PathLike, *, paper: str | None = None
     collection = source if isinstance(source, Collection) else collect(source)
     if not collection.runs and not collection.sweeps:
         detail = f" ({'; '.join(collection.skipped)})" if collection.skipped else ""
-        raise ValueError(f"nothing to report: no complete runs or sweeps{detail}")
+        raise BMRSError(f"nothing to report: no complete runs or sweeps{detail}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     notes = list(collection.skipped)

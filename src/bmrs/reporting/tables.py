@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+from ..errors import BMRSError
 from ..models import MODELS
 from ..pruning.criteria import label_order
 from .collect import RunResult, SweepResult, base_label, natural_key
@@ -23,7 +24,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (``ddof=1``; 0 for a single value)."""
     values = [float(v) for v in values]
     if not values:
-        raise ValueError("mean_std needs at least one value")
+        raise BMRSError("mean_std needs at least one value")
     mean = sum(values) / len(values)
     if len(values) < 2:
         return mean, 0.0
