@@ -147,7 +147,8 @@ class Trainer:
         model: a model with gates (see :func:`bmrs.attach_gates`); may be wrapped in
             ``DistributedDataParallel`` (see below).
         optimizer: its optimizer.
-        loss_fn: data loss on ``(model(inputs), targets)``; default cross-entropy.
+        loss_fn: data loss on ``(model(inputs), targets)``, the mean over the batch; any
+            callable of those two (default cross-entropy).
         kl_reduction, dataset_size, kl_weight: the KL term, see :func:`elbo_loss`;
             ``dataset_size`` is the size of the whole training set, not of one rank's shard.
         device: where batches go (default: where the model's parameters are).
@@ -218,7 +219,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> dict[str, float]:
-        """Mean data loss and accuracy with the gates in eval mode (E[theta] * mask)."""
+        """Mean data loss per example and accuracy with the gates in eval mode (E[theta] * mask).
+
+        Each batch's loss (a mean over the batch) is weighted by its size, so batches of
+        different sizes count per example."""
         net = unwrap(self.model)  # no collectives: every rank may evaluate alone
         training = net.training
         net.eval()
@@ -227,7 +231,7 @@ class Trainer:
             for inputs, targets in loader:
                 inputs, targets = inputs.to(self.device), targets.to(self.device)
                 output = net(inputs)
-                total_loss += self.loss_fn(output, targets, reduction="sum").item()
+                total_loss += self.loss_fn(output, targets).item() * len(targets)
                 correct += (output.argmax(dim=1) == targets).sum().item()
                 n += len(targets)
         finally:
