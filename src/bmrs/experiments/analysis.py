@@ -42,7 +42,7 @@ def gate_diagnostics(model: nn.Module, criteria: dict[str, Criterion] | None = N
         for label in default_labels(evidence_based=True):
             name, options = parse_label(label)
             criteria[label] = make_criterion(name, **options)
-    decisions = {name: decide(model, c) for name, c in criteria.items()}
+    decisions = {name: decide(model, c, keep_pruned=False) for name, c in criteria.items()}  # from the scores alone
     evidence = {label: c for label, c in criteria.items() if c.evidence_based}
     records = []
     for name, gate in gates(model).items():

@@ -69,7 +69,7 @@ def sweep(
     records = []
     for name, criterion, kind, target in tqdm(jobs, desc="sweep", disable=not progress, leave=False):
         model.load_state_dict(state)
-        set_masks(model, decide(model, criterion, target=target, target_kind=target_kind))
+        set_masks(model, decide(model, criterion, target=target, target_kind=target_kind, keep_pruned=False))
         if finetune is not None:
             finetune(model)
         records.append({

@@ -35,7 +35,7 @@ def decide(
     *,
     target: float | None = None,
     target_kind: str = "structures",
-    keep_pruned: bool = False,
+    keep_pruned: bool = True,
 ) -> dict[str, Tensor]:
     """Keep masks (bool, per gate) that ``criterion`` decides for ``model``.
 
@@ -46,7 +46,10 @@ def decide(
             lowest-scored structures across all layers until that fraction is removed.
         target_kind: what ``target`` counts: ``"structures"`` (gated structures) or
             ``"params"`` (trainable parameters, as :func:`parameter_compression` counts them).
-        keep_pruned: structures already masked stay pruned (and count towards ``target``).
+        keep_pruned: structures already masked stay pruned (and count towards ``target``);
+            the default, as in :func:`prune`, so that a decision never brings back a
+            structure the model has lost. ``False`` decides from the scores alone, as if
+            nothing were masked.
 
     Families of coupled structures are decided as one, from the criterion's family score.
     """
@@ -127,7 +130,7 @@ def prune(
 ) -> dict[str, int]:
     """Decide with ``criterion`` (see :func:`decide`), write the masks, return kept counts per gate.
 
-    By default a structure pruned earlier stays pruned (``keep_pruned=True``).
+    By default a structure pruned earlier stays pruned (``keep_pruned=True``, as in :func:`decide`).
     """
     masks = decide(model, criterion, target=target, target_kind=target_kind, keep_pruned=keep_pruned)
     set_masks(model, masks)
