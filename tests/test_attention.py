@@ -19,7 +19,7 @@ from bmrs.attention import (
     params_per_head,
 )
 from bmrs.models import MODELS, build_model, vit
-from bmrs.pruning import L2, BMRSNCode, Random, Taylor, count_parameters, decide, parameter_compression, set_masks
+from bmrs.pruning import L2, BMRSNCode, Random, Taylor, count_trainable_parameters, decide, parameter_compression, set_masks
 from bmrs.structure import find_sites
 
 
@@ -467,7 +467,7 @@ def test_params_per_head_match_a_hand_count_and_real_removal(bias):
     assert params_per_head(torch_mha) == hand_torch
     for module, per_head in ((ours, hand), (torch_mha, hand_torch)):
         smaller = compact_attention(module, torch.tensor([True, False, True]), torch.ones(3))
-        assert count_parameters(module) - count_parameters(smaller) == per_head
+        assert count_trainable_parameters(module) - count_trainable_parameters(smaller) == per_head
 
 
 def test_slot_params_of_head_families_and_parameter_compression():
@@ -478,7 +478,7 @@ def test_slot_params_of_head_families_and_parameter_compression():
     assert family.members == [("self_attn.heads", [0, 1, 2, 3])] and family.slot_params == [per_head] * 4
     gate = bmrs.gates(layer)["self_attn.heads"]
     gate.mask[[1, 3]] = 0.0
-    assert parameter_compression(layer) * count_parameters(layer) == pytest.approx(2 * per_head)
+    assert parameter_compression(layer) * count_trainable_parameters(layer) == pytest.approx(2 * per_head)
 
 
 def test_l2_scores_heads_by_their_q_k_v_rows():

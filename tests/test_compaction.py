@@ -18,7 +18,7 @@ from bmrs import attach_gates, detach_gates, gate_layout, gates
 from bmrs.compaction import compact, count_flops, count_parameters, load_compact, save_compact
 from bmrs.models import build_model
 from bmrs.pruning import decide, make_criterion, parameter_compression, set_masks
-from bmrs.pruning import count_parameters as count_trainable
+from bmrs.pruning import count_trainable_parameters as count_trainable
 
 SHAPES = {
     "mlp": (1, 8, 8), "lenet5": (1, 28, 28), "lenet5-gelu": (1, 28, 28), "resnet": (3, 16, 16), "transformer": (5, 16),

@@ -12,7 +12,7 @@ from .criteria import Criterion
 
 __all__ = [
     "decide", "prune", "set_masks", "kept_structures", "structure_compression",
-    "parameter_compression", "count_parameters", "removed_parameters",
+    "parameter_compression", "count_trainable_parameters", "removed_parameters",
 ]
 
 
@@ -101,7 +101,7 @@ def _rank_and_cut(model, layout, family_scores, already, target, target_kind) ->
         # smallest prefix of the ranking whose removal reaches the target
         k = int(torch.searchsorted(removed, torch.tensor(target, dtype=torch.float64) - 1e-12)) + 1 if target > 0 else 0
     else:  # removal counts overlap between layers: bisect on the exact count
-        total = float(count_parameters(model))
+        total = float(count_trainable_parameters(model))
         lo, hi = 0, len(scores)
         while lo < hi:
             mid = (lo + hi) // 2
@@ -149,7 +149,7 @@ def structure_compression(model: nn.Module) -> float:
     return (total - sum(kept_structures(model).values())) / total if total else 0.0
 
 
-def count_parameters(model: nn.Module) -> int:
+def count_trainable_parameters(model: nn.Module) -> int:
     """Trainable parameters of the (gated) model, gates included."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -211,4 +211,4 @@ def parameter_compression(model: nn.Module) -> float:
     removed structures counts once. A family slot counts as removed when every member is
     masked.
     """
-    return removed_parameters(model, _pruned_slots(model)) / count_parameters(model)
+    return removed_parameters(model, _pruned_slots(model)) / count_trainable_parameters(model)
