@@ -420,10 +420,7 @@ def cmd_compact(args) -> int:
         raise BMRSError(f"--out {out} exists; pass --force to replace it, or choose another --out")
     _, model, architecture, example, _ = _load_run_model(Path(args.checkpoint), args.data_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        info = compact_to_file(model, example, out, architecture)
-    except NotImplementedError as err:
-        raise BMRSError(f"cannot compact this model yet: {_one_line(err)}") from None
+    info = compact_to_file(model, example, out, architecture)
     _say(f"compacted {args.checkpoint} ({architecture['name']}) into {out}")
     _say("layer widths (before -> after):")
     for line in _width_lines(info["widths_before"], info["widths_after"]):
