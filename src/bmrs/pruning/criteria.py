@@ -518,14 +518,10 @@ class Taylor(Criterion):
                 loss = self.loss_fn(model(inputs.to(device)), targets.to(device))
                 loss.backward()
                 for name, out in captured.items():
-                    gate = named[name]
-                    axis = gate.dim % out.dim()
-                    other = [d for d in range(out.dim()) if d != axis]
-                    # the gradient of the mean loss is 1/N of the per-example sum
-                    prod = (out * out.grad).detach().double() * out.shape[0]
-                    spatial = [d for d in other if d != 0]
-                    per_example = prod.sum(dim=spatial) if spatial else prod  # (N, C)
-                    sums[name] += per_example.sum(dim=0).abs().cpu() / out.shape[0]
+                    axis = named[name].dim % out.dim()
+                    # the gradient of the batch's mean loss already carries the 1 / examples
+                    prod = (out * out.grad).detach().double()
+                    sums[name] += prod.sum(dim=[d for d in range(out.dim()) if d != axis]).abs().cpu()
                 count += 1
         finally:
             for h in handles:
