@@ -10,6 +10,7 @@ import csv
 import json
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from bmrs.experiments.analysis import diagnose_runs, run_diagnostics
 from bmrs.experiments.runs import RunConfig, state_checksum, train_run
 from bmrs.reporting import collect, write_report
 from bmrs.reporting.diagnostics import select_runs
-from bmrs.reporting.knees import knee_analysis, knees_markdown
+from bmrs.reporting.collect import SweepResult
+from bmrs.reporting.knees import knee, knee_analysis, knees_markdown
 from bmrs.reporting.paper import PAPER_TABLES, compare, comparison_markdown, paper_summary, paper_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -237,7 +239,7 @@ def test_knee_analysis_of_known_curves(tmp_path):
     assert entry["per_sweep"][1]["stops"]["bmrs-n"]["stop"] == pytest.approx([70.0, 75.0])
 
     md = knees_markdown(analysis)
-    assert "Kneedle" in md and "farthest above the chord" in md
+    assert "Kneedle" in md and "kneed" in md
     assert "**`l2`**" in md  # the best criterion is marked
     stops = md.split("### Stopping points", 1)[1]
     row = next(line for line in stops.splitlines() if line.startswith("| `bmrs-n` "))
@@ -245,6 +247,20 @@ def test_knee_analysis_of_known_curves(tmp_path):
     assert cells[1:4] == ["60.00 ± 14.14", "80.00 ± 7.07", "40.00 / 90.00"]
     assert cells[4] == "+20.00 ± 14.14" and cells[5] == "-10.00 ± 7.07"
     assert cells[8].startswith("80.00 ± 14.14 (l2 ×2)")
+
+
+def test_knee_is_kneedles_and_a_curve_without_one_keeps_its_mean_accuracy():
+    # the kink of a flat-then-falling curve, with repeated levels averaged first
+    assert knee([0.0, 0.2, 0.4, 0.4, 0.6, 0.8, 1.0], [0.9, 0.9, 0.89, 0.91, 0.7, 0.4, 0.1]) == pytest.approx((0.4, 0.9))
+    assert knee([0.0, 0.5, 1.0], [0.8, 0.5, 0.2]) is None  # a straight line has no knee
+    with pytest.raises(ValueError, match="three distinct"):
+        knee([0.0, 1.0, 1.0], [0.9, 0.1, 0.2])
+    records = [{"criterion": c, "kind": "level", "parameter_compression": x, "accuracy": f(x)}
+               for c, f in (("l2", flat_then_linear(0.6)), ("random", lambda x: 0.9 - 0.8 * x)) for x in LEVELS]
+    sweep = SweepResult(path=Path("s"), data={"records": records, "run_config": {"dataset": "digits", "model": "mlp", "seed": 0}})
+    curves = knee_analysis([sweep])["models"]["mlp"]["curves"]
+    assert curves["random"]["knee"] is None and curves["random"]["auc"] == pytest.approx([50.0, 0.0])
+    assert curves["l2"]["knee"]["compression"] == pytest.approx([60.0, 0.0])
 
 
 def test_knee_keys_with_several_datasets(tmp_path):

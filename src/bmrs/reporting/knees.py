@@ -4,8 +4,9 @@ For the post-training sweeps of a model (one per seed): where each evidence crit
 (delta F >= its margin) compared with the knee of its own accuracy-vs-compression curve, with the
 knee of the best criterion's curve, and with the best accuracy any criterion reaches at the
 same compression (:func:`knee_analysis`, :func:`knees_markdown`, :func:`write_knees`).
-Knees are found with Kneedle (:func:`knee`): both axes normalised to [0, 1], the knee is
-the point of the curve farthest above the chord joining its ends. The *best* criterion of a
+Knees are found with Kneedle (:func:`knee`, the ``kneed`` package): both axes normalised
+to [0, 1], the knee is where the curve, after standing out above the line through its ends,
+starts to fall fast. The *best* criterion of a
 model is the one whose curve has the highest mean accuracy over the compression range all
 curves cover (the area under the curve divided by the range), averaged over the sweeps.
 Everything here reads sweep records only.
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from kneed import KneeLocator
 
 from .._io import write_json, write_text
 from ..errors import BMRSError
@@ -41,34 +43,34 @@ def knee_stops() -> tuple[str, ...]:
 
 #: How knees are found (written into knees.md and knees.json).
 KNEE_METHOD = (
-    "Kneedle (Satopaa et al., 2011) on each criterion's accuracy-vs-parameter-compression curve: the "
-    "curve is interpolated linearly, both axes are normalised to [0, 1], and the knee is the point "
-    "farthest above the chord from the first to the last point. The best criterion of a model is the "
+    "Kneedle (Satopaa et al., 2011) as the kneed package implements it, on each criterion's "
+    "accuracy-vs-parameter-compression curve (KneeLocator(curve='concave', direction='decreasing'), "
+    "no smoothing, sensitivity S = 1): both axes are normalised to [0, 1], and the knee is the first "
+    "local maximum of the curve's height above the line through its ends that the curve then falls "
+    "below by more than S times the mean spacing of the levels; a curve without one has no knee. "
+    "The best criterion of a model is the "
     "one with the highest mean accuracy over the compression range every curve covers (area under "
     "the curve / range), averaged over the sweeps."
 )
 
 
-def knee(compression: Sequence[float], accuracy: Sequence[float], *, grid: int = 1001) -> tuple[float, float]:
-    """The knee ``(compression, accuracy)`` of an accuracy-vs-compression curve (Kneedle).
+def knee(compression: Sequence[float], accuracy: Sequence[float]) -> tuple[float, float] | None:
+    """The knee ``(compression, accuracy)`` of an accuracy-vs-compression curve, or None.
 
-    The curve is interpolated linearly on a fine grid between the measured points (sorted by
-    compression; repeated compressions are averaged). Accuracy is assumed to fall with
-    compression (a concave, decreasing curve): the knee is where the normalised curve lies
-    farthest above the straight line from its first to its last point, i.e. where further
-    compression starts to cost accuracy fast.
+    Kneedle as the ``kneed`` package implements it (``KneeLocator(curve="concave",
+    direction="decreasing")``, no smoothing, sensitivity 1): accuracy falls with compression,
+    slowly and then fast, and the knee is the first measured point where the normalised curve
+    stands out above the line from its first to its last point by more than the sensitivity
+    allows, i.e. where further compression starts to cost accuracy fast. Repeated
+    compressions are averaged first. None when Kneedle finds no knee (a curve without a bend).
     """
     x, y = _clean(compression, accuracy)
     if len(x) < 3:
         raise BMRSError("a knee needs at least three distinct compression levels")
-    xs = np.linspace(x[0], x[-1], grid)
-    ys = np.interp(xs, x, y)
-    xn = (xs - xs[0]) / (xs[-1] - xs[0])
-    span = ys.max() - ys.min()
-    yn = (ys - ys.min()) / span if span > 0 else np.zeros_like(ys)
-    chord = yn[0] + (yn[-1] - yn[0]) * xn
-    i = int(np.argmax(yn - chord))
-    return float(xs[i]), float(ys[i])
+    locator = KneeLocator(x, y, curve="concave", direction="decreasing")
+    if locator.knee is None:
+        return None
+    return float(locator.knee), float(locator.knee_y)
 
 
 def _clean(compression, accuracy) -> tuple[np.ndarray, np.ndarray]:
@@ -114,8 +116,9 @@ def stop_vs_knee(records: list[dict], stops: Sequence[str]) -> dict[str, dict]:
     curves = curves_from_sweep(records)
     knees = {}
     for name, c in curves.items():
-        if len(set(c["compression"])) >= 3:
-            knees[name] = knee(c["compression"], c["accuracy"])
+        found = knee(c["compression"], c["accuracy"]) if len(set(c["compression"])) >= 3 else None
+        if found is not None:
+            knees[name] = found
     result = {}
     for name in stops:
         stop = curves.get(name, {}).get("stop")
@@ -166,7 +169,11 @@ def _pair(comps: list[float], accs: list[float]) -> dict | None:
 def _analyse_sweep(records: list[dict], stops: Sequence[str]) -> dict:
     """Knees, AUCs and stop distances of one sweep (percent)."""
     curves = {name: c for name, c in curves_from_sweep(records).items() if len(set(c["compression"])) >= 3}
-    knees = {name: [100 * v for v in knee(c["compression"], c["accuracy"])] for name, c in curves.items()}
+    knees = {}
+    for name, c in curves.items():
+        found = knee(c["compression"], c["accuracy"])
+        if found is not None:
+            knees[name] = [100 * v for v in found]
     auc = {}
     if curves:
         lo = max(min(c["compression"]) for c in curves.values())
@@ -201,7 +208,8 @@ def knee_analysis(sweeps: Sequence[SweepResult], stops: Sequence[str] | None = N
 
     The model key is the model's name, or ``"dataset/model"`` when the sweeps cover several
     data sets. Criteria without a stopping point in a sweep, and curves with fewer than
-    three distinct compressions (no knee), are left out. ``stops`` defaults to :func:`knee_stops`.
+    three distinct compressions, are left out; a curve's knee is the mean over the sweeps in
+    which Kneedle finds one (None if it finds none). ``stops`` defaults to :func:`knee_stops`.
     """
     stops = knee_stops() if stops is None else tuple(stops)
     groups: dict[tuple[str, str], list[SweepResult]] = defaultdict(list)
@@ -215,12 +223,12 @@ def knee_analysis(sweeps: Sequence[SweepResult], stops: Sequence[str] | None = N
         for sweep in members:
             entry = _analyse_sweep(sweep.records, stops)
             per_sweep.append({"path": str(sweep.path), "seed": _sweep_seed(sweep), **entry})
-        criteria = sorted({c for e in per_sweep for c in e["knees"]}, key=method_order)
+        criteria = sorted({c for e in per_sweep for c in e["auc"]}, key=method_order)
         curves = {}
         for c in criteria:
             knees = [e["knees"][c] for e in per_sweep if c in e["knees"]]
             aucs = [e["auc"][c] for e in per_sweep if c in e["auc"]]
-            curves[c] = {"knee": _pair([k[0] for k in knees], [k[1] for k in knees]), "auc": _ms(aucs), "n": len(knees)}
+            curves[c] = {"knee": _pair([k[0] for k in knees], [k[1] for k in knees]), "auc": _ms(aucs), "n": len(aucs)}
         best = max(curves, key=lambda c: (curves[c]["auc"][0] if curves[c]["auc"] else -math.inf)) if curves else None
         stop_summary = {}
         for name in stops:
