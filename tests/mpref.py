@@ -1,4 +1,4 @@
-"""Reference values at 60 significant digits with mpmath: the closed forms of MATH.md,
+"""Reference values at 60 significant digits with mpmath: the closed forms of docs/math.md,
 evaluated where cancellation cannot hurt, and the defining integrals for spot checks."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def set_posterior(gate, mu, log_sigma):
         gate.log_scale.copy_(torch.tensor(log_sigma))
 
 
-# (mu, sigma, exact delta F_N from MATH.md's table): prune, keep, keep, prune
+# (mu, sigma, exact delta F_N from docs/math.md's reference values): prune, keep, keep, prune
 TABLE = [(-19.0, 1.0, 1.749548317), (-3.0, 0.5, -575.2300048), (-12.0, 4.0, -1.285105034), (-25.0, 2.0, 3.34029384)]
 
 

@@ -3,7 +3,7 @@
 Synthetic suite directories (files in the format ``bmrs train`` and ``bmrs sweep`` write)
 with known numbers, sweeps whose piecewise-linear curves have known knees, and one tiny
 real run whose gate posteriors are set by hand, checked against the closed forms of
-MATH.md computed here with the standard library.
+docs/math.md computed here with the standard library.
 """
 
 import csv
@@ -326,7 +326,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_the_hand_set_cases_are_what_they_claim():
-    """The expectations below follow from MATH.md's closed forms, computed independently."""
+    """The expectations below follow from docs/math.md's closed forms, computed independently."""
     assert -0.05 < delta_f_n(*RELAXED) < 0 < delta_f_n(*RELAXED) + 0.5 * math.log(2 * math.pi)
     assert delta_f_n(*STRONG) < -100 and delta_f_u(*STRONG, 8) < -100 and delta_f_u(*STRONG, 4) < -1
     assert delta_f_n(*AT_ZERO) > 1 and delta_f_u(*AT_ZERO, 8) < -1 and delta_f_u(*AT_ZERO, 4) < -1

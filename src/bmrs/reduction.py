@@ -195,7 +195,7 @@ def _delta_f_log_uniform(q: TruncatedLogNormal, p: LogUniform, r: LogUniform) ->
 
 
 def _delta_f_log_normal(q: TruncatedLogNormal, p: LogUniform, r: TruncatedLogNormal) -> Tensor:
-    """``log(b - a) + log N(mu; m, v) + log Z~ - log Z - log Z_r`` (MATH.md, BMRS_N).
+    """``log(b - a) + log N(mu; m, v) + log Z~ - log Z - log Z_r`` (docs/math.md, BMRS_N).
 
     The Gaussian product ``N(x; mu, s^2) N(x; m, s_r^2) = N(mu; m, v) N(x; mu~, s~^2)`` makes the
     integrand a truncated normal; its quadratic parts are recombined with the identity

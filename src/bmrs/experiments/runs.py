@@ -42,7 +42,8 @@ def methods() -> tuple[str, ...]:
     return ("none", *CRITERIA)
 
 
-# The paper's optimiser settings (MATH.md section 5); other models get the LeNet5 ones.
+# The paper's optimiser settings (docs/math.md, "The paper's reported numbers"); other
+# models get the LeNet5 ones.
 _PAPER_SETTINGS = {"mlp": {"batch_size": 128, "lr": 1.5e-3}, "lenet5": {"batch_size": 32, "lr": 1.4e-3}}
 _DEFAULT_SETTINGS = {"batch_size": 64, "lr": 1e-3}
 

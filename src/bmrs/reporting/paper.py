@@ -7,7 +7,7 @@ Fashion-MNIST (and the few MNIST numbers the paper quotes), in the shape
 in percent, where a standard deviation the paper does not give is ``None``.
 
 The paper's BMRS_N row was produced by its released code, whose delta F is the exact one
-plus 1/2 log 2 pi (MATH.md section 6). Its like-for-like counterpart is our
+plus 1/2 log 2 pi (docs/math.md, "Relaxed gates and ties"). Its like-for-like counterpart is our
 ``bmrs-n-code``; our exact ``bmrs-n`` is compared with the same row, to show what the exact
 criterion changes (:data:`PAPER_ROW`).
 
@@ -39,7 +39,7 @@ def _entry(comp: float, comp_std: float | None, acc: float, acc_std: float | Non
 
 #: Published numbers per data set, model and method label (percent; std None where not given).
 #: Fashion-MNIST: Table 1 (continuous pruning, 10 seeds). MNIST: the numbers the paper quotes
-#: in its text (MATH.md section 5), without spreads.
+#: in its text, without spreads (docs/math.md, "The paper's reported numbers").
 PAPER_TABLES: dict[str, dict[str, dict[str, dict]]] = {
     "fashion-mnist": {
         "mlp": {
