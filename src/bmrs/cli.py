@@ -51,7 +51,8 @@ EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 
 
-# Model options of ``bmrs train`` per bundled model: CLI destination -> builder keyword.
+# Model options of ``bmrs train`` per bundled model: CLI destination -> builder keyword (a
+# model not listed takes none from the command line).
 _MODEL_OPTIONS = {
     "mlp": {"width": "width", "hidden_layers": "hidden_layers"},
     "lenet5": {},
@@ -163,7 +164,7 @@ def _config_from_args(args) -> RunConfig:
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise BMRSError(f"--threshold must be a finite number, got {args.threshold}")
     options = {}
-    allowed = _MODEL_OPTIONS[args.model]
+    allowed = _MODEL_OPTIONS.get(args.model, {})
     for dest, flag in _FLAG.items():
         value = getattr(args, dest)
         if value is None:
