@@ -20,7 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: of its package; a new top-level module must be added here.
 LAYERS = [
     ("foundation", ("bmrs._io", "bmrs.errors", "bmrs.math")),
-    ("core", ("bmrs.reduction", "bmrs.structure", "bmrs.gates", "bmrs.attention")),
+    ("core", ("bmrs.reduction", "bmrs.structure", "bmrs.gates", "bmrs.attention", "bmrs.adapters")),
     ("tools", ("bmrs.pruning", "bmrs.compaction")),
     ("components", ("bmrs.training", "bmrs.models", "bmrs.datasets", "bmrs")),
     ("reporting", ("bmrs.reporting",)),

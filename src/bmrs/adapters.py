@@ -27,6 +27,9 @@ from __future__ import annotations
 import importlib
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import BMRSError
 
 __all__ = [
     "ADAPTERS", "INTEGRATIONS", "InputGroups", "find_adapter", "integration_of", "register_adapter", "remove_input_groups",
@@ -75,6 +78,9 @@ class InputGroups(nn.Module):
     def __init__(self, groups: int, width: int) -> None:
         super().__init__()
         self.groups, self.width = int(groups), int(width)
+        #: The handle of the pre-hook on the layer it belongs to (set by :meth:`install`,
+        #: used by :func:`remove_input_groups` to remove the hook).
+        self.hook_handle: RemovableHandle | None = None
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, width={self.width}"
@@ -85,7 +91,7 @@ class InputGroups(nn.Module):
     def _pre_hook(self, module: nn.Module, args: tuple):
         x = args[0]
         if x.shape[-1] != self.groups * self.width:
-            raise ValueError(
+            raise BMRSError(
                 f"InputGroups expects {self.groups} x {self.width} input features, got input of shape {tuple(x.shape)}"
             )
         out = self(x.unflatten(-1, (self.groups, self.width)))
@@ -96,7 +102,7 @@ class InputGroups(nn.Module):
         """Put a site on ``layer``'s input (in place) and return it."""
         site = cls(groups, width)
         layer.add_module(INPUT_ATTR, site)
-        layer.register_forward_pre_hook(site._pre_hook)
+        site.hook_handle = layer.register_forward_pre_hook(site._pre_hook)
         return site
 
 
@@ -108,7 +114,7 @@ def remove_input_groups(model: nn.Module) -> None:
     for module in model.modules():
         site = getattr(module, INPUT_ATTR, None)
         if isinstance(site, InputGroups):
-            for key, hook in list(module._forward_pre_hooks.items()):
-                if getattr(hook, "__self__", None) is site:
-                    del module._forward_pre_hooks[key]
+            if site.hook_handle is not None:
+                site.hook_handle.remove()
+                site.hook_handle = None
             delattr(module, INPUT_ATTR)
