@@ -32,7 +32,8 @@ from torch.utils.hooks import RemovableHandle
 from .errors import BMRSError
 
 __all__ = [
-    "ADAPTERS", "INTEGRATIONS", "InputGroups", "find_adapter", "integration_of", "register_adapter", "remove_input_groups",
+    "ADAPTERS", "INTEGRATIONS", "InputGroups", "find_adapter", "integration_of", "register_adapter", "remove_hooked",
+    "remove_input_groups",
 ]
 
 #: Registered adapters, asked in order.
@@ -111,10 +112,17 @@ INPUT_ATTR = "bmrs_input"
 
 def remove_input_groups(model: nn.Module) -> None:
     """Remove every :class:`InputGroups` site and its pre-hook from ``model`` (in place)."""
+    remove_hooked(model, INPUT_ATTR, InputGroups)
+
+
+def remove_hooked(model: nn.Module, attr: str, kind: type) -> None:
+    """Remove from every module of ``model`` its child ``attr`` of type ``kind`` (a gate or
+    an input site) and the hook that applies it, by the handle the child keeps
+    (``hook_handle``), in place."""
     for module in model.modules():
-        site = getattr(module, INPUT_ATTR, None)
-        if isinstance(site, InputGroups):
-            if site.hook_handle is not None:
-                site.hook_handle.remove()
-                site.hook_handle = None
-            delattr(module, INPUT_ATTR)
+        child = getattr(module, attr, None)
+        if isinstance(child, kind):
+            if child.hook_handle is not None:
+                child.hook_handle.remove()
+                child.hook_handle = None
+            delattr(module, attr)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .adapters import find_adapter, remove_input_groups
+from .adapters import find_adapter, remove_hooked, remove_input_groups
 from .distributed import unwrap
 from .errors import BMRSError
 from .math import fast
@@ -421,13 +421,7 @@ def detach_gates(model: nn.Module) -> None:
     """Remove every gate and its hook (and the input sites of an adapter), leaving the model
     as it was before attaching."""
     model = unwrap(model)
-    for module in model.modules():
-        gate = getattr(module, GATE_ATTR, None)
-        if isinstance(gate, NoiseGate):
-            if gate.hook_handle is not None:
-                gate.hook_handle.remove()
-                gate.hook_handle = None
-            delattr(module, GATE_ATTR)
+    remove_hooked(model, GATE_ATTR, NoiseGate)
     remove_input_groups(model)
     if hasattr(model, _LAYOUT_ATTR):
         delattr(model, _LAYOUT_ATTR)
