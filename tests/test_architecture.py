@@ -35,6 +35,15 @@ INTEGRATIONS = ("bmrs.lightning", "bmrs.transformers", "bmrs.onnx", "bmrs.integr
 
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
 
+#: Known imports against the layering, each with why it is still there; the test fails for
+#: any other, and for an entry here that is no longer needed.
+EXCEPTIONS = {
+    # reports check a run's config.json with RunConfig's field types and its metrics.json with
+    # check_metrics (added with the damaged-file checks); both should move into a run-file
+    # format module that reporting and experiments can import
+    ("bmrs.reporting.collect", "bmrs.experiments.runs"),
+}
+
 
 def layer_of(module: str) -> str:
     """The layer of a bmrs module (``"integration"`` for an integration), by its name."""
@@ -110,7 +119,9 @@ def test_every_module_has_a_layer():
 
 def test_imports_point_down_the_layers():
     bad = [line for module, source, is_package in _modules() for line in violations(module, source, is_package)]
-    assert bad == []
+    excepted = [line for line in bad if any(line.startswith(f"{a} (") and f" imports {b} (" in line for a, b in EXCEPTIONS)]
+    assert [line for line in bad if line not in excepted] == []
+    assert len(excepted) == len(EXCEPTIONS)  # an exception no longer needed must leave the list
 
 
 @pytest.mark.parametrize(

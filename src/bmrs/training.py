@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._io import read_tensors, write_atomic
+from .errors import BMRSError
 from .distributed import average, gather_rows, is_main, rank, unwrap, world_size
 from .gates import model_kl
 from .pruning.masks import kept_structures, parameter_compression, structure_compression
@@ -362,7 +363,7 @@ class Trainer:
     def _load(self, state: dict, generator: torch.Generator | None, path="the checkpoint") -> None:
         ranks = state.get("rng", {}).get("ranks") if isinstance(state, dict) else None
         if ranks is not None and len(ranks) != world_size():
-            raise ValueError(f"{path} was written by {len(ranks)} training process(es); resume it with as many "
+            raise BMRSError(f"{path} was written by {len(ranks)} training process(es); resume it with as many "
                              f"(this run has {world_size()})")
         try:
             unwrap(self.model).load_state_dict(state["model"])
@@ -380,4 +381,4 @@ class Trainer:
                 generator.set_state(rng["loader"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
             detail = " ".join(str(err).split())[:200]
-            raise ValueError(f"{path} is not a checkpoint of this training ({type(err).__name__}: {detail})") from None
+            raise BMRSError(f"{path} is not a checkpoint of this training ({type(err).__name__}: {detail})") from None
