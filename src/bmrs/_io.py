@@ -104,6 +104,8 @@ def read_json(path: str | os.PathLike) -> dict:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise BMRSError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise BMRSError(f"{path} is not valid JSON (not UTF-8 text)") from None
     if not isinstance(data, dict):
         raise BMRSError(f"{path} does not hold a JSON object")
     return data
