@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: Layers from the bottom up: (name, module-name prefixes). A new module falls into the layer
 #: of its package; a new top-level module must be added here.
 LAYERS = [
-    ("foundation", ("bmrs._io", "bmrs.errors", "bmrs.math")),
+    ("foundation", ("bmrs._io", "bmrs.errors", "bmrs.math", "bmrs.distributed")),
     ("core", ("bmrs.reduction", "bmrs.structure", "bmrs.gates", "bmrs.attention", "bmrs.adapters")),
     ("tools", ("bmrs.pruning", "bmrs.compaction")),
     ("components", ("bmrs.training", "bmrs.models", "bmrs.datasets", "bmrs")),
