@@ -237,7 +237,7 @@ def _launch(nproc: int, argv: list[str]) -> None:
         run(launch)
     except ChildFailedError as err:
         codes = sorted({f.exitcode for f in err.failures.values()})
-        raise CLIError(f"{len(err.failures)} of {nproc} training processes failed "
+        raise BMRSError(f"{len(err.failures)} of {nproc} training processes failed "
                        f"(exit status {', '.join(map(str, codes))}; their messages are above)") from None
 
 
@@ -246,7 +246,7 @@ def cmd_train(args) -> int:
     _positive("--nproc", args.nproc)
     launched = _under_torchrun()
     if launched and args.nproc not in (1, int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc))):
-        raise CLIError("--nproc starts the processes itself: leave it out when torchrun starts them")
+        raise BMRSError("--nproc starts the processes itself: leave it out when torchrun starts them")
     # under torchrun: every rank checks OUT as it is, and none writes before all have checked
     device = distributed.init_from_environment()
     main = distributed.is_main()
