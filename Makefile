@@ -57,4 +57,4 @@ demo: setup
 	$(BIN)/bmrs report $(DEMO_OUT) --out $(DEMO_OUT)/report > $(DEMO_OUT)/report.log; \
 	echo "wrote $(DEMO_OUT)/report (printed output in $(DEMO_OUT)/report.log)"; \
 	echo; echo "== 6/6 What it shows"; \
-	$(BIN)/python -m bmrs.reporting.demo $(DEMO_OUT)
+	$(BIN)/python -m bmrs.experiments.demo $(DEMO_OUT)

@@ -20,7 +20,6 @@ the operators that take the time in eager PyTorch (torch.profiler) and in onnxru
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform

@@ -143,3 +143,6 @@ def test_deepcopy_keeps_working_gates():
     assert not torch.equal(clone(x), model(x))  # the clone's hooks use the clone's gates
     bmrs.detach_gates(clone)
     assert bmrs.gates(model)  # the original keeps its gates
+    # the clone's hooks are gone (removed by their handles), the original's are not
+    assert all(not m._forward_hooks for m in clone.modules())
+    assert sum(len(m._forward_hooks) for m in model.modules()) == len(bmrs.gates(model))

@@ -19,7 +19,7 @@ from bmrs.attention import (
     params_per_head,
 )
 from bmrs.models import MODELS, build_model, vit
-from bmrs.pruning import L2, BMRSNCode, Random, Taylor, count_parameters, decide, parameter_compression, set_masks
+from bmrs.pruning import L2, BMRSNCode, Random, Taylor, count_trainable_parameters, decide, parameter_compression, set_masks
 from bmrs.structure import find_sites
 
 
@@ -136,6 +136,19 @@ def test_exposed_multihead_attention_matches_torch(case):
         (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
     for (name, p), q in zip(reference.named_parameters(), exposed.parameters()):
         assert _relative(q.grad, p.grad) < 1e-5, name
+
+
+def test_masks_of_other_types_are_refused_or_warned_about_as_torch_does():
+    """An integer mask is refused and a bool / float pair warns, in nn.MultiheadAttention and
+    in ours (which no longer borrows PyTorch's private mask helper)."""
+    reference = nn.MultiheadAttention(E, H, batch_first=True)
+    exposed = expose_heads(copy.deepcopy(reference))
+    x = torch.randn(N, L, E)
+    for module in (reference, exposed):
+        with pytest.raises(AssertionError, match="only bool and floating types of attn_mask"):
+            module(x, x, x, attn_mask=torch.zeros(L, L, dtype=torch.int64))
+        with pytest.warns(UserWarning, match="key_padding_mask"):
+            module(x, x, x, attn_mask=torch.zeros(L, L), key_padding_mask=torch.zeros(N, L, dtype=torch.bool))
 
 
 def test_expose_heads_keeps_parameters_and_rejects_what_it_cannot_handle():
@@ -454,7 +467,7 @@ def test_params_per_head_match_a_hand_count_and_real_removal(bias):
     assert params_per_head(torch_mha) == hand_torch
     for module, per_head in ((ours, hand), (torch_mha, hand_torch)):
         smaller = compact_attention(module, torch.tensor([True, False, True]), torch.ones(3))
-        assert count_parameters(module) - count_parameters(smaller) == per_head
+        assert count_trainable_parameters(module) - count_trainable_parameters(smaller) == per_head
 
 
 def test_slot_params_of_head_families_and_parameter_compression():
@@ -465,7 +478,7 @@ def test_slot_params_of_head_families_and_parameter_compression():
     assert family.members == [("self_attn.heads", [0, 1, 2, 3])] and family.slot_params == [per_head] * 4
     gate = bmrs.gates(layer)["self_attn.heads"]
     gate.mask[[1, 3]] = 0.0
-    assert parameter_compression(layer) * count_parameters(layer) == pytest.approx(2 * per_head)
+    assert parameter_compression(layer) * count_trainable_parameters(layer) == pytest.approx(2 * per_head)
 
 
 def test_l2_scores_heads_by_their_q_k_v_rows():

@@ -369,3 +369,42 @@ def test_resume_after_kill_gives_the_uninterrupted_metrics(tmp_path):
         a.pop("seconds"), b.pop("seconds")
         assert a == b
     assert 0 < full["parameter_compression"]  # it pruned, so masks were restored too
+
+
+def test_user_errors_are_one_line_and_defects_keep_their_traceback(monkeypatch, capsys):
+    """A BMRSError (or a file error) is one line with exit 2; any other exception, such as an
+    internal KeyError, is not disguised as a user error but propagates with its traceback."""
+    import bmrs
+    import bmrs.cli as cli
+
+    def user_error(args):
+        raise bmrs.BMRSError("the run\n   is not what bmrs expects")
+
+    def missing_file(args):
+        raise FileNotFoundError("runs/x: no such file or directory")
+
+    def defect(args):
+        return {}["layer"]
+
+    for command, message in ((user_error, "the run is not what bmrs expects"),
+                             (missing_file, "runs/x: no such file or directory")):
+        monkeypatch.setattr(cli, "cmd_info", command)
+        assert cli.main(["info", "runs/x"]) == 2
+        assert capsys.readouterr().err == f"bmrs: error: {message}\n"
+    monkeypatch.setattr(cli, "cmd_info", defect)
+    with pytest.raises(KeyError, match="layer"):
+        cli.main(["info", "runs/x"])
+    # the real command: Python's traceback and exit status 1
+    script = "import sys, bmrs.cli as cli\ncli.cmd_info = lambda args: {}['layer']\nsys.exit(cli.main(['info', 'runs/x']))\n"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError: 'layer'" in proc.stderr
+
+
+def test_library_errors_for_bad_input_are_bmrs_errors_and_value_errors():
+    import bmrs
+
+    for bad in (lambda: bmrs.bmrs_u_prior(float("nan")), lambda: bmrs.make_criterion("nope"),
+                lambda: bmrs.build_model("nope", (1, 8, 8), 10), lambda: bmrs.NoiseGate(0)):
+        with pytest.raises(bmrs.BMRSError) as info:
+            bad()
+        assert isinstance(info.value, ValueError)

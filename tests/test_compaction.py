@@ -18,7 +18,7 @@ from bmrs import attach_gates, detach_gates, gate_layout, gates
 from bmrs.compaction import compact, count_flops, count_parameters, load_compact, save_compact
 from bmrs.models import build_model
 from bmrs.pruning import decide, make_criterion, parameter_compression, set_masks
-from bmrs.pruning import count_parameters as count_trainable
+from bmrs.pruning import count_trainable_parameters as count_trainable
 
 SHAPES = {
     "mlp": (1, 8, 8), "lenet5": (1, 28, 28), "lenet5-gelu": (1, 28, 28), "resnet": (3, 16, 16), "transformer": (5, 16),
@@ -269,6 +269,27 @@ def test_save_and_load_user_model(tmp_path):
     x = inputs("transformer")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), compacted(x), rtol=0, atol=0)
+
+
+def test_architectures_resolve_registered_then_bundled(tmp_path, monkeypatch):
+    """load_compact finds a bundled builder by name without a registration, a registered
+    builder before a bundled one of the same name, and names the known ones otherwise."""
+    from bmrs import models
+    from bmrs.compaction import architecture_builder, register_architecture
+
+    monkeypatch.setattr("bmrs.compaction.storage.ARCHITECTURES", {})
+    assert architecture_builder("lenet5") is models.lenet5
+    with pytest.raises(ValueError, match="neither registered nor bundled.*lenet5, mlp, resnet, vit"):
+        architecture_builder("lenet6")
+    calls = []
+    register_architecture("mlp", lambda *a, **k: calls.append(a) or models.mlp(*a, **k))
+    compacted = compact(make("mlp"), inputs("mlp", batch=2))
+    architecture = {"name": "mlp", "input_shape": list(SHAPES["mlp"]), "num_classes": 10, "options": {"width": 24}}
+    save_compact(compacted, tmp_path / "m.pt", architecture=architecture)
+    load_compact(tmp_path / "m.pt")
+    assert calls and all(c == (list(SHAPES["mlp"]), 10) for c in calls)  # the registered builder, not the bundled one
+    with pytest.raises(ValueError, match="'lenet6' is neither"):
+        save_compact(compacted, tmp_path / "x.pt", architecture={**architecture, "name": "lenet6"})
 
 
 def test_whole_module_pickles(tmp_path):

@@ -3,7 +3,7 @@
 import torch
 
 import bmrs
-from bmrs.pruning import count_parameters
+from bmrs.pruning import count_trainable_parameters
 from nets import TinyResNet, lenet_like, small_mlp
 
 
@@ -11,7 +11,7 @@ def test_mlp_hand_count():
     model = small_mlp()  # 12 -> 7 -> 7 -> 3, tanh
     bmrs.attach_gates(model, torch.randn(2, 12))
     # 12*7+7 + 7*7+7 + 7*3+3 + two gates of 7 structures with 2 parameters each
-    assert count_parameters(model) == 91 + 56 + 24 + 28 == 199
+    assert count_trainable_parameters(model) == 91 + 56 + 24 + 28 == 199
     g = bmrs.gates(model)
     g["1"].mask[0] = 0  # first hidden unit: its row and bias (13), its column in layer 2 (7), its gate (2)
     assert round(bmrs.parameter_compression(model) * 199) == 22
@@ -25,7 +25,7 @@ def test_conv_net_hand_count():
     model = lenet_like()
     bmrs.attach_gates(model, torch.randn(2, 1, 32, 32))
     total = (6 * 25 + 6) + (16 * 6 * 25 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (84 * 10 + 10) + 2 * (6 + 16 + 120 + 84)
-    assert count_parameters(model) == total == 62158
+    assert count_trainable_parameters(model) == total == 62158
     g = bmrs.gates(model)
     g["1"].mask[0] = 0  # a conv1 filter (25 + 1), its input channel in conv2 (16 * 25), its gate
     assert round(bmrs.parameter_compression(model) * total) == 26 + 400 + 2
@@ -46,7 +46,7 @@ def test_everything_pruned_removes_all_but_the_classifier_bias():
 def test_coupled_family_counts_each_member_and_batchnorm():
     model = TinyResNet(channels=8, classes=5)
     bmrs.attach_gates(model, torch.randn(2, 3, 8, 8))
-    total = count_parameters(model)
+    total = count_trainable_parameters(model)
     family = next(f for f in bmrs.gate_layout(model).families if len(f.members) > 1)
     for name, idx in family.members:
         bmrs.gates(model)[name].mask[idx[2]] = 0

@@ -180,6 +180,9 @@ def test_keep_pruned_and_recompute():
     crit = make_criterion("bmrs-n")
     assert decide(model, crit, keep_pruned=True)["1"].tolist() == [True, True, False, True]
     assert decide(model, crit, keep_pruned=False)["1"].all()
+    assert decide(model, crit)["1"].tolist() == [True, True, False, True]  # the default, as prune's
+    bmrs.prune(model, crit)
+    assert gate.mask.tolist() == [1.0, 1.0, 0.0, 1.0]
 
 
 def test_make_criterion_names_and_errors():

@@ -8,7 +8,7 @@ import torch
 
 from bmrs.cli import main
 from bmrs.datasets import available
-from bmrs.reporting.demo import demo_summary, measure_latency
+from bmrs.experiments.demo import demo_summary, measure_latency
 
 TINY = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "4", "--finetune-epochs", "1",
         "--batch-size", "32", "--lr", "0.02", "--threads", "1", "--no-progress"]

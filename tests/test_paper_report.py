@@ -10,16 +10,18 @@ import csv
 import json
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 
 from bmrs.cli import main
+from bmrs.experiments.analysis import diagnose_runs, run_diagnostics
 from bmrs.experiments.runs import RunConfig, state_checksum, train_run
 from bmrs.reporting import collect, write_report
-from bmrs.reporting.diagnostics import (
-    knee_analysis, knees_markdown, run_diagnostics, select_runs, write_diagnostics,
-)
+from bmrs.reporting.diagnostics import select_runs
+from bmrs.reporting.collect import SweepResult
+from bmrs.reporting.knees import knee, knee_analysis, knees_markdown
 from bmrs.reporting.paper import PAPER_TABLES, compare, comparison_markdown, paper_summary, paper_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -237,7 +239,7 @@ def test_knee_analysis_of_known_curves(tmp_path):
     assert entry["per_sweep"][1]["stops"]["bmrs-n"]["stop"] == pytest.approx([70.0, 75.0])
 
     md = knees_markdown(analysis)
-    assert "Kneedle" in md and "farthest above the chord" in md
+    assert "Kneedle" in md and "kneed" in md
     assert "**`l2`**" in md  # the best criterion is marked
     stops = md.split("### Stopping points", 1)[1]
     row = next(line for line in stops.splitlines() if line.startswith("| `bmrs-n` "))
@@ -245,6 +247,20 @@ def test_knee_analysis_of_known_curves(tmp_path):
     assert cells[1:4] == ["60.00 ± 14.14", "80.00 ± 7.07", "40.00 / 90.00"]
     assert cells[4] == "+20.00 ± 14.14" and cells[5] == "-10.00 ± 7.07"
     assert cells[8].startswith("80.00 ± 14.14 (l2 ×2)")
+
+
+def test_knee_is_kneedles_and_a_curve_without_one_keeps_its_mean_accuracy():
+    # the kink of a flat-then-falling curve, with repeated levels averaged first
+    assert knee([0.0, 0.2, 0.4, 0.4, 0.6, 0.8, 1.0], [0.9, 0.9, 0.89, 0.91, 0.7, 0.4, 0.1]) == pytest.approx((0.4, 0.9))
+    assert knee([0.0, 0.5, 1.0], [0.8, 0.5, 0.2]) is None  # a straight line has no knee
+    with pytest.raises(ValueError, match="three distinct"):
+        knee([0.0, 1.0, 1.0], [0.9, 0.1, 0.2])
+    records = [{"criterion": c, "kind": "level", "parameter_compression": x, "accuracy": f(x)}
+               for c, f in (("l2", flat_then_linear(0.6)), ("random", lambda x: 0.9 - 0.8 * x)) for x in LEVELS]
+    sweep = SweepResult(path=Path("s"), data={"records": records, "run_config": {"dataset": "digits", "model": "mlp", "seed": 0}})
+    curves = knee_analysis([sweep])["models"]["mlp"]["curves"]
+    assert curves["random"]["knee"] is None and curves["random"]["auc"] == pytest.approx([50.0, 0.0])
+    assert curves["l2"]["knee"]["compression"] == pytest.approx([60.0, 0.0])
 
 
 def test_knee_keys_with_several_datasets(tmp_path):
@@ -341,7 +357,7 @@ def test_diagnostics_of_hand_set_posteriors(tiny_run, tmp_path):
     assert expected_u8 == expected_u4 == 4  # SMALL and the three relaxed ones (ties broken upward)
     median_relaxed = delta_f_n(*RELAXED)
 
-    _, files, notes = write_diagnostics([run], tmp_path / "out")
+    _, files, notes = diagnose_runs([run], tmp_path / "out")
     assert notes == []
     md = (tmp_path / "out" / "diagnostics.md").read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
@@ -367,7 +383,7 @@ def test_diagnostics_of_hand_set_posteriors(tiny_run, tmp_path):
 
 def test_write_diagnostics_notes_runs_without_a_model(tmp_path):
     make_suite(tmp_path, {"mlp": {"none": ((0.0, 0.0), (88.0, 0.3))}})
-    diags, files, notes = write_diagnostics([tmp_path / "train/mlp/none/seed-0"], tmp_path / "out")
+    diags, files, notes = diagnose_runs([tmp_path / "train/mlp/none/seed-0"], tmp_path / "out")
     assert diags == [] and files == {} and len(notes) == 1 and "model.pt" in notes[0]
 
 
@@ -388,7 +404,9 @@ def test_write_report_with_paper_and_analysis(tmp_path, tiny_run):
     for seed in (0, 1):
         write_sweep(suite / "sweep" / "mlp" / f"seed-{seed}", "mlp", seed)
     out = tmp_path / "report"
-    report = write_report([suite, tiny_run[0]], out, paper="fashion-mnist", analysis=True)
+    collection = collect([suite, tiny_run[0]])
+    report = write_report(collection, out, paper="fashion-mnist", analysis=True)
+    _, _, diagnostic_notes = diagnose_runs(select_runs(collection.runs), out)  # what bmrs reproduce adds
     names = {p.name for p in out.iterdir()}
     assert {"results.md", "results.json", "accuracy_vs_compression.png", "widths.png", "comparison.md",
             "comparison.json", "paper-fmnist.json", "knees.md", "knees.json", "diagnostics.md",
@@ -404,7 +422,7 @@ def test_write_report_with_paper_and_analysis(tmp_path, tiny_run):
     # diagnostics: the digits run is rebuilt; the synthetic runs have no model.pt and are noted
     md = (out / "diagnostics.md").read_text()
     assert "mlp / digits, bmrs-n-code, seed 0" in md and "fashion-mnist" not in md.split("## Figures")[0]
-    assert any("model.pt" in n for n in report.notes)
+    assert any("model.pt" in n for n in report.notes + diagnostic_notes)
     assert "posteriors_digits_mlp_bmrs-n-code_seed-0.png" in names
     # without the options the report is as before
     plain = write_report([suite], tmp_path / "plain")

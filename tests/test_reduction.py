@@ -77,7 +77,7 @@ def test_delta_f_u_stays_finite_where_the_reduced_mass_underflows():
 
 @pytest.mark.parametrize("mu,sigma", [(-19.0, 1.0), (-3.0, 0.5), (-12.0, 4.0), (-25.0, 2.0), (1.0, 0.3)])
 def test_closed_forms_equal_the_defining_integral(mu, sigma):
-    """The reference closed forms themselves, against log int q p~/p dx (the oracle of docs/math.md)."""
+    """The reference closed forms themselves, against log int q p~/p dx (the definition of delta F in docs/math.md)."""
     s = mp.mpf("1e-6")
 
     def spike(x):

@@ -60,6 +60,24 @@ def test_step_trains_and_evaluate_is_deterministic():
     assert trainer.evaluate(loader) == trainer.evaluate(loader)
 
 
+def test_evaluate_takes_any_loss_callable_and_weights_batches_by_size():
+    torch.manual_seed(0)
+    model = gated()
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]  # 4 and 3 examples
+
+    def nll_of_log_softmax(output, targets):  # no reduction keyword
+        return torch.nn.functional.nll_loss(torch.log_softmax(output, dim=1), targets)
+
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), 1e-2), loss_fn=nll_of_log_softmax, progress=False)
+    got = trainer.evaluate(batches)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model.eval()(x), y).item()  # mean over all 7
+    assert got["loss"] == pytest.approx(want, rel=1e-6)
+    default = Trainer(model, torch.optim.Adam(model.parameters(), 1e-2), progress=False)
+    assert default.evaluate(batches)["loss"] == pytest.approx(want, rel=1e-6)
+
+
 def test_continuous_pruning_sticky_by_default_and_recompute_on_request():
     model = gated(hidden=4)
     gate = bmrs.gates(model)["1"]

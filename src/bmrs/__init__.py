@@ -13,12 +13,14 @@ The core objects:
 * :func:`compact`: the smaller plain network, with :func:`save_compact` / :func:`load_compact`.
 * :mod:`bmrs.distributed`: DistributedDataParallel (every function here accepts a wrapped
   model); :mod:`bmrs.lightning`: a Lightning callback (needs the ``lightning`` extra).
+* :class:`BMRSError`: what every function raises for input a user can fix (a ``ValueError``).
 """
 
 from . import distributed
 from .attention import MultiheadSelfAttention, compact_attention, expose_heads
 from .compaction import compact, load_compact, save_compact
-from .models import build_model  # also registers the bundled architectures for load_compact
+from .errors import BMRSError
+from .models import build_model
 from .training import Trainer, elbo_loss, seed_everything
 from .gates import NoiseGate, attach_gates, detach_gates, gate_layout, gates, model_kl
 from .math.distributions import LogUniform, TruncatedLogNormal
@@ -36,6 +38,7 @@ from .reduction import bmrs_n_prior, bmrs_u_prior, delta_f, delta_f_quadrature
 __version__ = "0.1.0"
 
 __all__ = [
+    "BMRSError",
     "ContinuousPruning",
     "LogUniform",
     "MultiheadSelfAttention",
@@ -52,6 +55,7 @@ __all__ = [
     "delta_f",
     "delta_f_quadrature",
     "detach_gates",
+    "distributed",
     "elbo_loss",
     "expose_heads",
     "gate_layout",

@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import BMRSError
+
 __all__ = ["read_json", "read_tensors", "write_atomic", "write_bytes", "write_json", "write_text"]
 
 _MODE: int | None = None
@@ -71,7 +73,7 @@ def write_json(data, path: str | os.PathLike) -> None:
     try:
         text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
     except ValueError as err:
-        raise ValueError(f"{path}: not written, the data holds a non-finite number ({err})") from None
+        raise BMRSError(f"{path}: not written, the data holds a non-finite number ({err})") from None
     write_text(path, text + "\n")
 
 
@@ -92,7 +94,7 @@ def read_tensors(path: str | os.PathLike, what: str = "a file written by bmrs"):
         text = " ".join(str(err).split())
         if "Weights only load failed" in text or "Unsupported operand" in text or "Unsupported global" in text:
             text = "it holds objects other than tensors and plain containers"
-        raise ValueError(f"{path} is not {what} ({text[:200]})") from None
+        raise BMRSError(f"{path} is not {what} ({text[:200]})") from None
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -101,7 +103,9 @@ def read_json(path: str | os.PathLike) -> dict:
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise BMRSError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise BMRSError(f"{path} is not valid JSON (not UTF-8 text)") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
+        raise BMRSError(f"{path} does not hold a JSON object")
     return data

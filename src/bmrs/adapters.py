@@ -27,9 +27,13 @@ from __future__ import annotations
 import importlib
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import BMRSError
 
 __all__ = [
-    "ADAPTERS", "INTEGRATIONS", "InputGroups", "find_adapter", "integration_of", "register_adapter", "remove_input_groups",
+    "ADAPTERS", "INTEGRATIONS", "InputGroups", "find_adapter", "integration_of", "register_adapter", "remove_hooked",
+    "remove_input_groups",
 ]
 
 #: Registered adapters, asked in order.
@@ -75,6 +79,9 @@ class InputGroups(nn.Module):
     def __init__(self, groups: int, width: int) -> None:
         super().__init__()
         self.groups, self.width = int(groups), int(width)
+        #: The handle of the pre-hook on the layer it belongs to (set by :meth:`install`,
+        #: used by :func:`remove_input_groups` to remove the hook).
+        self.hook_handle: RemovableHandle | None = None
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, width={self.width}"
@@ -85,7 +92,7 @@ class InputGroups(nn.Module):
     def _pre_hook(self, module: nn.Module, args: tuple):
         x = args[0]
         if x.shape[-1] != self.groups * self.width:
-            raise ValueError(
+            raise BMRSError(
                 f"InputGroups expects {self.groups} x {self.width} input features, got input of shape {tuple(x.shape)}"
             )
         out = self(x.unflatten(-1, (self.groups, self.width)))
@@ -96,7 +103,7 @@ class InputGroups(nn.Module):
         """Put a site on ``layer``'s input (in place) and return it."""
         site = cls(groups, width)
         layer.add_module(INPUT_ATTR, site)
-        layer.register_forward_pre_hook(site._pre_hook)
+        site.hook_handle = layer.register_forward_pre_hook(site._pre_hook)
         return site
 
 
@@ -105,10 +112,17 @@ INPUT_ATTR = "bmrs_input"
 
 def remove_input_groups(model: nn.Module) -> None:
     """Remove every :class:`InputGroups` site and its pre-hook from ``model`` (in place)."""
+    remove_hooked(model, INPUT_ATTR, InputGroups)
+
+
+def remove_hooked(model: nn.Module, attr: str, kind: type) -> None:
+    """Remove from every module of ``model`` its child ``attr`` of type ``kind`` (a gate or
+    an input site) and the hook that applies it, by the handle the child keeps
+    (``hook_handle``), in place."""
     for module in model.modules():
-        site = getattr(module, INPUT_ATTR, None)
-        if isinstance(site, InputGroups):
-            for key, hook in list(module._forward_pre_hooks.items()):
-                if getattr(hook, "__self__", None) is site:
-                    del module._forward_pre_hooks[key]
-            delattr(module, INPUT_ATTR)
+        child = getattr(module, attr, None)
+        if isinstance(child, kind):
+            if child.hook_handle is not None:
+                child.hook_handle.remove()
+                child.hook_handle = None
+            delattr(module, attr)

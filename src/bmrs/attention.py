@@ -19,11 +19,14 @@ puts a :class:`~bmrs.NoiseGate` with ``dim=1`` on that module, one structure per
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .errors import BMRSError
 
 __all__ = [
     "MultiheadSelfAttention",
@@ -105,17 +108,25 @@ def _attend(
 
 
 def _canonical_masks(key_padding_mask: Tensor | None, attn_mask: Tensor | None, dtype: torch.dtype):
-    """Both masks in ``nn.MultiheadAttention``'s canonical form (float, added to the scores),
-    checked as it checks them."""
-    key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask", target_type=dtype,
-    )
-    attn_mask = F._canonical_mask(
-        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=dtype,
-        check_other=False,
-    )
-    return key_padding_mask, attn_mask
+    """Both masks in the form ``nn.MultiheadAttention`` adds to the attention scores, checked
+    as it checks them: a float mask is used as it is, a boolean one becomes 0 where False and
+    -inf where True; other types are refused, and masks of two different types warn (PyTorch
+    deprecates mixing them)."""
+    if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+        warnings.warn(
+            f"key_padding_mask ({key_padding_mask.dtype}) and attn_mask ({attn_mask.dtype}) have different "
+            "types; PyTorch deprecates mixing them, give both the same type",
+            stacklevel=3,
+        )
+    return _additive_mask(key_padding_mask, "key_padding_mask", dtype), _additive_mask(attn_mask, "attn_mask", dtype)
+
+
+def _additive_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
+    if mask is None or torch.is_floating_point(mask):
+        return mask
+    if mask.dtype != torch.bool:
+        raise AssertionError(f"only bool and floating types of {name} are supported")
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
 def _split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -146,17 +157,17 @@ class MultiheadSelfAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, head_dim: int | None = None, bias: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
         if embed_dim < 1 or num_heads < 1:
-            raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
+            raise BMRSError(f"embed_dim and num_heads must be positive, got {embed_dim} and {num_heads}")
         if head_dim is None:
             if embed_dim % num_heads:
-                raise ValueError(
+                raise BMRSError(
                     f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; give head_dim explicitly"
                 )
             head_dim = embed_dim // num_heads
         if head_dim < 1:
-            raise ValueError(f"head_dim must be positive, got {head_dim}")
+            raise BMRSError(f"head_dim must be positive, got {head_dim}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+            raise BMRSError(f"dropout must lie in [0, 1), got {dropout}")
         self.num_heads, self.head_dim = int(num_heads), int(head_dim)
         self.dropout = float(dropout)
         inner = self.num_heads * self.head_dim
@@ -189,7 +200,7 @@ class MultiheadSelfAttention(nn.Module):
         only to itself and earlier tokens (on top of any mask given).
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"MultiheadSelfAttention expects input (N, T, {self.embed_dim}), got {tuple(x.shape)}")
+            raise BMRSError(f"MultiheadSelfAttention expects input (N, T, {self.embed_dim}), got {tuple(x.shape)}")
         key_padding_mask, attn_mask = _canonical_masks(key_padding_mask, attn_mask, x.dtype)
         q, k, v = (_split_heads(layer(x), self.num_heads) for layer in (self.q, self.k, self.v))
         merged, _ = _attend(
@@ -222,7 +233,7 @@ class _MultiheadAttentionCall:
     ) -> tuple[Tensor, Tensor | None]:
         """As ``nn.MultiheadAttention.forward`` (same arguments, masks and outputs)."""
         if query.is_nested or key.is_nested or value.is_nested:
-            raise ValueError(
+            raise BMRSError(
                 f"{type(self).__name__} does not take nested tensors; an nn.TransformerEncoder holding it "
                 "needs use_nested_tensor = False"
             )
@@ -311,7 +322,7 @@ def expose_heads(module: nn.MultiheadAttention) -> HeadedMultiheadAttention:
         raise TypeError(f"expose_heads takes a plain nn.MultiheadAttention, got the subclass {type(module).__name__}")
     problem = _unsupported(module)
     if problem is not None:
-        raise ValueError(f"cannot expose the heads of this nn.MultiheadAttention: {problem}")
+        raise BMRSError(f"cannot expose the heads of this nn.MultiheadAttention: {problem}")
     module.__class__ = HeadedMultiheadAttention
     module.add_module("heads", nn.Identity())
     return module
@@ -351,7 +362,7 @@ class CompactMultiheadAttention(_MultiheadAttentionCall, nn.Module):
         super().__init__()
         inner = q.out_features
         if k.out_features != inner or v.out_features != inner or out.in_features != inner or inner % num_heads:
-            raise ValueError(
+            raise BMRSError(
                 f"q, k, v must project to, and out from, the same width divisible by num_heads={num_heads}; got "
                 f"{q.out_features}, {k.out_features}, {v.out_features} and {out.in_features}"
             )
@@ -424,7 +435,7 @@ def _weights(module: nn.Module) -> _Weights:
     elif isinstance(module, nn.MultiheadAttention):
         problem = _unsupported(module)
         if problem is not None:
-            raise ValueError(f"cannot handle the heads of this nn.MultiheadAttention: {problem}")
+            raise BMRSError(f"cannot handle the heads of this nn.MultiheadAttention: {problem}")
         projections = HeadedMultiheadAttention._projections(module)
     else:
         raise TypeError(
@@ -483,13 +494,13 @@ def compact_attention(module: nn.Module, keep: Tensor, scale: Tensor) -> nn.Modu
     heads, d = w.num_heads, w.head_dim
     keep = torch.as_tensor(keep).detach().cpu()
     if keep.dtype != torch.bool or keep.shape != (heads,):
-        raise ValueError(f"keep must be a bool tensor of shape ({heads},), got {keep.dtype} of shape {tuple(keep.shape)}")
+        raise BMRSError(f"keep must be a bool tensor of shape ({heads},), got {keep.dtype} of shape {tuple(keep.shape)}")
     scale = torch.as_tensor(scale).detach().cpu().to(torch.float64)
     kept = keep.nonzero().flatten()
     if scale.shape == (heads,):
         scale = scale[kept]
     elif scale.shape != (len(kept),):
-        raise ValueError(
+        raise BMRSError(
             f"scale must have shape ({heads},) or one entry per kept head ({len(kept)},), got {tuple(scale.shape)}"
         )
     if len(kept) == 0:  # keep one silent head: the module stays valid and outputs its bias

@@ -1,9 +1,12 @@
 """The ``bmrs`` command: train, sweep, report, compact, inspect and reproduce.
 
 A thin layer over :mod:`bmrs.experiments`, :mod:`bmrs.compaction` and
-:mod:`bmrs.reporting`. Every error a user can cause (a bad option, a missing file or data
-set, an unknown name) ends the command with one line ``bmrs: error: ...`` on stderr and exit
-status 2, never a traceback; training that diverges ends with one line and exit status 3.
+:mod:`bmrs.reporting`. Every error a user can cause (a :class:`~bmrs.BMRSError`: a bad
+option, an unknown name, a file that is not what bmrs expects; an ``OSError``: a file or
+directory that is missing or cannot be read or written; a download whose checksum is wrong)
+ends the command with one line ``bmrs: error: ...`` on stderr and exit status 2; training
+that diverges ends with one line and exit status 3. Anything else is a defect and shows its
+traceback.
 Result files are written to temporary names and renamed, so an interrupted command leaves
 no half-written file, and no command replaces a file it did not write (``--force``). See
 ``docs/cli.md`` and ``docs/reliability.md``.
@@ -16,21 +19,35 @@ import json
 import math
 import os
 import sys
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__
-from ._io import read_json
-from .datasets import DATASETS, ChecksumError
-from .deploy import FORMATS, RUNTIMES
-from .models import MODELS
-from .training import TrainingDiverged
+import torch
+
+from . import __version__, distributed
+from ._io import read_json, write_json
+from .compaction import ARCHITECTURES, compact, count_flops, count_parameters, load_compact
+from .datasets import ChecksumError, DATASETS
+from .deploy import BENCH_FORMAT, FORMATS, RUNTIMES, benchmark, export, full_network
+from .errors import BMRSError
+from .experiments import suites
+from .experiments.analysis import diagnose_runs
 from .experiments.live import LOG_FORMATS
-from .experiments.runs import PAPER, RECOMMENDED, RunConfig, methods
-from .experiments.suites import SUITES
-from .experiments.sweep import DEFAULT_LEVELS, default_criteria, parse_criteria
+from .experiments.runs import (
+    PAPER, RECOMMENDED, RunConfig, build_criterion, check_metrics, compact_to_file, layer_widths, load_metrics,
+    load_run, load_state_file, methods, run_files, train_run, verify_checksum,
+)
+from .experiments.sweep import DEFAULT_LEVELS, default_criteria, parse_criteria, sweep_run
+from .gates import gates
+from .models import MODELS
+from .pruning import make_criterion, parse_budget, prune
 from .pruning.criteria import CRITERIA, load_plugins
-from .reporting.diagnostics import diagnostic_methods
+from .reporting import collect, write_report
+from .reporting.collect import natural_key
+from .reporting.diagnostics import diagnostic_methods, select_runs
+from .reporting.paper import SUITE_PAPERS
+from .training import TrainingDiverged
 
 __all__ = ["main", "build_parser", "parse_criteria"]
 
@@ -38,7 +55,8 @@ EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 
 
-# Model options of ``bmrs train`` per bundled model: CLI destination -> builder keyword.
+# Model options of ``bmrs train`` per bundled model: CLI destination -> builder keyword (a
+# model not listed takes none from the command line).
 _MODEL_OPTIONS = {
     "mlp": {"width": "width", "hidden_layers": "hidden_layers"},
     "lenet5": {},
@@ -46,10 +64,6 @@ _MODEL_OPTIONS = {
     "vit": {"depth": "depth", "patch_size": "patch_size", "width": "embed_dim"},
 }
 _FLAG = {"width": "--width", "hidden_layers": "--hidden-layers", "depth": "--depth", "patch_size": "--patch-size"}
-
-
-class CLIError(Exception):
-    """An error the user can fix; reported as one line with exit status 2."""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -63,10 +77,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors become :class:`CLIError` (one line, exit 2)."""
+    """An argument parser whose errors become :class:`~bmrs.BMRSError` (one line, exit 2)."""
 
     def error(self, message):
-        raise CLIError(f"{self.prog}: {message} (see '{self.prog} --help')")
+        raise BMRSError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,14 +92,11 @@ def _say(*parts) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    if isinstance(err, KeyError) and err.args and isinstance(err.args[0], str):
-        text = f"unknown name {err.args[0]!r}"
-    else:
-        text = str(err) or type(err).__name__
-        # "[Errno 22] Invalid argument" and the like: say which file
-        name = getattr(err, "filename", None) if isinstance(err, OSError) else None
-        if name is not None and str(name) not in text:
-            text = f"{name}: {text}"
+    text = str(err) or type(err).__name__
+    # "[Errno 22] Invalid argument" and the like: say which file
+    name = getattr(err, "filename", None) if isinstance(err, OSError) else None
+    if name is not None and str(name) not in text:
+        text = f"{name}: {text}"
     return " ".join(text.split())
 
 
@@ -93,15 +104,13 @@ def _set_threads(args) -> None:
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:
-            raise CLIError(f"--threads must be >= 1, got {threads}")
-        import torch
-
+            raise BMRSError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
 
 
 def _positive(name: str, value, minimum=1) -> None:
     if value is not None and value < minimum:
-        raise CLIError(f"{name} must be >= {minimum}, got {value}")
+        raise BMRSError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _dataset_name(text: str) -> str:
@@ -155,13 +164,13 @@ def _config_from_args(args) -> RunConfig:
     if args.method == "none":
         for flag, value in (("--bits", args.bits), ("--threshold", args.threshold), ("--target", args.target), ("--match", args.match)):
             if value is not None:
-                raise CLIError(f"{flag} applies to a pruning method, not --method none")
+                raise BMRSError(f"{flag} applies to a pruning method, not --method none")
     if args.bits is not None and "bits" not in CRITERIA[args.method].needs:
-        raise CLIError(f"--bits applies to --method {_with('bits')} only (got --method {args.method})")
+        raise BMRSError(f"--bits applies to --method {_with('bits')} only (got --method {args.method})")
     if args.target is not None and not 0.0 <= args.target < 1.0:
-        raise CLIError(f"--target is a compression in [0, 1), got {args.target}")
+        raise BMRSError(f"--target is a compression in [0, 1), got {args.target}")
     if args.target is not None and args.match is not None:
-        raise CLIError("give --target or --match, not both")
+        raise BMRSError("give --target or --match, not both")
     _positive("--epochs", args.epochs)
     _positive("--finetune-epochs", args.finetune_epochs, 0)
     _positive("--prune-every", args.prune_every)
@@ -169,25 +178,25 @@ def _config_from_args(args) -> RunConfig:
     _positive("--batch-size", args.batch_size)
     _positive("--image-size", args.image_size)
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
-        raise CLIError(f"--lr must be a positive number, got {args.lr}")
+        raise BMRSError(f"--lr must be a positive number, got {args.lr}")
     if args.threshold is not None and not math.isfinite(args.threshold):
-        raise CLIError(f"--threshold must be a finite number, got {args.threshold}")
+        raise BMRSError(f"--threshold must be a finite number, got {args.threshold}")
     options = {}
-    allowed = _MODEL_OPTIONS[args.model]
+    allowed = _MODEL_OPTIONS.get(args.model, {})
     for dest, flag in _FLAG.items():
         value = getattr(args, dest)
         if value is None:
             continue
         if dest not in allowed:
             takes = ", ".join(_FLAG[d] for d in allowed) or "no model options"
-            raise CLIError(f"{flag} does not apply to --model {args.model} (it takes {takes})")
+            raise BMRSError(f"{flag} does not apply to --model {args.model} (it takes {takes})")
         _positive(flag, value)
         options[allowed[dest]] = value
     match = None
     if args.match is not None:
         match = str(args.match)
         if not (Path(match) / "metrics.json").is_file():
-            raise CLIError(f"--match {match}: not a complete run directory (no metrics.json)")
+            raise BMRSError(f"--match {match}: not a complete run directory (no metrics.json)")
     config = RunConfig(
         dataset=args.dataset, model=args.model, method=args.method,
         bits=8.0 if args.bits is None else float(args.bits), threshold=args.threshold, target=args.target,
@@ -197,8 +206,6 @@ def _config_from_args(args) -> RunConfig:
         data_dir=None if args.data_dir is None else str(args.data_dir),
     )
     if config.method != "none":
-        from .experiments.runs import build_criterion
-
         build_criterion(config.resolved(), None)  # threshold / target rules, before any file is written
     return config
 
@@ -215,8 +222,6 @@ def _print_run_summary(out: Path, config: dict, metrics: dict) -> None:
          f"best epoch {metrics['best_epoch']})")
     _say(f"  compression        {_percent(metrics['parameter_compression'])} of parameters, "
          f"{_percent(metrics['structure_compression'])} of structures")
-    from .reporting.collect import natural_key
-
     kept = ", ".join(
         f"{name}: {metrics['kept'][name]}/{metrics['structures'].get(name, '?')}"
         for name in sorted(metrics["kept"], key=natural_key)
@@ -250,19 +255,16 @@ def _launch(nproc: int, argv: list[str]) -> None:
         run(launch)
     except ChildFailedError as err:
         codes = sorted({f.exitcode for f in err.failures.values()})
-        raise CLIError(f"{len(err.failures)} of {nproc} training processes failed "
+        raise BMRSError(f"{len(err.failures)} of {nproc} training processes failed "
                        f"(exit status {', '.join(map(str, codes))}; their messages are above)") from None
 
 
 def cmd_train(args) -> int:
-    from . import distributed
-    from .experiments.runs import train_run
-
     _set_threads(args)
     _positive("--nproc", args.nproc)
     launched = _under_torchrun()
     if launched and args.nproc not in (1, int(os.environ.get("LOCAL_WORLD_SIZE", args.nproc))):
-        raise CLIError("--nproc starts the processes itself: leave it out when torchrun starts them")
+        raise BMRSError("--nproc starts the processes itself: leave it out when torchrun starts them")
     # under torchrun: every rank checks OUT as it is, and none writes before all have checked
     device = distributed.init_from_environment()
     main = distributed.is_main()
@@ -274,32 +276,30 @@ def cmd_train(args) -> int:
     complete = (out / "metrics.json").is_file()
     started = (out / "checkpoint.pt").is_file()
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
+        raise BMRSError(f"--out {out} exists and is not a directory")
     if args.force and args.resume:
-        raise CLIError("give --resume or --force, not both")
+        raise BMRSError("give --resume or --force, not both")
     if args.force:
         # start afresh: no file of the earlier run is left to be mistaken for the new one's
         for name in _RUN_FILES if main else ():
             (out / name).unlink(missing_ok=True)
         complete = started = False
     if complete and not args.resume:
-        raise CLIError(f"{out} already holds a complete run; pass --resume to report it, or choose another --out")
+        raise BMRSError(f"{out} already holds a complete run; pass --resume to report it, or choose another --out")
     if started and not complete and not args.resume:
-        raise CLIError(f"{out} holds an unfinished run (checkpoint.pt); pass --resume to continue it, or choose another --out")
+        raise BMRSError(f"{out} holds an unfinished run (checkpoint.pt); pass --resume to continue it, or choose another --out")
     foreign = [name for name in _RUN_FILES if (out / name).exists()] if not started else []
     if foreign and not args.force:
-        raise CLIError(f"{out} already holds {', '.join(foreign)} of no run in progress; choose another --out, "
+        raise BMRSError(f"{out} already holds {', '.join(foreign)} of no run in progress; choose another --out, "
                        "or pass --force to replace them")
     if complete or started:
         previous = read_json(out / "config.json") if (out / "config.json").is_file() else {}
         differing = _differences(previous, asdict(config.resolved()))
         if differing:
-            raise CLIError(f"{out} holds a run with other options ({', '.join(differing)} differ); "
+            raise BMRSError(f"{out} holds a run with other options ({', '.join(differing)} differ); "
                            "repeat the original options with --resume, or choose another --out")
     if complete:
         _say(f"{out} is complete; nothing to train.")
-        from .experiments.runs import load_metrics
-
         _print_run_summary(out, read_json(out / "config.json"), load_metrics(out))
         return 0
     if args.nproc > 1 and not launched:
@@ -334,8 +334,6 @@ def cmd_train(args) -> int:
 
 def _load_run_model(path: Path, data_dir=None, *, need_data: bool = False):
     """(config, model, architecture, example input, data or None) of a run (see load_run)."""
-    from .experiments.runs import load_run
-
     loaded = load_run(path, data_dir, need_data=need_data)
     return loaded.config, loaded.model, loaded.architecture, loaded.example, loaded.data
 
@@ -356,22 +354,20 @@ def _swept_epoch(config: dict) -> str:
 
 
 def cmd_sweep(args) -> int:
-    from .experiments.sweep import sweep_run
-
     _set_threads(args)
     _positive("--finetune-epochs", args.finetune_epochs, 0)
     levels = list(DEFAULT_LEVELS) if args.levels is None else args.levels
     bad = [v for v in levels if not 0.0 <= v <= 1.0]
     if bad:
-        raise CLIError(f"--levels must lie in [0, 1], got {', '.join(f'{v:g}' for v in bad)}")
+        raise BMRSError(f"--levels must lie in [0, 1], got {', '.join(f'{v:g}' for v in bad)}")
     out = Path(args.out)
     existing = [name for name in ("sweep.json", "sweep.csv") if (out / name).exists()]
     if existing and not args.force:
-        raise CLIError(f"{out} already holds {' and '.join(existing)}; pass --force to replace them, or choose another --out")
+        raise BMRSError(f"{out} already holds {' and '.join(existing)}; pass --force to replace them, or choose another --out")
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
+        raise BMRSError(f"--out {out} exists and is not a directory")
     if args.epoch is not None and not Path(args.run).is_dir():
-        raise CLIError("--epoch applies to a run directory (a state file is the epoch it holds)")
+        raise BMRSError("--epoch applies to a run directory (a state file is the epoch it holds)")
     result = sweep_run(
         args.run, out, criteria=args.criteria, levels=levels,
         finetune_epochs=args.finetune_epochs, split=args.split, target_kind=args.target_kind,
@@ -396,9 +392,14 @@ def cmd_sweep(args) -> int:
 
 
 def _report(paths, out: Path, *, paper: str | None = None, analysis: bool = False) -> None:
-    from .reporting import write_report
-
-    report = write_report(paths, out, paper=paper, analysis=analysis)
+    """Write the report of ``paths`` into ``out``; with ``analysis``, also the knees of the
+    sweeps and the gate diagnostics of the lowest-seed run of each diagnosed method."""
+    collection = collect(paths)
+    report = write_report(collection, out, paper=paper, analysis=analysis)
+    if analysis:
+        _, files, notes = diagnose_runs(select_runs(collection.runs), out)
+        report.files.update(files)
+        report.notes.extend(notes)
     for note in report.notes:
         print(f"bmrs: note: {note}", file=sys.stderr)
     _say(report.markdown.split("\n## ")[0].rstrip())
@@ -424,15 +425,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .experiments.suites import run_suite
-
     _positive("--seeds", args.seeds)
     _positive("--jobs", args.jobs)
     out = Path(args.out)
-    run_dirs = run_suite(args.suite, out, seeds=args.seeds, jobs=args.jobs, progress=not args.no_progress)
+    run_dirs = suites.run_suite(args.suite, out, seeds=args.seeds, jobs=args.jobs, progress=not args.no_progress)
     _say(f"suite {args.suite}: {len(run_dirs)} runs under {out}")
-    from .reporting.paper import SUITE_PAPERS
-
     _report([out], out / "report", paper=SUITE_PAPERS.get(args.suite), analysis=True)
     return 0
 
@@ -442,19 +439,15 @@ def cmd_reproduce(args) -> int:
 
 
 def _width_lines(before: dict, after: dict) -> list[str]:
-    from .reporting.collect import natural_key
-
     return [f"  {name:<24} {before.get(name, '?'):>6} -> {after.get(name, '?')}" for name in sorted(set(before) | set(after), key=natural_key)]
 
 
 def _apply_budget(model, config, args, example) -> None:
     """Prune ``model`` further until ``--budget`` holds; print what the evidence and the budget prune."""
-    from .pruning import make_criterion, parse_budget, prune
-
     budget = parse_budget(args.budget)
     text = args.criterion or (config.method if config.method != "none" else None)
     if text is None:
-        raise CLIError("this run has no pruning method (--method none): give --criterion with --budget")
+        raise BMRSError("this run has no pruning method (--method none): give --criterion with --budget")
     if text == "bmrs-u" and args.criterion is None:
         text = f"bmrs-u{config.bits:g}"
     (_, name, options), = parse_criteria(text)
@@ -466,30 +459,23 @@ def _apply_budget(model, config, args, example) -> None:
 
 
 def cmd_compact(args) -> int:
-    from .experiments.runs import compact_to_file
-
     _set_threads(args)
     out = Path(args.out)
     if out.is_dir():
-        raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'compact.pt'}")
+        raise BMRSError(f"--out {out} is a directory; give a file name such as {out / 'compact.pt'}")
     if args.criterion is not None and args.budget is None:
-        raise CLIError("--criterion applies with --budget only")
-    from .experiments.runs import run_files
-
+        raise BMRSError("--criterion applies with --budget only")
     run_dir, state_file = run_files(Path(args.checkpoint))
     inputs = [state_file, *(run_dir / name for name in _RUN_FILES if name != "compact.pt")]
     if out.exists() and any(p.exists() and os.path.samefile(out, p) for p in inputs):
-        raise CLIError(f"--out {out} is a file of the run being compacted; choose another --out")
+        raise BMRSError(f"--out {out} is a file of the run being compacted; choose another --out")
     if out.exists() and not args.force:
-        raise CLIError(f"--out {out} exists; pass --force to replace it, or choose another --out")
+        raise BMRSError(f"--out {out} exists; pass --force to replace it, or choose another --out")
     config, model, architecture, example, _ = _load_run_model(Path(args.checkpoint), args.data_dir)
     if args.budget is not None:
         _apply_budget(model, config, args, example)
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        info = compact_to_file(model, example, out, architecture)
-    except NotImplementedError as err:
-        raise CLIError(f"cannot compact this model yet: {_one_line(err)}") from None
+    info = compact_to_file(model, example, out, architecture)
     _say(f"compacted {args.checkpoint} ({architecture['name']}) into {out}")
     _say("layer widths (before -> after):")
     for line in _width_lines(info["widths_before"], info["widths_after"]):
@@ -500,15 +486,10 @@ def cmd_compact(args) -> int:
 
 
 def _describe_compact(path: Path) -> dict:
-    import torch
-
-    from .compaction import count_flops, count_parameters, load_compact
-
-    from .experiments.runs import check_metrics, load_state_file, verify_checksum
 
     data = load_state_file(path)
     if not (isinstance(data, dict) and "metadata" in data and "state_dict" in data):
-        raise CLIError(f"{path} is not a compacted model (written by 'bmrs compact' or save_compact)")
+        raise BMRSError(f"{path} is not a compacted model (written by 'bmrs compact' or save_compact)")
     metrics_file = path.parent / "metrics.json"
     if path.name == "compact.pt" and (path.parent / "config.json").is_file() and metrics_file.is_file():
         recorded = check_metrics(read_json(metrics_file), metrics_file).get("checksums", {}).get("compact.pt")
@@ -517,7 +498,7 @@ def _describe_compact(path: Path) -> dict:
         metadata = json.loads(data["metadata"])
         layers = metadata.get("layers", {})
     except (TypeError, ValueError, AttributeError):
-        raise CLIError(f"{path}: its metadata is not the JSON object save_compact writes") from None
+        raise BMRSError(f"{path}: its metadata is not the JSON object save_compact writes") from None
     widths = {
         name: layer.get("out_features", layer.get("out_channels", layer.get("num_features")))
         for name, layer in layers.items()
@@ -535,15 +516,9 @@ def _describe_compact(path: Path) -> dict:
 
 
 def _describe_gated(path: Path, data_dir) -> dict:
-    import torch
-
-    from .compaction import count_flops, count_parameters
-    from .gates import gates
 
     _, model, architecture, _, _ = _load_run_model(path, data_dir)
     shape = [1, *architecture["input_shape"]]
-    from .experiments.runs import layer_widths
-
     return {
         "file": str(path), "kind": "gated (not compacted)", "architecture": architecture,
         "widths": layer_widths(model),
@@ -574,8 +549,6 @@ def cmd_info(args) -> int:
     if arch is not None:
         _say(f"architecture  {arch['name']}, {arch['num_classes']} classes, options {arch['options'] or '{}'}")
     _say("layer widths:")
-    from .reporting.collect import natural_key
-
     for name in sorted(info["widths"], key=natural_key):
         _say(f"  {name:<24} {info['widths'][name]}")
     if info.get("kept"):
@@ -603,24 +576,17 @@ def _networks(path: Path, data_dir, *, need_full: bool):
     compacted file holds no full network: the architecture is built at full width with
     random weights (the same shapes, so the same work), and ``source`` says so.
     """
-    import torch
-
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir() or (path.name in ("model.pt", "checkpoint.pt") and (path.parent / "config.json").is_file()):
-        from .compaction import compact
-        from .deploy import full_network
-
         _, model, architecture, example, _ = _load_run_model(path, data_dir)
         small = compact(model, example)
         full = full_network(model, example) if need_full else None
         return small, full, architecture, example[:4], "the run's gated model, E[theta] folded in, nothing removed"
-    from .compaction import ARCHITECTURES, load_compact
-
     info = _describe_compact(path)
     architecture = info["architecture"]
     if architecture is None:
-        raise CLIError(f"{path} was saved without an architecture description; it cannot be rebuilt here")
+        raise BMRSError(f"{path} was saved without an architecture description; it cannot be rebuilt here")
     small = load_compact(path)
     example = torch.randn(4, *architecture["input_shape"], generator=torch.Generator().manual_seed(0))
     full = None
@@ -641,8 +607,6 @@ def _bench_file(path: Path) -> Path:
 
 
 def _read_bench(file: Path) -> dict | None:
-    from .deploy import BENCH_FORMAT
-
     if not file.is_file():
         return None
     try:
@@ -653,19 +617,17 @@ def _read_bench(file: Path) -> dict | None:
 
 
 def cmd_export(args) -> int:
-    from .deploy import export
-
     _set_threads(args)
     out = Path(args.out)
     if out.is_dir():
-        raise CLIError(f"--out {out} is a directory; give a file name")
+        raise BMRSError(f"--out {out} is a directory; give a file name")
     source = Path(args.source)
     run_dir = source if source.is_dir() else source.parent if source.name in ("model.pt", "checkpoint.pt") else None
     own = [source, *((run_dir / name for name in _RUN_FILES) if run_dir is not None else ())]
     if out.exists() and any(p.is_file() and os.path.samefile(out, p) for p in own):
-        raise CLIError(f"--out {out} is a file of the run or model being exported; choose another --out")
+        raise BMRSError(f"--out {out} is a file of the run or model being exported; choose another --out")
     if out.exists() and not args.force:
-        raise CLIError(f"--out {out} exists; pass --force to replace it, or choose another --out")
+        raise BMRSError(f"--out {out} exists; pass --force to replace it, or choose another --out")
     small, _, architecture, example, _ = _networks(Path(args.source), args.data_dir, need_full=False)
     result = export(small, example, out, args.format)
     _say(f"exported the compacted {architecture['name']} of {args.source} to {out} ({args.format}, dynamic batch axis)")
@@ -695,9 +657,6 @@ def _print_bench(data: dict, indent: str = "") -> None:
 
 
 def cmd_bench(args) -> int:
-    from ._io import write_json
-    from .deploy import benchmark
-
     _positive("--threads", args.threads)
     _positive("--repeats", args.repeats)
     _positive("--warmup", args.warmup, 0)
@@ -706,7 +665,7 @@ def cmd_bench(args) -> int:
     path = Path(args.source)
     record = _bench_file(path)
     if record.exists() and _read_bench(record) is None:
-        raise CLIError(f"{record} exists and was not written by 'bmrs bench'; it is left alone: move it away first")
+        raise BMRSError(f"{record} exists and was not written by 'bmrs bench'; it is left alone: move it away first")
     small, full, architecture, _, source = _networks(path, args.data_dir, need_full=True)
     data = benchmark(full, small, architecture["input_shape"], batches=args.batch, runtimes=args.runtime,
                      threads=args.threads, repeats=args.repeats, warmup=args.warmup)
@@ -725,7 +684,7 @@ def cmd_bench(args) -> int:
 
 def _suites_epilog() -> str:
     lines = ["suites:"]
-    for name, (description, seeds, _) in SUITES.items():
+    for name, (description, seeds, _) in suites.SUITES.items():
         lines.append(f"  {name:<14} {description} (default {seeds} seeds)")
     return "\n".join(lines)
 
@@ -745,34 +704,11 @@ def _methods_help() -> str:
 
 def _wrap(text: str, width: int, indent: int) -> str:
     """``text`` broken at spaces into lines of at most ``width``, continued at ``indent``."""
-    import textwrap
-
     return ("\n" + " " * indent).join(textwrap.wrap(text, width))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``bmrs`` command."""
-    parser = _Parser(
-        prog="bmrs",
-        description="Structured pruning of neural networks with Bayesian model reduction (BMRS).\n\n"
-        "Train with noise gates and prune continuously (train), prune a trained model at many\n"
-        "compression levels (sweep), tabulate and plot results (report), turn a pruned model\n"
-        "into a smaller plain network (compact, info), export and time it (export, bench), or run a\n"
-        "whole experiment suite (reproduce).",
-        formatter_class=_Formatter,
-        epilog="Run 'bmrs COMMAND --help' for the options of a command. Exit status: 0 success, 2 a usage error or a\n"
-        "bad input file (one line on stderr), 3 training diverged. Documentation: docs/cli.md, docs/reliability.md",
-    )
-    parser.add_argument("--version", action="version", version=f"bmrs {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
-
-    threads = _Parser(add_help=False)
-    threads.add_argument("--threads", type=int, default=None,
-                         help="PyTorch CPU threads (default: PyTorch's choice; 1 is fastest for small models on a busy machine)")
-    progress = _Parser(add_help=False)
-    progress.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    # train ---------------------------------------------------------------------------------
+def _add_train(commands, threads: argparse.ArgumentParser, progress: argparse.ArgumentParser) -> None:
+    """The parser of ``bmrs train``."""
     p = commands.add_parser(
         "train", parents=[threads, progress], formatter_class=_Formatter,
         help="train a gated model, pruning continuously (or not: --method none)",
@@ -838,7 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="RUN_DIR", type=_out_path, required=True, help="run directory to write")
     p.set_defaults(func=cmd_train)
 
-    # sweep ---------------------------------------------------------------------------------
+
+def _add_sweep(commands, threads: argparse.ArgumentParser, progress: argparse.ArgumentParser) -> None:
+    """The parser of ``bmrs sweep``."""
     p = commands.add_parser(
         "sweep", parents=[threads, progress], formatter_class=_Formatter,
         help="post-training pruning of a trained run at many compression levels",
@@ -868,7 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", type=_out_path, required=True, help="directory to write sweep.json and sweep.csv into")
     p.set_defaults(func=cmd_sweep)
 
-    # report --------------------------------------------------------------------------------
+
+def _add_report(commands) -> None:
+    """The parser of ``bmrs report``."""
     p = commands.add_parser(
         "report", formatter_class=_Formatter,
         help="tables and plots from runs and sweeps",
@@ -893,7 +833,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "comparison.md, comparison.json and paper-fmnist.json (paper-mnist.json)")
     p.set_defaults(func=cmd_report)
 
-    # compact -------------------------------------------------------------------------------
+
+def _add_compact(commands, threads: argparse.ArgumentParser) -> None:
+    """The parser of ``bmrs compact``."""
     p = commands.add_parser(
         "compact", parents=[threads], formatter_class=_Formatter,
         help="turn a run's pruned model into a smaller plain network",
@@ -916,7 +858,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing FILE (never one of the run's own files)")
     p.set_defaults(func=cmd_compact)
 
-    # info ----------------------------------------------------------------------------------
+
+def _add_info(commands, threads: argparse.ArgumentParser) -> None:
+    """The parser of ``bmrs info``."""
     p = commands.add_parser(
         "info", parents=[threads], formatter_class=_Formatter,
         help="layer widths, parameters and FLOPs of a compacted model or a run",
@@ -930,7 +874,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="data directory, if the data set must be read (default: the run's)")
     p.set_defaults(func=cmd_info)
 
-    # export --------------------------------------------------------------------------------
+
+def _add_export(commands, threads: argparse.ArgumentParser) -> None:
+    """The parser of ``bmrs export``."""
     p = commands.add_parser(
         "export", parents=[threads], formatter_class=_Formatter,
         help="export the compacted network to ONNX, TorchScript or torch.export",
@@ -951,7 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="data directory, if the data set must be read (default: the run's)")
     p.set_defaults(func=cmd_export)
 
-    # bench ---------------------------------------------------------------------------------
+
+def _add_bench(commands) -> None:
+    """The parser of ``bmrs bench``."""
     p = commands.add_parser(
         "bench", formatter_class=_Formatter,
         help="latency of the full and the compacted network, side by side, per runtime",
@@ -976,7 +924,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="data directory, if the data set must be read (default: the run's)")
     p.set_defaults(func=cmd_bench)
 
-    # reproduce -----------------------------------------------------------------------------
+
+def _add_reproduce(commands, progress: argparse.ArgumentParser) -> None:
+    """The parser of ``bmrs reproduce``."""
     p = commands.add_parser(
         "reproduce", parents=[progress], formatter_class=_Formatter,
         help="run an experiment suite, then report it",
@@ -991,11 +941,43 @@ def build_parser() -> argparse.ArgumentParser:
         "  posteriors_*.png, delta-f_*.png " + _wrap(", ".join(diagnostic_methods()) + ", per model", 54, 34),
         epilog=_suites_epilog() + "\n\nexample: bmrs reproduce quick --out runs/quick --jobs 2",
     )
-    p.add_argument("suite", choices=tuple(SUITES), metavar="SUITE", help=f"one of {', '.join(SUITES)}")
+    p.add_argument("suite", choices=tuple(suites.SUITES), metavar="SUITE", help=f"one of {', '.join(suites.SUITES)}")
     p.add_argument("--out", metavar="DIR", type=_out_path, required=True, help="suite directory")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the suite's)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.set_defaults(func=cmd_reproduce)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bmrs`` command."""
+    parser = _Parser(
+        prog="bmrs",
+        description="Structured pruning of neural networks with Bayesian model reduction (BMRS).\n\n"
+        "Train with noise gates and prune continuously (train), prune a trained model at many\n"
+        "compression levels (sweep), tabulate and plot results (report), turn a pruned model\n"
+        "into a smaller plain network (compact, info), export and time it (export, bench), or run a\n"
+        "whole experiment suite (reproduce).",
+        formatter_class=_Formatter,
+        epilog="Run 'bmrs COMMAND --help' for the options of a command. Exit status: 0 success, 2 a usage error or a\n"
+        "bad input file (one line on stderr), 3 training diverged. Documentation: docs/cli.md, docs/reliability.md",
+    )
+    parser.add_argument("--version", action="version", version=f"bmrs {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    threads = _Parser(add_help=False)
+    threads.add_argument("--threads", type=int, default=None,
+                         help="PyTorch CPU threads (default: PyTorch's choice; 1 is fastest for small models on a busy machine)")
+    progress = _Parser(add_help=False)
+    progress.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    _add_train(commands, threads, progress)
+    _add_sweep(commands, threads, progress)
+    _add_report(commands)
+    _add_compact(commands, threads)
+    _add_info(commands, threads)
+    _add_export(commands, threads)
+    _add_bench(commands)
+    _add_reproduce(commands, progress)
     return parser
 
 
@@ -1024,7 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"bmrs: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (CLIError, ValueError, KeyError, OSError, NotImplementedError, ChecksumError) as err:
+    except (BMRSError, OSError, ChecksumError) as err:  # what a user can fix; anything else is a defect
         print(f"bmrs: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -42,6 +42,7 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 from ._io import write_bytes
+from .errors import BMRSError
 
 __all__ = [
     "DATASETS",
@@ -231,7 +232,7 @@ def _extract_cifar10(archive: Path, dest: Path) -> Path:
                     continue
                 write_bytes(out / name, tar.extractfile(member).read())
     except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise ValueError(f"{archive}: not a readable CIFAR-10 archive ({exc})") from exc
+        raise BMRSError(f"{archive}: not a readable CIFAR-10 archive ({exc})") from exc
     return out
 
 
@@ -303,7 +304,7 @@ def _fetch(source: _Source, root: Path) -> list[Path]:
             _download(url, dest, md5)
     found = _find_in_root(root, source)
     if found is None:
-        raise ValueError(f"the files downloaded into {folder} do not hold {', '.join(source.files)}")
+        raise BMRSError(f"the files downloaded into {folder} do not hold {', '.join(source.files)}")
     return found
 
 
@@ -410,20 +411,20 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-            raise ValueError(f"{path}: corrupt gzip data ({exc})") from exc
+            raise BMRSError(f"{path}: corrupt gzip data ({exc})") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (the magic number must start with two zero bytes)")
+        raise BMRSError(f"{path}: not an IDX file (the magic number must start with two zero bytes)")
     code, ndim = raw[2], raw[3]
     if code not in _IDX_TYPES:
-        raise ValueError(f"{path}: unknown IDX element type 0x{code:02x}")
+        raise BMRSError(f"{path}: unknown IDX element type 0x{code:02x}")
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise BMRSError(f"{path}: truncated IDX header")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = _IDX_TYPES[code]
     expected = math.prod(shape) * dtype.itemsize  # Python integers: no overflow
     if len(raw) - header != expected:
-        raise ValueError(
+        raise BMRSError(
             f"{path}: the header announces shape {shape} ({expected} bytes of data) "
             f"but the file holds {len(raw) - header} bytes"
         )
@@ -434,13 +435,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 def _read_idx_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     x, y = read_idx(images), read_idx(labels)
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or 0 in x.shape[1:]:
-        raise ValueError(
+        raise BMRSError(
             f"{images} and {labels}: expected images (N, H, W) and labels (N,), "
             f"got shapes {x.shape} and {y.shape}"
         )
     for path, array in ((images, x), (labels, y)):
         if array.dtype != np.uint8:
-            raise ValueError(f"{path}: expected unsigned bytes (IDX type 0x08), got {array.dtype}")
+            raise BMRSError(f"{path}: expected unsigned bytes (IDX type 0x08), got {array.dtype}")
     return x[:, None], y
 
 
@@ -471,16 +472,16 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise
     except Exception as exc:  # a crafted or corrupt file: any failure of the unpickler
         detail = " ".join(str(exc).split())[:200]
-        raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}: {detail})") from None
+        raise BMRSError(f"{path}: not a CIFAR-10 python batch ({type(exc).__name__}: {detail})") from None
     try:
         if not isinstance(batch[b"data"], np.ndarray) or batch[b"data"].dtype != np.uint8:
             raise TypeError("data is not a uint8 array")
         x = batch[b"data"]
         y = np.asarray(batch[b"labels"], dtype=np.int64)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: not a CIFAR-10 batch (needs b'data', uint8 images, and b'labels': {exc})") from None
+        raise BMRSError(f"{path}: not a CIFAR-10 batch (needs b'data', uint8 images, and b'labels': {exc})") from None
     if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
-        raise ValueError(f"{path}: expected data (N, 3072) and N labels, got {x.shape} and {y.shape}")
+        raise BMRSError(f"{path}: expected data (N, 3072) and N labels, got {x.shape} and {y.shape}")
     return x.reshape(-1, 3, 32, 32), y
 
 
@@ -490,9 +491,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_options(val_fraction: float, image_size: int | None) -> None:
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise BMRSError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size must be a positive integer, got {image_size}")
+        raise BMRSError(f"image_size must be a positive integer, got {image_size}")
 
 
 def _to_images(x: np.ndarray, scale: float, image_size: int | None) -> torch.Tensor:
@@ -521,11 +522,11 @@ def _make_splits(
     """Split off a validation set, scale, resize and standardise."""
     for labels in (train_y, test_y):
         if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"{name}: labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+            raise BMRSError(f"{name}: labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
     n = len(train_x)
     n_val = round(n * val_fraction)
     if n - n_val < 1:
-        raise ValueError(f"{name}: {n} training images leave none for training with val_fraction={val_fraction}")
+        raise BMRSError(f"{name}: {n} training images leave none for training with val_fraction={val_fraction}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     val_idx, train_idx = order[:n_val], order[n_val:]
 
@@ -609,7 +610,7 @@ def _load_idx_dataset(name, data_dir, seed, val_fraction, image_size, download) 
     test_x, test_y = _read_idx_pair(test_images, test_labels)
     for images, x in ((train_images, train_x), (test_images, test_x)):
         if len(x) == 0:
-            raise ValueError(f"{images}: holds no images")
+            raise BMRSError(f"{images}: holds no images")
     return _make_splits(
         name,
         train_x,
@@ -758,7 +759,7 @@ def load_dataset(
     """
     key = name.lower().replace("_", "-")
     if key not in _LOADERS:
-        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+        raise BMRSError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     return _LOADERS[key](
         data_dir, seed=seed, val_fraction=val_fraction, image_size=image_size, download=download
     )

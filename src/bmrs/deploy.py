@@ -31,7 +31,9 @@ from torch import Tensor, nn
 
 from ._io import write_atomic
 from .compaction import compact, count_flops, count_parameters
+from .errors import BMRSError
 from .gates import gates
+from .pruning import set_masks
 
 __all__ = ["FORMATS", "RUNTIMES", "full_network", "prepare", "export", "benchmark", "max_relative_error"]
 
@@ -48,7 +50,6 @@ def full_network(model: nn.Module, example_input) -> nn.Module:
     :func:`~bmrs.compaction.compact` of a copy whose masks are all 1: the same arithmetic as
     the compacted network, at full width. ``model`` is not modified.
     """
-    from .pruning import set_masks
 
     net = copy.deepcopy(model)
     set_masks(net, {name: torch.ones(g.num_structures, dtype=torch.bool) for name, g in gates(net).items()})
@@ -104,7 +105,7 @@ def export(net: nn.Module, example_input: Tensor, path, fmt: str) -> dict:
     Returns ``{"format", "file", "batches", "max_relative_error", "checked_with"}``.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise BMRSError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     net = prepare(net, example_input)
     batch = int(example_input.shape[0])
     checks = [example_input, _resized(example_input, batch + 3)]
@@ -150,7 +151,7 @@ def _onnx_bytes(net: nn.Module, example: Tensor) -> bytes:
         import onnx  # noqa: F401 - the exporter needs onnx and onnxscript
         import onnxscript  # noqa: F401
     except ImportError:
-        raise ValueError("ONNX export needs the onnx extra: pip install 'bmrs[onnx]'") from None
+        raise BMRSError("ONNX export needs the onnx extra: pip install 'bmrs[onnx]'") from None
     example = example if example.shape[0] > 1 else _resized(example, 2)  # batch 1 would be fixed
     quiet = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in quiet]
@@ -190,7 +191,7 @@ def _ort():
     try:
         import onnxruntime
     except ImportError:
-        raise ValueError("onnxruntime is not installed: pip install 'bmrs[onnx]'") from None
+        raise BMRSError("onnxruntime is not installed: pip install 'bmrs[onnx]'") from None
     return onnxruntime
 
 
@@ -285,7 +286,7 @@ def _variants(net: nn.Module, runtime: str, example: Tensor, threads: int) -> di
             session = _ort_session(model, threads, level)
             found[f"level {level}"] = (lambda session: lambda x: session.run(None, {"input": x.numpy()}))(session)
         return found
-    raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    raise BMRSError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
 
 
 class _Compiled:
@@ -333,9 +334,9 @@ def benchmark(
     """
     for runtime in runtimes:
         if runtime not in RUNTIMES:
-            raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+            raise BMRSError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     if min(batches) < 1 or repeats < 1 or warmup < 0 or threads < 1:
-        raise ValueError("batch sizes, repeats and threads must be positive, warmup non-negative")
+        raise BMRSError("batch sizes, repeats and threads must be positive, warmup non-negative")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     dynamo = torch._dynamo.config

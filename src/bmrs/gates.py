@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from .adapters import find_adapter, remove_input_groups
+from .adapters import find_adapter, remove_hooked, remove_input_groups
 from .distributed import unwrap
+from .errors import BMRSError
 from .math import fast
 from .math.distributions import LogUniform, TruncatedLogNormal
 from .structure import GateLayout, couple, find_sites, traces
@@ -54,13 +55,13 @@ class NoiseGate(nn.Module):
     ) -> None:
         super().__init__()
         if int(num_structures) < 1:
-            raise ValueError(f"num_structures must be a positive integer, got {num_structures!r}")
+            raise BMRSError(f"num_structures must be a positive integer, got {num_structures!r}")
         if dim == 0:
-            raise ValueError("dim=0 is the batch axis; pass the channel axis (1 or -1)")
+            raise BMRSError("dim=0 is the batch axis; pass the channel axis (1 or -1)")
         if not log_low < log_high:
-            raise ValueError(f"log_low must be smaller than log_high, got {log_low} and {log_high}")
+            raise BMRSError(f"log_low must be smaller than log_high, got {log_low} and {log_high}")
         if not log_scale_bounds[0] < log_scale_bounds[1]:
-            raise ValueError(f"log_scale_bounds must be increasing, got {log_scale_bounds}")
+            raise BMRSError(f"log_scale_bounds must be increasing, got {log_scale_bounds}")
         self.num_structures = int(num_structures)
         self.dim = int(dim)
         self.log_low = float(log_low)
@@ -70,6 +71,9 @@ class NoiseGate(nn.Module):
         self.log_scale = nn.Parameter(torch.full((self.num_structures,), float(init_log_scale)))
         self.register_buffer("mask", torch.ones(self.num_structures))
         self._bank = _Bank([self])  # attach_gates puts all gates of a model in one bank
+        #: The handle of the forward hook that applies this gate to the module it follows
+        #: (set by :func:`attach_gates`, used by :func:`detach_gates` to remove the hook).
+        self.hook_handle: RemovableHandle | None = None
 
     def extra_repr(self) -> str:
         kept = int(self.mask.sum().item())
@@ -111,7 +115,7 @@ class NoiseGate(nn.Module):
     def _broadcast_shape(self, x: Tensor, batch: int) -> list[int]:
         dim = self.dim % x.dim()
         if dim == 0 or x.shape[dim] != self.num_structures:
-            raise ValueError(
+            raise BMRSError(
                 f"NoiseGate expects {self.num_structures} channels on axis {self.dim} of a batched input, "
                 f"got input of shape {tuple(x.shape)}"
             )
@@ -171,7 +175,7 @@ def check_finite_gates(model: nn.Module, *, masked: bool = False) -> None:
             where = broken.nonzero().flatten().tolist()
             bad.append(f"{name} (structures {', '.join(map(str, where[:5]))}{', ...' if len(where) > 5 else ''})")
     if bad:
-        raise ValueError(f"non-finite gate parameters (loc or log_scale) in {'; '.join(bad)}")
+        raise BMRSError(f"non-finite gate parameters (loc or log_scale) in {'; '.join(bad)}")
 
 
 def _key(gate: NoiseGate) -> tuple:
@@ -352,10 +356,10 @@ def attach_gates(
         gated for a reason other than being final or excluded.
     """
     if unwrap(model) is not model:
-        raise ValueError("attach gates before wrapping the model in DistributedDataParallel: "
+        raise BMRSError("attach gates before wrapping the model in DistributedDataParallel: "
                          "the wrapper only synchronises the parameters it saw when it was built")
     if gates(model):
-        raise ValueError("the model already has gates; call bmrs.detach_gates(model) first")
+        raise BMRSError("the model already has gates; call bmrs.detach_gates(model) first")
     adapter = find_adapter(model)
     if adapter is not None:  # a model family with its own structures (e.g. Hugging Face transformers)
         sites, families, skipped = adapter.layout(model, example_input, exclude=exclude, heads=heads)
@@ -374,7 +378,7 @@ def attach_gates(
             gate = gate.to(device=reference.device)
         host = modules[site.site]
         host.add_module(GATE_ATTR, gate)
-        host.register_forward_hook(gate._hook)
+        gate.hook_handle = host.register_forward_hook(gate._hook)
     bank = _Bank([modules[site.site].get_submodule(GATE_ATTR) for site in sites])
     for gate in bank.gates:
         gate._bank = bank
@@ -408,7 +412,7 @@ def gate_layout(model: nn.Module) -> GateLayout:
     """The :class:`~bmrs.structure.GateLayout` recorded by :func:`attach_gates`."""
     layout = getattr(unwrap(model), _LAYOUT_ATTR, None)
     if layout is None:
-        raise ValueError("the model has no gates attached by bmrs.attach_gates")
+        raise BMRSError("the model has no gates attached by bmrs.attach_gates")
     return layout
 
 
@@ -416,13 +420,7 @@ def detach_gates(model: nn.Module) -> None:
     """Remove every gate and its hook (and the input sites of an adapter), leaving the model
     as it was before attaching."""
     model = unwrap(model)
-    for module in model.modules():
-        gate = getattr(module, GATE_ATTR, None)
-        if isinstance(gate, NoiseGate):
-            for key, hook in list(module._forward_hooks.items()):
-                if getattr(hook, "__self__", None) is gate:
-                    del module._forward_hooks[key]
-            delattr(module, GATE_ATTR)
+    remove_hooked(model, GATE_ATTR, NoiseGate)
     remove_input_groups(model)
     if hasattr(model, _LAYOUT_ATTR):
         delattr(model, _LAYOUT_ATTR)
@@ -447,9 +445,9 @@ def model_kl(model: nn.Module, reduction: str = "mean", dataset_size: int | None
     to the prior once pruning starts).
     """
     if reduction not in ("mean", "structures", "sum", "elbo"):
-        raise ValueError(f"reduction must be 'mean', 'structures', 'sum' or 'elbo', got {reduction!r}")
+        raise BMRSError(f"reduction must be 'mean', 'structures', 'sum' or 'elbo', got {reduction!r}")
     if reduction == "elbo" and not (isinstance(dataset_size, int) and dataset_size > 0):
-        raise ValueError(f"reduction='elbo' needs the training set size as a positive int, got {dataset_size!r}")
+        raise BMRSError(f"reduction='elbo' needs the training set size as a positive int, got {dataset_size!r}")
     all_gates = list(gates(model).values())
     if not all_gates:
         return torch.zeros(())

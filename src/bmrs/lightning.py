@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .compaction import compact
+from .errors import BMRSError
 from .gates import attach_gates, gates, model_kl
 from .pruning.criteria import Criterion, make_criterion
 from .pruning.masks import kept_structures, parameter_compression, structure_compression
@@ -91,7 +92,7 @@ class BMRSPruning(Callback):
         seed: int | None = None,
     ) -> None:
         if kl_reduction not in ("mean", "structures", "sum", "elbo"):
-            raise ValueError(f"kl_reduction must be 'mean', 'structures', 'sum' or 'elbo', got {kl_reduction!r}")
+            raise BMRSError(f"kl_reduction must be 'mean', 'structures', 'sum' or 'elbo', got {kl_reduction!r}")
         self.criterion = make_criterion(criterion) if isinstance(criterion, str) else criterion
         self.pruning = ContinuousPruning(self.criterion, every, recompute=recompute, target=target, target_kind=target_kind)
         self.kl_reduction, self.dataset_size, self.kl_weight = kl_reduction, dataset_size, kl_weight
@@ -108,7 +109,7 @@ class BMRSPruning(Callback):
     def _example(self, pl_module) -> object:
         example = self.example_input if self.example_input is not None else getattr(pl_module, "example_input_array", None)
         if example is None:
-            raise ValueError("BMRSPruning needs example inputs to trace the network: pass example_input=..., "
+            raise BMRSError("BMRSPruning needs example inputs to trace the network: pass example_input=..., "
                              "or set the LightningModule's example_input_array")
         return example
 
@@ -123,7 +124,7 @@ class BMRSPruning(Callback):
             attach_gates(net, self._example(pl_module), exclude=self.exclude)
         if stage == "fit" and self.add_to_loss:
             if not pl_module.automatic_optimization:
-                raise ValueError("with manual optimisation, pass add_to_loss=False and add "
+                raise BMRSError("with manual optimisation, pass add_to_loss=False and add "
                                  "callback.kl_term(self) to the loss in training_step")
             self._patch(pl_module)
 
@@ -156,7 +157,7 @@ class BMRSPruning(Callback):
         if self.kl_reduction == "elbo" and self.dataset_size is None:
             dataset = getattr(trainer.train_dataloader, "dataset", None)
             if dataset is None:
-                raise ValueError("kl_reduction='elbo' needs dataset_size=... (the training set has no length)")
+                raise BMRSError("kl_reduction='elbo' needs dataset_size=... (the training set has no length)")
             self.dataset_size = len(dataset)
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", "0"))
         distributed.seed_noise(seed)

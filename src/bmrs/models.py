@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .attention import MultiheadSelfAttention
-from .compaction.storage import register_architecture
+from .errors import BMRSError
 from .gates import attach_gates
 
 __all__ = ["mlp", "lenet5", "resnet", "vit", "MODELS", "build_model"]
@@ -22,7 +22,7 @@ _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.Si
 
 def _activation(name: str) -> type[nn.Module]:
     if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose from {', '.join(_ACTIVATIONS)}")
+        raise BMRSError(f"unknown activation {name!r}; choose from {', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]
 
 
@@ -39,7 +39,7 @@ def mlp(
     For 32x32 Fashion-MNIST and the defaults: 1024 -> 150 -> 150 -> 10 with tanh.
     """
     if width < 1 or hidden_layers < 0:
-        raise ValueError(f"width must be >= 1 and hidden_layers >= 0, got {width} and {hidden_layers}")
+        raise BMRSError(f"width must be >= 1 and hidden_layers >= 0, got {width} and {hidden_layers}")
     act = _activation(activation)
     features = 1
     for s in input_shape:
@@ -58,7 +58,7 @@ def lenet5(input_shape: Sequence[int], num_classes: int, *, activation: str = "r
     """
     channels, height, width = (int(s) for s in input_shape)
     if (height, width) not in ((28, 28), (32, 32)):
-        raise ValueError(f"lenet5 takes 28x28 or 32x32 images, got {height}x{width}")
+        raise BMRSError(f"lenet5 takes 28x28 or 32x32 images, got {height}x{width}")
     act = _activation(activation)
     layers: list[nn.Module] = [nn.ZeroPad2d(2)] if height == 28 else []
     layers += [
@@ -113,7 +113,7 @@ def resnet(input_shape: Sequence[int], num_classes: int, *, depth: int = 20, wid
     ``width``, ``2 width`` and ``4 width`` channels, projection shortcuts when the shape
     changes; any number of input channels."""
     if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"resnet depth must be 6n + 2 (20, 32, 44, 56, ...), got {depth}")
+        raise BMRSError(f"resnet depth must be 6n + 2 (20, 32, 44, 56, ...), got {depth}")
     return _ResNet(int(input_shape[0]), num_classes, (depth - 2) // 6, width)
 
 
@@ -180,25 +180,25 @@ def vit(
     class token and position embedding and stays ungated.
     """
     if len(input_shape) != 3:
-        raise ValueError(f"vit takes (channels, height, width) inputs, got input_shape {tuple(input_shape)}")
+        raise BMRSError(f"vit takes (channels, height, width) inputs, got input_shape {tuple(input_shape)}")
     channels, height, width = (int(s) for s in input_shape)
     if patch_size < 1 or height % patch_size or width % patch_size:
-        raise ValueError(f"vit needs the image size {height}x{width} to be divisible by patch_size {patch_size}")
+        raise BMRSError(f"vit needs the image size {height}x{width} to be divisible by patch_size {patch_size}")
     if embed_dim < 1 or depth < 1 or num_heads < 1 or embed_dim % num_heads:
-        raise ValueError(
+        raise BMRSError(
             f"vit needs positive depth and num_heads, and embed_dim divisible by num_heads; got "
             f"embed_dim={embed_dim}, depth={depth}, num_heads={num_heads}"
         )
     hidden = int(round(mlp_ratio * embed_dim))
     if hidden < 1:
-        raise ValueError(f"mlp_ratio * embed_dim must give at least one hidden unit, got mlp_ratio={mlp_ratio}")
+        raise BMRSError(f"mlp_ratio * embed_dim must give at least one hidden unit, got mlp_ratio={mlp_ratio}")
     tokens = (height // patch_size) * (width // patch_size)
     return _ViT(channels, tokens, num_classes, patch_size, embed_dim, depth, num_heads, hidden, dropout)
 
 
+#: The bundled builders by name (also what :func:`bmrs.compaction.load_compact` rebuilds a
+#: compacted bundled model with).
 MODELS = {"mlp": mlp, "lenet5": lenet5, "resnet": resnet, "vit": vit}
-for _name, _builder in MODELS.items():  # compacted bundled models can be rebuilt by name
-    register_architecture(_name, _builder)
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, gated: bool = True, **options) -> nn.Module:
@@ -208,7 +208,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, gate
     :func:`bmrs.attach_gates` as excluded, so building does not warn about them.
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        raise BMRSError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     model = MODELS[name](input_shape, num_classes, **options)
     if gated:
         attach_gates(model, torch.zeros(2, *input_shape), exclude=_ungated_by_design(model))

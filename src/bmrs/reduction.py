@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from .errors import BMRSError
 from .math import special as sp
 from .math.distributions import LogUniform, TruncatedLogNormal
 
@@ -62,10 +63,10 @@ def bmrs_n_prior(prior: LogUniform | None = None, *, loc: float | None = None, s
     if not isinstance(prior, LogUniform):
         raise TypeError(f"prior must be a LogUniform, got {type(prior).__name__}")
     if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale of the BMRS_N reduced prior must be a positive number, got {scale!r}")
+        raise BMRSError(f"scale of the BMRS_N reduced prior must be a positive number, got {scale!r}")
     centre = prior.log_low.double() if loc is None else torch.as_tensor(loc, dtype=torch.float64)
     if not bool(torch.isfinite(centre).all()):
-        raise ValueError(f"loc of the BMRS_N reduced prior must be finite, got {loc!r}")
+        raise BMRSError(f"loc of the BMRS_N reduced prior must be finite, got {loc!r}")
     return TruncatedLogNormal(centre, scale, prior.log_low.double(), prior.log_high.double())
 
 
@@ -79,15 +80,15 @@ def bmrs_u_prior(bits: float = 8, prior: LogUniform | None = None, *, log_low: f
     if not isinstance(prior, LogUniform):
         raise TypeError(f"prior must be a LogUniform, got {type(prior).__name__}")
     if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not math.isfinite(bits):
-        raise ValueError(f"bits must be a finite number, got {bits!r}")
+        raise BMRSError(f"bits must be a finite number, got {bits!r}")
     high = -float(bits) * math.log(2.0)
     lo_p, hi_p = float(prior.log_low.min()), float(prior.log_high.max())
     if not lo_p <= log_low < hi_p:
-        raise ValueError(f"log_low={log_low:.6g} of the BMRS_U reduced prior lies outside the prior's [{lo_p:.6g}, {hi_p:.6g}]")
+        raise BMRSError(f"log_low={log_low:.6g} of the BMRS_U reduced prior lies outside the prior's [{lo_p:.6g}, {hi_p:.6g}]")
     if not log_low < high <= hi_p:
         max_bits = -log_low / math.log(2.0)
         min_bits = -hi_p / math.log(2.0)
-        raise ValueError(
+        raise BMRSError(
             f"bits={bits} is out of range: the reduced prior's upper bound log 2^-bits must lie in "
             f"(log_low, prior's log_high], i.e. {min_bits:.6g} <= bits < {max_bits:.6g}"
         )
@@ -97,7 +98,7 @@ def bmrs_u_prior(bits: float = 8, prior: LogUniform | None = None, *, log_low: f
 def _check_nested(inner: Distribution, outer: LogUniform, what: str) -> None:
     if isinstance(inner, (TruncatedLogNormal, LogUniform)):
         if not bool(((inner.log_low >= outer.log_low) & (inner.log_high <= outer.log_high)).all()):
-            raise ValueError(
+            raise BMRSError(
                 f"the {what}'s bounds must lie within the prior's [log_low, log_high]; "
                 f"delta_f is undefined otherwise"
             )
@@ -129,7 +130,7 @@ def delta_f(
         model is at least as likely: prune.
     """
     if method not in ("auto", "closed", "quadrature"):
-        raise ValueError(f"method must be 'auto', 'closed' or 'quadrature', got {method!r}")
+        raise BMRSError(f"method must be 'auto', 'closed' or 'quadrature', got {method!r}")
     if not isinstance(posterior, (TruncatedLogNormal, LogUniform)):
         raise TypeError(f"posterior must be a TruncatedLogNormal or a LogUniform, got {type(posterior).__name__}")
     if not isinstance(prior, LogUniform):
@@ -139,13 +140,13 @@ def delta_f(
     posterior, prior, reduced_prior = _f64(posterior), _f64(prior), _f64(reduced_prior)
     if isinstance(posterior, LogUniform):
         if not isinstance(reduced_prior, (TruncatedLogNormal, LogUniform)):
-            raise ValueError("a LogUniform posterior needs a TruncatedLogNormal or LogUniform reduced prior")
+            raise BMRSError("a LogUniform posterior needs a TruncatedLogNormal or LogUniform reduced prior")
         return _delta_f_flat_posterior(posterior, prior, reduced_prior)
     closed = isinstance(reduced_prior, (TruncatedLogNormal, LogUniform))
     if method == "quadrature" or (method == "auto" and not closed):
         return delta_f_quadrature(posterior, prior, reduced_prior, breakpoints=breakpoints)
     if not closed:
-        raise ValueError(f"no closed form for a reduced prior of type {type(reduced_prior).__name__}")
+        raise BMRSError(f"no closed form for a reduced prior of type {type(reduced_prior).__name__}")
     if isinstance(reduced_prior, LogUniform):
         return _delta_f_log_uniform(posterior, prior, reduced_prior)
     return _delta_f_log_normal(posterior, prior, reduced_prior)

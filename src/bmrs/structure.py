@@ -398,6 +398,29 @@ def _head_site(
 # --- coupling ---------------------------------------------------------------------------------
 
 
+def module_names(model: nn.Module) -> dict[nn.Module, str]:
+    """Each module of ``model`` with its name (``named_modules`` turned around), to name the
+    modules Torch-Pruning's dependency graph hands back; an operation Torch-Pruning adds to
+    the graph (an addition, a reshape) has no name."""
+    return {module: name for name, module in model.named_modules()}
+
+
+# Torch-Pruning's graph operations that carry channels through unchanged. Torch-Pruning
+# exposes their kinds publicly (ops.module2type / ops.OPTYPE), not their classes (private).
+_PASS_THROUGH = frozenset({
+    tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT,
+    tp.ops.OPTYPE.EXPAND, tp.ops.OPTYPE.SLICE,
+})
+
+
+def _passes_channels_through(target) -> bool:
+    """Whether a graph node that is no module of the model is one of Torch-Pruning's
+    operations that carry channels through (element-wise, reshape, concatenation, split,
+    expand, slice). ``module2type`` calls anything it does not know element-wise, so the
+    node must also be one Torch-Pruning made (defined in ``torch_pruning.ops``)."""
+    return type(target).__module__ == tp.ops.__name__ and tp.ops.module2type(target) in _PASS_THROUGH
+
+
 def build_dependency_graph(model: nn.Module, example_input) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of a plain model (training mode is restored)."""
     training = model.training
@@ -419,6 +442,7 @@ def couple(model: nn.Module, example_input, sites: list[GateSite]) -> tuple[list
     """
     graph = build_dependency_graph(model, example_input)
     modules = dict(model.named_modules())
+    name_of = module_names(model)
     by_producer = {s.producer: s for s in sites}
     kept, families, skipped, done = [], [], {}, set()
     for site in sites:
@@ -445,19 +469,17 @@ def couple(model: nn.Module, example_input, sites: list[GateSite]) -> tuple[list
                 per_slot: list[list[int]] = [[] for _ in range(site.num_structures)]
                 for j, i in zip(item.root_idxs, item.idxs):
                     per_slot[j].append(int(i))
-                effects.append((graph._module2name[target], "out" if is_out else "in", per_slot))
+                effects.append((name_of[target], "out" if is_out else "in", per_slot))
             if not is_out:
                 continue
-            tname = graph._module2name.get(target)
+            tname = name_of.get(target)
             if isinstance(target, PRODUCERS):
                 if tname not in by_producer:
                     problem = f"its channels are tied to those of {tname}, which is not gated"
                     break
                 slot_to_idx = dict(zip(item.root_idxs, item.idxs))
                 members[tname] = [slot_to_idx[j] for j in range(site.num_structures)]
-            elif isinstance(target, _NORMS) or type(target).__name__ in (
-                "_ElementWiseOp", "_ReshapeOp", "_ConcatOp", "_SplitOp", "_ExpandOp", "_SliceOp",
-            ):
+            elif isinstance(target, _NORMS) or (tname is None and _passes_channels_through(target)):
                 continue
             elif isinstance(target, nn.Parameter):  # a parameter used outside any module
                 label = next((f"the parameter {n}" for n, q in model.named_parameters() if q is target), "a parameter")

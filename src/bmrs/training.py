@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._io import read_tensors, write_atomic
+from .errors import BMRSError
 from .distributed import average, gather_rows, is_main, rank, unwrap, world_size
 from .gates import model_kl
 from .pruning.masks import kept_structures, parameter_compression, structure_compression
@@ -147,7 +148,8 @@ class Trainer:
         model: a model with gates (see :func:`bmrs.attach_gates`); may be wrapped in
             ``DistributedDataParallel`` (see below).
         optimizer: its optimizer.
-        loss_fn: data loss on ``(model(inputs), targets)``; default cross-entropy.
+        loss_fn: data loss on ``(model(inputs), targets)``, the mean over the batch; any
+            callable of those two (default cross-entropy).
         kl_reduction, dataset_size, kl_weight: the KL term, see :func:`elbo_loss`;
             ``dataset_size`` is the size of the whole training set, not of one rank's shard.
         device: where batches go (default: where the model's parameters are).
@@ -218,7 +220,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> dict[str, float]:
-        """Mean data loss and accuracy with the gates in eval mode (E[theta] * mask)."""
+        """Mean data loss per example and accuracy with the gates in eval mode (E[theta] * mask).
+
+        Each batch's loss (a mean over the batch) is weighted by its size, so batches of
+        different sizes count per example."""
         net = unwrap(self.model)  # no collectives: every rank may evaluate alone
         training = net.training
         net.eval()
@@ -227,7 +232,7 @@ class Trainer:
             for inputs, targets in loader:
                 inputs, targets = inputs.to(self.device), targets.to(self.device)
                 output = net(inputs)
-                total_loss += self.loss_fn(output, targets, reduction="sum").item()
+                total_loss += self.loss_fn(output, targets).item() * len(targets)
                 correct += (output.argmax(dim=1) == targets).sum().item()
                 n += len(targets)
         finally:
@@ -358,7 +363,7 @@ class Trainer:
     def _load(self, state: dict, generator: torch.Generator | None, path="the checkpoint") -> None:
         ranks = state.get("rng", {}).get("ranks") if isinstance(state, dict) else None
         if ranks is not None and len(ranks) != world_size():
-            raise ValueError(f"{path} was written by {len(ranks)} training process(es); resume it with as many "
+            raise BMRSError(f"{path} was written by {len(ranks)} training process(es); resume it with as many "
                              f"(this run has {world_size()})")
         try:
             unwrap(self.model).load_state_dict(state["model"])
@@ -376,4 +381,4 @@ class Trainer:
                 generator.set_state(rng["loader"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
             detail = " ".join(str(err).split())[:200]
-            raise ValueError(f"{path} is not a checkpoint of this training ({type(err).__name__}: {detail})") from None
+            raise BMRSError(f"{path} is not a checkpoint of this training ({type(err).__name__}: {detail})") from None

@@ -45,6 +45,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapters import INPUT_ATTR, InputGroups, register_adapter, remove_input_groups
 from .compaction.storage import register_architecture
+from .errors import BMRSError
 from .structure import Family, GateSite, _matches, call_model
 
 __all__ = ["HEADS", "NEURONS", "layer_widths"]
@@ -134,7 +135,7 @@ def _recognise(model: nn.Module) -> tuple[list[_Group], dict[str, str]]:
 def _find(net: nn.Module, owner: str) -> _Group:
     groups = [g for g in _recognise(net)[0] if g.owner == owner]
     if len(groups) != 1:
-        raise ValueError(f"{owner!r} is no longer an attention module or feed-forward block bmrs recognises")
+        raise BMRSError(f"{owner!r} is no longer an attention module or feed-forward block bmrs recognises")
     return groups[0]
 
 
@@ -211,7 +212,7 @@ class TransformersAdapter:
     def architecture(self, model) -> dict:
         cls = type(model)
         if getattr(transformers, cls.__name__, None) is not cls:
-            raise ValueError(f"{cls.__name__} is not a class of the transformers package; pass model= to load_compact")
+            raise BMRSError(f"{cls.__name__} is not a class of the transformers package; pass model= to load_compact")
         return {
             "name": ARCHITECTURE, "input_shape": [], "num_classes": 0,
             "options": {"class": cls.__name__, "config": json.loads(model.config.to_json_string(use_diff=False))},
@@ -301,7 +302,7 @@ def layer_widths(model: nn.Module) -> dict[str, list[int]]:
     widths = {attr: [None] * config.num_hidden_layers for attr in _CONFIG_LISTS.values()}
     for g in _recognise(model)[0]:
         if g.layer is None or g.layer >= config.num_hidden_layers:
-            raise ValueError(f"{g.owner!r} is not in a numbered block of the model; its width cannot be recorded")
+            raise BMRSError(f"{g.owner!r} is not in a numbered block of the model; its width cannot be recorded")
         widths[_CONFIG_LISTS[g.kind]][g.layer] = g.groups
     return widths
 
@@ -316,7 +317,7 @@ def _build(input_shape, num_classes, *, config: dict, **options) -> nn.Module:
     shrunk to the widths the configuration lists (weights are loaded afterwards)."""
     cls = getattr(transformers, options.get("class", ""), None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ValueError(f"{options.get('class')!r} is not a model class of the transformers package")
+        raise BMRSError(f"{options.get('class')!r} is not a model class of the transformers package")
     cfg = cls.config_class.from_dict(config)
     model = cls(cfg)
     modules = dict(model.named_modules())

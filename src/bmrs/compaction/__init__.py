@@ -9,8 +9,8 @@
 
 from .core import compact
 from .counting import count_flops, count_parameters
-from .storage import ARCHITECTURES, load_compact, register_architecture, save_compact
+from .storage import ARCHITECTURES, architecture_builder, load_compact, register_architecture, save_compact
 
 __all__ = [
-    "ARCHITECTURES", "compact", "count_flops", "count_parameters", "load_compact", "register_architecture", "save_compact",
+    "ARCHITECTURES", "architecture_builder", "compact", "count_flops", "count_parameters", "load_compact", "register_architecture", "save_compact",
 ]

@@ -12,8 +12,11 @@ from torch import Tensor, nn
 from ..adapters import find_adapter
 from ..attention import compact_attention
 from ..distributed import unwrap
+from ..errors import BMRSError
 from ..gates import check_finite_gates, detach_gates, gate_layout, gates
-from ..structure import Call, Family, GateSite, build_dependency_graph, call_model, output_tensors, trace, traces
+from ..structure import (
+    Call, Family, GateSite, build_dependency_graph, call_model, module_names, output_tensors, trace, traces,
+)
 
 __all__ = ["compact"]
 
@@ -120,17 +123,18 @@ def _compact_channels(net: nn.Module, inputs, layout, channel_sites: dict, masks
     trace = _Trace(net, inputs)
     graph = build_dependency_graph(net, inputs)
     modules = dict(net.named_modules())
+    names = module_names(net)
     families = [f for f in layout.families if f.members[0][0] in channel_sites]
     partners = {
         name: [other for other, _ in family.members if other != name]
         for family in families for name, _ in family.members
     }
-    folds = {name: _plan_fold(site, partners[name], trace, graph, modules) for name, site in channel_sites.items()}
+    folds = {name: _plan_fold(site, partners[name], trace, graph, modules, names) for name, site in channel_sites.items()}
     with torch.no_grad():
         for name, fold in folds.items():
             fold.apply(scales[name])
         for family in families:
-            _remove_family(family, layout.sites, masks, graph, modules)
+            _remove_family(family, layout.sites, masks, graph, modules, names)
 
 
 # --- gate kinds ------------------------------------------------------------------------------
@@ -141,7 +145,7 @@ _GENERIC_KINDS = ("channels", "heads")
 
 def _check_supported(site: GateSite, adapter) -> None:
     if site.kind not in _GENERIC_KINDS and adapter is None:
-        raise ValueError(f"gate {site.name!r} has kind {site.kind!r}, but no adapter handles this model")
+        raise BMRSError(f"gate {site.name!r} has kind {site.kind!r}, but no adapter handles this model")
 
 
 def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
@@ -163,7 +167,7 @@ class _Trace:
     def call_of(self, name: str) -> Call:
         found = [c for c in self.calls if c.name == name]
         if len(found) != 1:
-            raise ValueError(
+            raise BMRSError(
                 f"module {name!r} is called {len(found)} times in a forward pass; a gate on it cannot be folded"
             )
         return found[0]
@@ -242,29 +246,29 @@ class _Fold:
             _scale_columns(module, idxs, scale[roots])
 
 
-def _plan_fold(site: GateSite, coupled_to: list[str], trace: _Trace, graph, modules: dict) -> _Fold:
+def _plan_fold(site: GateSite, coupled_to: list[str], trace: _Trace, graph, modules: dict, names: dict) -> _Fold:
     """Where the gate's scale goes; raises ValueError when it cannot be folded exactly."""
     call = trace.call_of(site.site)
     target, reason = _backward_target(site, call, trace)
     if target is not None:
         return _Fold(target=modules[target])
     if coupled_to:
-        raise ValueError(
+        raise BMRSError(
             f"gate {site.name!r} is tied to {', '.join(coupled_to)} by a residual addition, so it must fold "
             f"into the layer before it, but {reason}; folding it forward through the addition would be wrong"
         )
     found, blocker = trace.consumers(call)
     if blocker is not None:
-        raise ValueError(
+        raise BMRSError(
             f"gate {site.name!r} cannot be folded into the weights exactly: {reason}, "
             f"and its output reaches {blocker}"
         )
     group = _out_channel_group(graph, modules[site.producer], list(range(site.num_structures)))
-    columns = _input_columns(graph, group)
-    if {graph._module2name[m] for m, _, _ in columns} != found:
-        raise ValueError(
+    columns = _input_columns(graph, group, names)
+    if {names[m] for m, _, _ in columns} != found:
+        raise BMRSError(
             f"gate {site.name!r} cannot be folded into the weights exactly: {reason}, and Torch-Pruning's "
-            f"consumers of {site.producer} ({sorted(graph._module2name[m] for m, _, _ in columns)}) are not "
+            f"consumers of {site.producer} ({sorted(names[m] for m, _, _ in columns)}) are not "
             f"those the trace found ({sorted(found)})"
         )
     return _Fold(columns=columns)
@@ -291,7 +295,7 @@ def _out_channel_group(graph, producer: nn.Module, idxs: list[int]):
     return graph.get_pruning_group(producer, pruner.prune_out_channels, idxs)
 
 
-def _input_columns(graph, group) -> list[tuple[nn.Module, Tensor, Tensor]]:
+def _input_columns(graph, group, names: dict) -> list[tuple[nn.Module, Tensor, Tensor]]:
     """The Linear/Conv input columns in ``group``: (consumer, column indices, root channel of each)."""
     found: dict[nn.Module, dict[int, int]] = {}
     for item in group:
@@ -301,7 +305,7 @@ def _input_columns(graph, group) -> list[tuple[nn.Module, Tensor, Tensor]]:
         mapping = found.setdefault(target, {})
         for idx, root in zip(item.idxs, item.root_idxs):
             if mapping.setdefault(int(idx), int(root)) != int(root):
-                raise RuntimeError(f"input {idx} of {graph._module2name[target]} maps to two channels")
+                raise RuntimeError(f"input {idx} of {names[target]} maps to two channels")
     return [(m, torch.tensor(list(mp)), torch.tensor(list(mp.values()))) for m, mp in found.items()]
 
 
@@ -325,7 +329,8 @@ def _scale_columns(module: nn.Module, idxs: Tensor, scale: Tensor) -> None:
 # --- removal ---------------------------------------------------------------------------------
 
 
-def _remove_family(family: Family, sites: dict[str, GateSite], masks: dict[str, Tensor], graph, modules: dict) -> None:
+def _remove_family(family: Family, sites: dict[str, GateSite], masks: dict[str, Tensor], graph, modules: dict,
+                   names: dict) -> None:
     """Delete the family's slots that every member masks; keep one if that is all of them."""
     masked = torch.stack([masks[name][idx] == 0 for name, idx in family.members]).all(dim=0)
     slots = torch.nonzero(masked).flatten().tolist()
@@ -335,14 +340,14 @@ def _remove_family(family: Family, sites: dict[str, GateSite], masks: dict[str, 
     producer = modules[sites[root_gate].producer]
     if len(slots) == family.size:  # a layer cannot have width 0: keep a silent placeholder
         placeholder = slots.pop(0)
-        for module, idxs, _ in _input_columns(graph, _out_channel_group(graph, producer, [root_idx[placeholder]])):
+        for module, idxs, _ in _input_columns(graph, _out_channel_group(graph, producer, [root_idx[placeholder]]), names):
             module.weight[:, idxs] = 0
         if not slots:
             return
     group = _out_channel_group(graph, producer, [root_idx[j] for j in slots])
     expected = {sites[name].producer for name, _ in family.members}
     pruned = {
-        graph._module2name[item.dep.target.module] for item in group
+        names[item.dep.target.module] for item in group
         if graph.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, _PRODUCERS)
     }
     if pruned != expected:

@@ -19,7 +19,7 @@ def count_parameters(module: nn.Module) -> int:
     The gates' own parameters (``loc``, ``log_scale`` of every :class:`~bmrs.NoiseGate`)
     are not counted, so a gated model counts as the network it gates, and the count can be
     compared directly with that of its compacted copy. Unlike
-    :func:`bmrs.pruning.count_parameters`, frozen parameters count too.
+    :func:`bmrs.pruning.count_trainable_parameters`, frozen parameters count too.
     """
     module = unwrap(module)
     gate_params = {id(p) for m in module.modules() if isinstance(m, NoiseGate) for p in m.parameters()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 from collections.abc import Callable
@@ -13,9 +14,10 @@ from torch import nn
 from .._io import read_tensors, write_atomic
 from ..adapters import find_adapter, integration_of
 from ..attention import CompactMultiheadAttention, MultiheadSelfAttention, compact_attention
+from ..errors import BMRSError
 from ..gates import gates
 
-__all__ = ["save_compact", "load_compact", "register_architecture", "ARCHITECTURES"]
+__all__ = ["save_compact", "load_compact", "register_architecture", "architecture_builder", "ARCHITECTURES"]
 
 _FORMAT = "bmrs-compact"
 _VERSION = 1
@@ -38,15 +40,44 @@ _MAX_INPUT_ELEMENTS = 2**26
 _SKELETON_FACTOR = 1000
 _SKELETON_MIN_BYTES = 2**30
 
-#: Builders that :func:`load_compact` can rebuild an architecture from, by name:
-#: ``builder(input_shape, num_classes, **options) -> nn.Module``. The bundled models of
-#: :mod:`bmrs.models` register themselves; users may add their own.
+#: Builders registered with :func:`register_architecture`, by name:
+#: ``builder(input_shape, num_classes, **options) -> nn.Module``. They are looked up before
+#: the bundled models.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+
+#: The module of the bundled builders (its ``MODELS``: name -> builder). Compaction sits
+#: below the model zoo and does not import it with itself: a name nobody registered is
+#: resolved by importing this module by name on first use (see docs/architecture.md).
+BUNDLED_MODELS = "bmrs.models"
 
 
 def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
-    """Make ``name`` rebuildable by :func:`load_compact` (and accepted by :func:`save_compact`)."""
+    """Make ``name`` rebuildable by :func:`load_compact` (and accepted by :func:`save_compact`);
+    a registered name takes precedence over a bundled model of the same name."""
     ARCHITECTURES[name] = builder
+
+
+def architecture_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder :func:`load_compact` rebuilds architecture ``name`` with: a registered one
+    (:data:`ARCHITECTURES`, where an optional integration such as :mod:`bmrs.transformers`
+    registers its own when its name is asked for, see :mod:`bmrs.adapters`), else the
+    bundled model of that name.
+
+    Raises:
+        ValueError: no builder of that name.
+    """
+    if name not in ARCHITECTURES:
+        integration_of(name)  # an optional integration registers its own
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
+    bundled = importlib.import_module(BUNDLED_MODELS).MODELS
+    if name in bundled:
+        return bundled[name]
+    known = ", ".join(sorted({*ARCHITECTURES, *bundled}))
+    raise BMRSError(
+        f"architecture {name!r} is neither registered nor bundled (known: {known}); "
+        "see bmrs.compaction.register_architecture"
+    )
 
 
 def save_compact(model: nn.Module, path, *, architecture: dict | None = None) -> None:
@@ -67,7 +98,7 @@ def save_compact(model: nn.Module, path, *, architecture: dict | None = None) ->
             name and configuration), the adapter gives it.
     """
     if gates(model):
-        raise ValueError("save_compact takes a plain model; compact the gated model first with bmrs.compaction.compact")
+        raise BMRSError("save_compact takes a plain model; compact the gated model first with bmrs.compaction.compact")
     adapter = find_adapter(model) if architecture is None else None
     if adapter is not None:  # e.g. a Hugging Face model: its class and configuration
         architecture = adapter.architecture(model)
@@ -103,22 +134,22 @@ def load_compact(path, *, model: nn.Module | None = None) -> nn.Module:
     """
     data = read_tensors(path, "a file written by bmrs.compaction.save_compact")
     if not isinstance(data, dict) or "metadata" not in data or "state_dict" not in data:
-        raise ValueError(f"{path} is not a file written by bmrs.compaction.save_compact")
+        raise BMRSError(f"{path} is not a file written by bmrs.compaction.save_compact")
     metadata, state = _check_contents(path, data)
     if model is not None:
         if gates(model):
-            raise ValueError("load_compact needs a plain model; pass the architecture without gates")
+            raise BMRSError("load_compact needs a plain model; pass the architecture without gates")
         net = copy.deepcopy(model)
     elif metadata["architecture"] is not None:
         arch = _check_architecture(metadata["architecture"], path)
-        net = _build_skeleton(ARCHITECTURES[arch["name"]], arch, state, path)
+        net = _build_skeleton(architecture_builder(arch["name"]), arch, state, path)
     else:
-        raise ValueError(f"{path} was saved without an architecture: pass model=<an unpruned instance of it>")
+        raise BMRSError(f"{path} was saved without an architecture: pass model=<an unpruned instance of it>")
     try:
         _resize(net, state, metadata["layers"])
         net.load_state_dict(state, strict=True)
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path} does not fit its architecture: {' '.join(str(err).split())[:300]}") from None
+        raise BMRSError(f"{path} does not fit its architecture: {' '.join(str(err).split())[:300]}") from None
     return net.eval()
 
 
@@ -136,7 +167,7 @@ def _build_skeleton(builder: Callable[..., nn.Module], arch: dict, state: dict, 
         size = None
     saved = sum(t.numel() * t.element_size() for t in state.values())
     if size is not None and size > max(_SKELETON_MIN_BYTES, _SKELETON_FACTOR * saved):
-        raise ValueError(f"{path}: its architecture ({json.dumps(arch['options'])[:100]}) asks for a network of "
+        raise BMRSError(f"{path}: its architecture ({json.dumps(arch['options'])[:100]}) asks for a network of "
                          f"{size / 2**20:,.0f} MiB, out of proportion to the {saved / 2**20:,.2f} MiB of weights "
                          "the file holds; refusing to build it")
     return builder(*args, **arch["options"])
@@ -150,20 +181,20 @@ def _check_contents(path, data: dict) -> tuple[dict, dict]:
     try:
         metadata = json.loads(data["metadata"])
         if metadata.get("format") != _FORMAT or metadata.get("version") != _VERSION:
-            raise ValueError(f"unsupported format {metadata.get('format')!r} version {metadata.get('version')!r}")
+            raise BMRSError(f"unsupported format {metadata.get('format')!r} version {metadata.get('version')!r}")
         layers = metadata["layers"]
         if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in state.items())):
-            raise ValueError("its state_dict is not a dict of tensors")
+            raise BMRSError("its state_dict is not a dict of tensors")
         for name, widths in layers.items():
             weight = state.get(f"{name}.weight" if name else "weight")
             if not isinstance(widths, dict) or not isinstance(widths.get("type"), str):
-                raise ValueError(f"layer {name!r} has no type")
+                raise BMRSError(f"layer {name!r} has no type")
             expected = _expected_widths(widths, weight)
             for attr, size in expected.items():
                 if widths.get(attr) != size:
-                    raise ValueError(f"layer {name!r}: {attr} {widths.get(attr)!r} but its weight has {size}")
+                    raise BMRSError(f"layer {name!r}: {attr} {widths.get(attr)!r} but its weight has {size}")
     except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise ValueError(f"{path}: {' '.join(str(err).split())[:300]}") from None
+        raise BMRSError(f"{path}: {' '.join(str(err).split())[:300]}") from None
     return metadata, state
 
 
@@ -185,7 +216,7 @@ def _resize(net: nn.Module, state: dict, layers: dict) -> None:
         owner, _, attr = key.rpartition(".")
         module = modules.get(owner)
         if module is None:
-            raise ValueError(f"the saved weights have {key!r}, which this architecture does not")
+            raise BMRSError(f"the saved weights have {key!r}, which this architecture does not")
         if attr in module._parameters and module._parameters[attr] is not None:
             old = module._parameters[attr]
             if old.shape == tensor.shape and old.dtype == tensor.dtype:
@@ -196,7 +227,7 @@ def _resize(net: nn.Module, state: dict, layers: dict) -> None:
     for name, widths in layers.items():
         module = modules.get(name)
         if module is None or type(module).__name__ != widths["type"]:
-            raise ValueError(f"the saved layer {name!r} ({widths['type']}) does not match this architecture")
+            raise BMRSError(f"the saved layer {name!r} ({widths['type']}) does not match this architecture")
         for attr, value in widths.items():
             if attr != "type":
                 setattr(module, attr, tuple(value) if isinstance(value, list) else value)
@@ -225,28 +256,22 @@ def _plain(value):
 def _check_architecture(architecture: dict, path=None) -> dict:
     where = f"{path}: " if path is not None else ""
     if not isinstance(architecture, dict):
-        raise ValueError(f"{where}architecture must be a dict with keys {sorted(_ARCHITECTURE_KEYS)}")
+        raise BMRSError(f"{where}architecture must be a dict with keys {sorted(_ARCHITECTURE_KEYS)}")
     missing = _ARCHITECTURE_KEYS - set(architecture)
     if missing:
-        raise ValueError(f"{where}architecture lacks {sorted(missing)}; expected keys {sorted(_ARCHITECTURE_KEYS)}")
+        raise BMRSError(f"{where}architecture lacks {sorted(missing)}; expected keys {sorted(_ARCHITECTURE_KEYS)}")
     if not isinstance(architecture["name"], str):
-        raise ValueError(f"{where}architecture name must be a string, got {architecture['name']!r}")
-    if architecture["name"] not in ARCHITECTURES:
-        integration_of(str(architecture["name"]))  # an optional integration registers its own
-    if architecture["name"] not in ARCHITECTURES:
-        raise ValueError(
-            f"architecture {architecture['name']!r} is not registered (known: {', '.join(ARCHITECTURES) or 'none'}); "
-            f"see bmrs.compaction.register_architecture"
-        )
+        raise BMRSError(f"{where}architecture name must be a string, got {architecture['name']!r}")
+    architecture_builder(architecture["name"])  # a clear error for an unknown name
     shape, classes = architecture.get("input_shape"), architecture.get("num_classes")
     if not (isinstance(shape, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
             and isinstance(classes, int) and not isinstance(classes, bool) and classes >= 0
             and isinstance(architecture.get("options"), dict)):
-        raise ValueError(f"{where}architecture needs input_shape (positive integers), num_classes (an integer) "
+        raise BMRSError(f"{where}architecture needs input_shape (positive integers), num_classes (an integer) "
                          f"and options (a dict), got {json.dumps(architecture, default=str)[:200]}")
     if math.prod(shape) > _MAX_INPUT_ELEMENTS:
-        raise ValueError(f"{where}input_shape {shape} has more than {_MAX_INPUT_ELEMENTS} elements per example")
+        raise BMRSError(f"{where}input_shape {shape} has more than {_MAX_INPUT_ELEMENTS} elements per example")
     try:
         return json.loads(json.dumps(architecture))
     except TypeError as err:
-        raise ValueError(f"architecture must be JSON-able: {err}") from None
+        raise BMRSError(f"architecture must be JSON-able: {err}") from None

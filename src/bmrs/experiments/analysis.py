@@ -1,117 +1,34 @@
-"""Analyses of results: knees of accuracy-vs-compression curves, and what the gates hold.
+"""Analyses of trained runs: what their gates hold, and which criteria would prune it.
 
-* :func:`knee` finds the knee of a post-training curve with the Kneedle method
-  (Satopaa et al., 2011): normalise both axes to [0, 1], and take the point of the curve
-  farthest above the chord joining its ends (the maximum of Kneedle's difference curve).
-* :func:`stop_vs_knee` reports, for each BMRS stopping point, its distance to the knee of
-  every criterion's curve and to the best accuracy any criterion reaches at that compression.
 * :func:`gate_diagnostics` lists, per gate and structure, the posterior (mu, log sigma),
   E[theta], SNR, the delta F and margin of every evidence criterion, and which criteria prune it.
+* :func:`run_diagnostics` rebuilds a run's gated model and gives its diagnostics as a
+  :class:`~bmrs.reporting.diagnostics.RunDiagnostics`; :func:`diagnose_runs` does so for
+  several runs (noting the ones it cannot rebuild) and writes them with
+  :func:`bmrs.reporting.diagnostics.write_diagnostics`.
+
+The knees of accuracy-vs-compression curves need sweep records only and live with the
+reports (:mod:`bmrs.reporting.knees`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..gates import gates
 from ..pruning.criteria import Criterion, default_labels, make_criterion, parse_label
 from ..pruning.masks import decide
+from ..reporting.collect import RunResult, method_label
+from ..reporting.diagnostics import RELAXED_LOG_SIGMA, RunDiagnostics, diagnostic_criteria, write_diagnostics
+from .runs import load_run, run_files
 
-__all__ = ["knee", "curves_from_sweep", "stop_vs_knee", "gate_diagnostics", "interpolate_accuracy"]
-
-
-def knee(compression: Sequence[float], accuracy: Sequence[float], *, grid: int = 1001) -> tuple[float, float]:
-    """The knee ``(compression, accuracy)`` of an accuracy-vs-compression curve (Kneedle).
-
-    The curve is interpolated linearly on a fine grid between the measured points (sorted by
-    compression; repeated compressions are averaged). Accuracy is assumed to fall with
-    compression (a concave, decreasing curve): the knee is where the normalised curve lies
-    farthest above the straight line from its first to its last point, i.e. where further
-    compression starts to cost accuracy fast.
-    """
-    x, y = _clean(compression, accuracy)
-    if len(x) < 3:
-        raise ValueError("a knee needs at least three distinct compression levels")
-    xs = np.linspace(x[0], x[-1], grid)
-    ys = np.interp(xs, x, y)
-    xn = (xs - xs[0]) / (xs[-1] - xs[0])
-    span = ys.max() - ys.min()
-    yn = (ys - ys.min()) / span if span > 0 else np.zeros_like(ys)
-    chord = yn[0] + (yn[-1] - yn[0]) * xn
-    i = int(np.argmax(yn - chord))
-    return float(xs[i]), float(ys[i])
-
-
-def _clean(compression, accuracy) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(compression, dtype=float)
-    y = np.asarray(accuracy, dtype=float)
-    order = np.argsort(x, kind="stable")
-    x, y = x[order], y[order]
-    ux = np.unique(x)
-    uy = np.array([y[x == v].mean() for v in ux])
-    return ux, uy
-
-
-def interpolate_accuracy(compression: Sequence[float], accuracy: Sequence[float], at: float) -> float | None:
-    """Accuracy of a curve at compression ``at`` (linear interpolation; None outside it)."""
-    x, y = _clean(compression, accuracy)
-    if len(x) == 0 or at < x[0] - 1e-12 or at > x[-1] + 1e-12:
-        return None
-    return float(np.interp(at, x, y))
-
-
-def curves_from_sweep(records: list[dict]) -> dict[str, dict]:
-    """Group sweep records by criterion: ``{name: {"levels": (comp, acc), "stop": (comp, acc)}}``
-    with compressions and accuracies as arrays (parameter compression)."""
-    out: dict[str, dict] = {}
-    for r in records:
-        entry = out.setdefault(r["criterion"], {"compression": [], "accuracy": [], "stop": None})
-        if r["kind"] == "stop":
-            entry["stop"] = (r["parameter_compression"], r["accuracy"])
-        else:
-            entry["compression"].append(r["parameter_compression"])
-            entry["accuracy"].append(r["accuracy"])
-    return out
-
-
-def stop_vs_knee(records: list[dict], stops: Sequence[str]) -> dict[str, dict]:
-    """For each criterion in ``stops`` with a stopping point: its distance to every curve's knee
-    and to the best accuracy any criterion's curve reaches at the same compression.
-
-    Returns ``{stop criterion: {"stop": [comp, acc], "knees": {criterion: {"knee": [comp, acc],
-    "d_compression": stop - knee, "d_accuracy": stop - knee}}, "best_at_stop": [criterion, acc],
-    "d_best": stop accuracy - best}}``.
-    """
-    curves = curves_from_sweep(records)
-    knees = {}
-    for name, c in curves.items():
-        if len(set(c["compression"])) >= 3:
-            knees[name] = knee(c["compression"], c["accuracy"])
-    result = {}
-    for name in stops:
-        stop = curves.get(name, {}).get("stop")
-        if stop is None:
-            continue
-        comp, acc = stop
-        best_name, best = None, -np.inf
-        for other, c in curves.items():
-            value = interpolate_accuracy(c["compression"], c["accuracy"], comp)
-            if value is not None and value > best:
-                best_name, best = other, value
-        result[name] = {
-            "stop": [comp, acc],
-            "knees": {
-                other: {"knee": list(k), "d_compression": comp - k[0], "d_accuracy": acc - k[1]}
-                for other, k in knees.items()
-            },
-            "best_at_stop": [best_name, float(best)],
-            "d_best": float(acc - best),
-        }
-    return result
+__all__ = ["gate_diagnostics", "run_diagnostics", "diagnose_runs"]
 
 
 def gate_diagnostics(model: nn.Module, criteria: dict[str, Criterion] | None = None) -> list[dict]:
@@ -125,7 +42,7 @@ def gate_diagnostics(model: nn.Module, criteria: dict[str, Criterion] | None = N
         for label in default_labels(evidence_based=True):
             name, options = parse_label(label)
             criteria[label] = make_criterion(name, **options)
-    decisions = {name: decide(model, c) for name, c in criteria.items()}
+    decisions = {name: decide(model, c, keep_pruned=False) for name, c in criteria.items()}  # from the scores alone
     evidence = {label: c for label, c in criteria.items() if c.evidence_based}
     records = []
     for name, gate in gates(model).items():
@@ -145,3 +62,57 @@ def gate_diagnostics(model: nn.Module, criteria: dict[str, Criterion] | None = N
             record.update({f"pruned[{c}]": not bool(keep[name][i]) for c, keep in decisions.items()})
             records.append(record)
     return records
+
+
+def _criteria() -> dict[str, Criterion]:
+    """The criteria of :func:`~bmrs.reporting.diagnostics.diagnostic_criteria`, by label."""
+    return {label: make_criterion(name, **options) for label in diagnostic_criteria() for name, options in [parse_label(label)]}
+
+
+def run_diagnostics(run_dir: str | os.PathLike, *, relaxed_at: float = RELAXED_LOG_SIGMA) -> RunDiagnostics:
+    """Rebuild the gated model of ``run_dir`` (:func:`~bmrs.experiments.runs.load_run`) and
+    evaluate every criterion of :func:`~bmrs.reporting.diagnostics.diagnostic_criteria` on
+    its gates (:func:`gate_diagnostics`).
+
+    Raises:
+        FileNotFoundError, ValueError: not a run directory with a model, as ``load_run`` says.
+    """
+    loaded = load_run(run_dir)
+    run_dir, _ = run_files(run_dir)
+    config = asdict(loaded.config)
+    model = loaded.model
+    with torch.no_grad():
+        records = gate_diagnostics(model, _criteria())
+        named = gates(model)
+        extra = {name: (gate.mask.tolist(), gate.log_scale_bounds) for name, gate in named.items()}
+    for r in records:
+        mask, bounds = extra[r["gate"]]
+        i = r["index"]
+        r["log_sigma_clamped"] = min(max(r["log_sigma"], bounds[0]), bounds[1])
+        r["masked"] = mask[i] == 0
+        r["relaxed"] = r["log_sigma_clamped"] >= relaxed_at
+    return RunDiagnostics(
+        path=run_dir, dataset=config["dataset"], model=config["model"], label=method_label(config),
+        seed=config["seed"],
+        layers=list(named), log_sigma_max={name: g.log_scale_bounds[1] for name, g in named.items()},
+        records=records, relaxed_at=relaxed_at,
+    )
+
+
+def diagnose_runs(runs: Iterable, out_dir: str | os.PathLike, *, relaxed_at: float = RELAXED_LOG_SIGMA,
+                  plots: bool = True) -> tuple[list[RunDiagnostics], dict[str, Path], list[str]]:
+    """Gate diagnostics of ``runs`` (run directories or :class:`~bmrs.reporting.collect.RunResult`),
+    written into ``out_dir`` by :func:`bmrs.reporting.diagnostics.write_diagnostics`.
+
+    A run whose model cannot be rebuilt (no ``model.pt``, a config it does not fit) is left
+    out with a note. Returns the diagnostics, the files written and the notes.
+    """
+    diagnostics, notes = [], []
+    for run in runs:
+        path = run.path if isinstance(run, RunResult) else Path(run)
+        try:
+            diagnostics.append(run_diagnostics(path, relaxed_at=relaxed_at))
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+            notes.append(f"diagnostics: {path} skipped ({' '.join(str(err).split())[:200]})")
+    files = write_diagnostics(diagnostics, out_dir, plots=plots)
+    return diagnostics, files, notes

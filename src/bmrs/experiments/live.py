@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import BMRSError
 from ..gates import gates
 from ..pruning.criteria import Criterion, make_criterion
 from ..training import EpochRecord
@@ -44,7 +45,7 @@ class EpochLogger:
 
     def __init__(self, fmt: str, out: str | os.PathLike, model: nn.Module, criterion: Criterion | None) -> None:
         if fmt not in LOG_FORMATS:
-            raise ValueError(f"unknown log format {fmt!r}; choose from {', '.join(LOG_FORMATS)}")
+            raise BMRSError(f"unknown log format {fmt!r}; choose from {', '.join(LOG_FORMATS)}")
         self.fmt, self.out, self.model = fmt, Path(out), model
         evidence = criterion is not None and criterion.evidence_based
         self.criterion = criterion if evidence else make_criterion("bmrs-n")
@@ -54,7 +55,7 @@ class EpochLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ValueError("--log tensorboard needs the tensorboard package: "
+                raise BMRSError("--log tensorboard needs the tensorboard package: "
                                  "pip install 'bmrs[tensorboard]' (or pip install tensorboard)") from None
             self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"))
 

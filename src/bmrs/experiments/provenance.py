@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .. import __version__
 from ..distributed import world_size
 from ..pruning.criteria import CRITERIA
 
@@ -85,8 +86,6 @@ def _git_commit() -> str | None:
 
 def provenance(config, out_dir) -> dict:
     """The record of what produced a run, for ``metrics.json``."""
-    from .. import __version__
-
     threads = torch.get_num_threads()
     return {
         "argv": shlex.join(sys.argv),

@@ -21,6 +21,7 @@ from torch import nn
 from .. import distributed
 from .._io import read_json, read_tensors, write_json
 from ..compaction import compact, count_flops, count_parameters, save_compact
+from ..errors import BMRSError
 from ..gates import gates
 from ..pruning.criteria import CRITERIA, Criterion, criterion_class
 from ..pruning.masks import kept_structures, parameter_compression, structure_compression
@@ -28,6 +29,7 @@ from ..pruning.schedules import ContinuousPruning
 from ..datasets import load_dataset
 from ..models import build_model
 from ..training import Trainer, adam, atomic_save, seed_everything
+from .live import EpochLogger
 from .provenance import provenance
 
 __all__ = [
@@ -50,7 +52,8 @@ RECOMMENDED = {"method": "bmrs-n-kr", "kl_reduction": "structures"}
 #: The paper's choices for the same settings (BMRS_N as its released code computes it).
 PAPER = {"method": "bmrs-n-code", "kl_reduction": "mean"}
 
-# The paper's optimiser settings (docs/results.md, "What ran"); other models get the LeNet5 ones.
+# The paper's optimiser settings (docs/math.md, "The paper's reported numbers"); other
+# models get the LeNet5 ones.
 _PAPER_SETTINGS = {"mlp": {"batch_size": 128, "lr": 1.5e-3}, "lenet5": {"batch_size": 32, "lr": 1.4e-3}}
 _DEFAULT_SETTINGS = {"batch_size": 64, "lr": 1e-3}
 
@@ -85,9 +88,9 @@ def check_metrics(data: dict, source, *, complete: bool = True) -> dict:
         if key in ("compaction", "checksums") and key not in data or not complete and key not in data:
             continue
         if key not in data:
-            raise ValueError(f"{source}: no {key!r}; not the metrics of a run written by bmrs")
+            raise BMRSError(f"{source}: no {key!r}; not the metrics of a run written by bmrs")
         if not ok(data[key]):
-            raise ValueError(f"{source}: {key!r} has a value of the wrong kind ({data[key]!r:.60})")
+            raise BMRSError(f"{source}: {key!r} has a value of the wrong kind ({data[key]!r:.60})")
     return data
 
 
@@ -105,7 +108,7 @@ def state_checksum(state: dict) -> str:
 def verify_checksum(state: dict, path: Path, recorded: str | None) -> None:
     """``ValueError`` when ``state`` (read from ``path``) differs from what bmrs wrote."""
     if recorded is not None and state_checksum(state) != recorded:
-        raise ValueError(f"{path} is damaged: its contents do not match the checksum recorded in "
+        raise BMRSError(f"{path} is damaged: its contents do not match the checksum recorded in "
                          f"{path.parent / 'metrics.json'} when bmrs wrote it")
 
 
@@ -156,11 +159,11 @@ class RunConfig:
         known = {f.name: f.type for f in fields(cls)}
         unknown = set(data) - set(known)
         if unknown:
-            raise ValueError(f"{source}: unknown configuration keys: {', '.join(sorted(unknown))}")
+            raise BMRSError(f"{source}: unknown configuration keys: {', '.join(sorted(unknown))}")
         for key, value in data.items():
             allowed = [_TYPES[t.strip()] for t in str(known[key]).split("|")]
             if not any(ok(value) for ok in allowed):
-                raise ValueError(f"{source}: {key} must be {known[key].replace('|', 'or')}, got {value!r}")
+                raise BMRSError(f"{source}: {key} must be {known[key].replace('|', 'or')}, got {value!r}")
         return cls(**data)
 
 
@@ -195,11 +198,11 @@ def build_criterion(config: RunConfig, train_loader) -> Criterion:
     options = {key: context[key] for key in cls.needs}
     if config.threshold is not None:
         if cls.evidence_based:
-            raise ValueError(f"{config.method} takes no threshold: it prunes where delta F >= its margin")
+            raise BMRSError(f"{config.method} takes no threshold: it prunes where delta F >= its margin")
         options["threshold"] = config.threshold
     criterion = cls(**options)
     if criterion.threshold is None and config.target is None and config.match is None:
-        raise ValueError(f"method {config.method!r} has no threshold: give --target or --match")
+        raise BMRSError(f"method {config.method!r} has no threshold: give --target or --match")
     return criterion
 
 
@@ -249,12 +252,13 @@ def compact_to_file(model: nn.Module, example_input: torch.Tensor, path: str | o
 
 
 def _compaction(model: nn.Module, config: RunConfig, data, out: Path) -> dict:
-    """``compact_to_file`` for the end of a run; a model that cannot be compacted (e.g.
-    attention heads, not supported yet) gets ``{"error": ...}`` instead of failing the run."""
+    """``compact_to_file`` for the end of a run; a model that cannot be compacted exactly (a
+    gate that cannot be folded into the weights, see docs/compaction.md) gets
+    ``{"error": ...}`` instead of failing the run."""
     architecture = model_architecture(config, data.input_shape, data.num_classes)
     try:
         return compact_to_file(model, data.test.tensors[0][:64], out / "compact.pt", architecture)
-    except (NotImplementedError, ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError) as err:
         (out / "compact.pt").unlink(missing_ok=True)
         return {"error": f"{type(err).__name__}: {err}", "architecture": architecture}
 
@@ -283,7 +287,7 @@ def train_run(
     :mod:`bmrs.experiments.live`.
     """
     if config.method not in methods():
-        raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(methods())}")
+        raise BMRSError(f"unknown method {config.method!r}; choose from {', '.join(methods())}")
     out = Path(out_dir)
     config = config.resolved()
     if (out / "metrics.json").exists() and resume:
@@ -291,7 +295,7 @@ def train_run(
     if (out / "config.json").exists() and resume:
         previous = read_json(out / "config.json")
         if previous != asdict(config):
-            raise ValueError(f"{out} holds a run with another configuration; choose another --out")
+            raise BMRSError(f"{out} holds a run with another configuration; choose another --out")
     main = distributed.is_main()
     if main and not resume:
         (out / "checkpoint.pt").unlink(missing_ok=True)
@@ -331,8 +335,6 @@ def train_run(
     )
     logger = None
     if log is not None and main:  # live metrics are files: rank 0 writes them
-        from .live import EpochLogger
-
         logger = EpochLogger(log, out, model, criterion)
     try:
         trainer.fit(
@@ -389,11 +391,11 @@ def run_files(path: str | os.PathLike) -> tuple[Path, Path]:
         run_dir, state = path, path / "model.pt"
         if not state.is_file():
             hint = " (the run is unfinished: pass its checkpoint.pt to use the last epoch)" if (path / "checkpoint.pt").is_file() else ""
-            raise ValueError(f"{path} has no model.pt{hint}")
+            raise BMRSError(f"{path} has no model.pt{hint}")
     else:
         run_dir, state = path.parent, path
     if not (run_dir / "config.json").is_file():
-        raise ValueError(f"{run_dir} has no config.json: expected a run directory written by 'bmrs train', "
+        raise BMRSError(f"{run_dir} has no config.json: expected a run directory written by 'bmrs train', "
                          "or its model.pt or checkpoint.pt")
     return run_dir, state
 
@@ -425,16 +427,16 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
     if state_file.name == "checkpoint.pt":
         checkpoint = load_state_file(state_file)
         if not (isinstance(checkpoint, dict) and "model" in checkpoint):
-            raise ValueError(f"{state_file} is not a checkpoint written by 'bmrs train'")
+            raise BMRSError(f"{state_file} is not a checkpoint written by 'bmrs train'")
         state = checkpoint["model"]
         epoch = len(checkpoint.get("history", [])) or None
     else:
         state = load_state_file(state_file)
         epoch = None
     if isinstance(state, dict) and "metadata" in state and "state_dict" in state:
-        raise ValueError(f"{state_file} is already a compacted model (see 'bmrs info {state_file}')")
+        raise BMRSError(f"{state_file} is already a compacted model (see 'bmrs info {state_file}')")
     if not isinstance(state, dict):
-        raise ValueError(f"{state_file} does not hold a model state dict")
+        raise BMRSError(f"{state_file} does not hold a model state dict")
     architecture, data = None, None
     metrics_file = run_dir / "metrics.json"
     metrics = check_metrics(read_json(metrics_file), metrics_file) if metrics_file.is_file() else {}
@@ -450,7 +452,7 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
         model.load_state_dict(state)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
-        raise ValueError(f"{state_file} does not fit the model of {run_dir / 'config.json'} ({detail})") from None
+        raise BMRSError(f"{state_file} does not fit the model of {run_dir / 'config.json'} ({detail})") from None
     if state_file.name == "model.pt":
         verify_checksum(state, state_file, metrics.get("checksums", {}).get("model.pt"))
     model.eval()

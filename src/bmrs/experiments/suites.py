@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import BMRSError
 from ..pruning.criteria import CRITERIA, default_labels, parse_label
 from .runs import PAPER, RunConfig, train_run
 from .sweep import sweep_run
@@ -124,11 +125,11 @@ SUITES: dict[str, tuple[str, int, Callable[[int], list[SuiteRun]]]] = {
 def suite_runs(name: str, seeds: int | None = None) -> list[SuiteRun]:
     """The runs of suite ``name`` with ``seeds`` seeds (default: the suite's)."""
     if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+        raise BMRSError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
     _, default, build = SUITES[name]
     seeds = default if seeds is None else seeds
     if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
+        raise BMRSError(f"seeds must be >= 1, got {seeds}")
     return build(seeds)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._io import read_json, write_json, write_text
+from ..errors import BMRSError
 from ..pruning.criteria import Criterion, criterion_class, default_labels, parse_label
 from ..pruning.masks import decide, parameter_compression, set_masks, structure_compression
 from .runs import load_run
@@ -68,7 +69,7 @@ def sweep(
     records = []
     for name, criterion, kind, target in tqdm(jobs, desc="sweep", disable=not progress, leave=False):
         model.load_state_dict(state)
-        set_masks(model, decide(model, criterion, target=target, target_kind=target_kind))
+        set_masks(model, decide(model, criterion, target=target, target_kind=target_kind, keep_pruned=False))
         if finetune is not None:
             finetune(model)
         records.append({
@@ -115,11 +116,11 @@ def parse_criteria(text: str) -> list[tuple[str, str, dict]]:
         name, options = parse_label(token)
         label = criterion_class(name).label(**options)
         if label in seen:
-            raise ValueError(f"criterion {label!r} is given twice")
+            raise BMRSError(f"criterion {label!r} is given twice")
         seen.add(label)
         out.append((label, name, options))
     if not out:
-        raise ValueError("--criteria names no criterion")
+        raise BMRSError("--criteria names no criterion")
     return out
 
 
@@ -153,15 +154,15 @@ def sweep_run(
         split: ``"test"`` or ``"val"``: where accuracy is measured.
     """
     if split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+        raise BMRSError(f"split must be 'test' or 'val', got {split!r}")
     bad = [v for v in levels if not 0.0 <= v <= 1.0]
     if bad:
-        raise ValueError(f"levels must lie in [0, 1], got {', '.join(f'{v:g}' for v in bad)}")
+        raise BMRSError(f"levels must lie in [0, 1], got {', '.join(f'{v:g}' for v in bad)}")
     if finetune_epochs < 0:
-        raise ValueError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
+        raise BMRSError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
     specs = parse_criteria(",".join(default_criteria()) if criteria is None else criteria)
     if epoch not in _EPOCH_FILES:
-        raise ValueError(f"epoch must be 'last' or 'best', got {epoch!r}")
+        raise BMRSError(f"epoch must be 'last' or 'best', got {epoch!r}")
     if Path(run).is_dir():
         run = Path(run) / _EPOCH_FILES[epoch]
         if not run.is_file():

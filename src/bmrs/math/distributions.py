@@ -19,6 +19,7 @@ from torch.distributions.kl import register_kl
 from torch.distributions.utils import broadcast_all, lazy_property
 
 from . import special as sp
+from ..errors import BMRSError
 
 __all__ = ["TruncatedLogNormal", "LogUniform"]
 
@@ -44,7 +45,7 @@ def _broadcast(*values) -> tuple[Tensor, ...]:
 
 def _check_bounds(log_low: Tensor, log_high: Tensor) -> None:
     if not bool((log_low < log_high).all()):
-        raise ValueError(
+        raise BMRSError(
             f"log_low must be smaller than log_high, got log_low={log_low.tolist()} "
             f"and log_high={log_high.tolist()}"
         )

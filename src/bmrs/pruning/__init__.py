@@ -6,14 +6,14 @@ from .criteria import (
     ExpectedTheta, L2, Random, Taylor, make_criterion, register_criterion,
 )
 from .masks import (
-    count_parameters, decide, kept_structures, parameter_compression, prune, set_masks, structure_compression,
+    count_trainable_parameters, decide, kept_structures, parameter_compression, prune, set_masks, structure_compression,
 )
 from .schedules import ContinuousPruning
 
 __all__ = [
     "BUDGET_KINDS", "BudgetResult", "budget_cut", "parse_budget",
     "BMRSN", "BMRSNCode", "BMRSNKassRaftery", "BMRSNRelative", "BMRSU", "CRITERIA", "ContinuousPruning", "Criterion",
-    "EvidenceCriterion", "ExpectedTheta", "L2", "Random", "SNR", "Taylor", "count_parameters", "decide",
+    "EvidenceCriterion", "ExpectedTheta", "L2", "Random", "SNR", "Taylor", "count_trainable_parameters", "decide",
     "kept_structures", "make_criterion", "parameter_compression", "prune", "register_criterion", "set_masks",
     "structure_compression",
 ]

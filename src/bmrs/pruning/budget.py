@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from ..compaction import compact, count_flops, count_parameters
+from ..errors import BMRSError
 from ..gates import gate_layout, gates
+from . import masks as _masks  # masks imports this module: names are looked up at call time
 from .criteria import Criterion, EvidenceCriterion
 
 __all__ = ["BUDGET_KINDS", "BudgetResult", "budget_cut", "parse_budget"]
@@ -102,20 +104,20 @@ def parse_budget(text: str | dict) -> dict[str, float]:
         for part in (p.strip() for p in str(text).split(",")):
             kind, sep, value = part.partition("=")
             if not sep:
-                raise ValueError(f"a budget is KIND=FRACTION (e.g. flops=0.2), got {part!r}")
+                raise BMRSError(f"a budget is KIND=FRACTION (e.g. flops=0.2), got {part!r}")
             try:
                 items.append((kind.strip(), float(value)))
             except ValueError:
-                raise ValueError(f"budget {kind.strip()}: {value.strip()!r} is not a number") from None
+                raise BMRSError(f"budget {kind.strip()}: {value.strip()!r} is not a number") from None
     budget = {}
     for kind, value in items:
         if kind not in BUDGET_KINDS:
-            raise ValueError(f"unknown budget kind {kind!r}; choose from {', '.join(BUDGET_KINDS)}")
+            raise BMRSError(f"unknown budget kind {kind!r}; choose from {', '.join(BUDGET_KINDS)}")
         if not 0.0 < float(value) <= 1.0:
-            raise ValueError(f"budget {kind}={value}: the fraction of the full network to keep must lie in (0, 1]")
+            raise BMRSError(f"budget {kind}={value}: the fraction of the full network to keep must lie in (0, 1]")
         budget[kind] = float(value)
     if not budget:
-        raise ValueError("the budget is empty; give e.g. {'flops': 0.2}")
+        raise BMRSError("the budget is empty; give e.g. {'flops': 0.2}")
     return budget
 
 
@@ -144,14 +146,13 @@ def budget_cut(
         ValueError: for an unknown kind or a fraction outside (0, 1], or a budget that
             removing every structure cannot meet (a layer keeps one structure).
     """
-    from .masks import _current_masks, _family_scores  # masks imports this module
 
     budget = parse_budget(budget)
     layout = gate_layout(model)
     if family_scores is None:
-        family_scores = _family_scores(model, criterion)
+        family_scores = _masks._family_scores(model, criterion)
     if already is None:
-        current = _current_masks(model)
+        current = _masks._current_masks(model)
         already = [torch.stack([~current[n][idx] for n, idx in f.members]).all(dim=0) for f in layout.families]
     scores = torch.cat(family_scores)
     first = torch.cat(already) if keep_pruned else torch.zeros(len(scores), dtype=torch.bool)
@@ -184,7 +185,7 @@ def budget_cut(
         evidence = int((prune_rule | first).sum())
     n = len(scores)
     if not fits(n, exact=True):
-        raise ValueError(
+        raise BMRSError(
             f"the budget {_goal(budget)} cannot be met: with every structure pruned (one kept per layer), "
             f"{_fractions(measure.exact(masks_for(n)))} remain"
         )
@@ -220,7 +221,7 @@ class _Measure:
 
     def __init__(self, model: nn.Module, example_input, budget: dict[str, float]) -> None:
         if example_input is None:
-            raise ValueError("a budget needs example_input: the FLOPs, parameters and latency are measured on it")
+            raise BMRSError("a budget needs example_input: the FLOPs, parameters and latency are measured on it")
         self.inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
         self.kinds = list(budget)
         self.net = copy.deepcopy(model).eval()
@@ -235,11 +236,10 @@ class _Measure:
         self.exact_cache: dict[tuple, dict[str, float]] = {}
 
     def net_with(self, masks: dict[str, Tensor] | None) -> nn.Module:
-        from .masks import set_masks
 
         if masks is None:
             masks = {n: torch.ones(g.num_structures, dtype=torch.bool) for n, g in gates(self.net).items()}
-        set_masks(self.net, masks)
+        _masks.set_masks(self.net, masks)
         return self.net
 
     def _layers(self) -> dict[str, tuple[int, int, int, int]] | None:

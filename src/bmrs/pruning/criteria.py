@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..adapters import find_adapter
 from ..attention import head_input_weights
+from ..errors import BMRSError
 from ..gates import NoiseGate, gate_layout, gates
 from ..math.distributions import TruncatedLogNormal
 from ..reduction import bmrs_n_prior, bmrs_u_prior, delta_f
@@ -127,12 +128,12 @@ def register_criterion(cls: type[Criterion]) -> type[Criterion]:
     if not (isinstance(cls, type) and issubclass(cls, Criterion)):
         raise TypeError(f"register_criterion takes a Criterion subclass, got {cls!r}")
     if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", cls.name):
-        raise ValueError(f"criterion name {cls.name!r} must be lower-case words joined by '-'")
+        raise BMRSError(f"criterion name {cls.name!r} must be lower-case words joined by '-'")
     if cls.name in CRITERIA or cls.name == "none":
-        raise ValueError(f"a criterion named {cls.name!r} is already registered")
+        raise BMRSError(f"a criterion named {cls.name!r} is already registered")
     unknown = set(cls.needs) - set(CONTEXT)
     if unknown:
-        raise ValueError(f"criterion {cls.name!r} needs {', '.join(sorted(unknown))}: a run gives only {', '.join(CONTEXT)}")
+        raise BMRSError(f"criterion {cls.name!r} needs {', '.join(sorted(unknown))}: a run gives only {', '.join(CONTEXT)}")
     CRITERIA[cls.name] = cls
     return cls
 
@@ -149,7 +150,7 @@ def criterion_class(name: str) -> type[Criterion]:
     """
     key = _key(name)
     if key not in CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)}")
+        raise BMRSError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)}")
     return CRITERIA[key]
 
 
@@ -172,7 +173,7 @@ def parse_label(label: str) -> tuple[str, dict]:
         if options is not None:
             return name, options
     names = ", ".join(cls.label_syntax or name for name, cls in CRITERIA.items())
-    raise ValueError(f"unknown criterion {label!r}; choose from {names}")
+    raise BMRSError(f"unknown criterion {label!r}; choose from {names}")
 
 
 def criterion_label(method: str, options: dict | None = None) -> str:
@@ -517,14 +518,10 @@ class Taylor(Criterion):
                 loss = self.loss_fn(model(inputs.to(device)), targets.to(device))
                 loss.backward()
                 for name, out in captured.items():
-                    gate = named[name]
-                    axis = gate.dim % out.dim()
-                    other = [d for d in range(out.dim()) if d != axis]
-                    # the gradient of the mean loss is 1/N of the per-example sum
-                    prod = (out * out.grad).detach().double() * out.shape[0]
-                    spatial = [d for d in other if d != 0]
-                    per_example = prod.sum(dim=spatial) if spatial else prod  # (N, C)
-                    sums[name] += per_example.sum(dim=0).abs().cpu() / out.shape[0]
+                    axis = named[name].dim % out.dim()
+                    # the gradient of the batch's mean loss already carries the 1 / examples
+                    prod = (out * out.grad).detach().double()
+                    sums[name] += prod.sum(dim=[d for d in range(out.dim()) if d != axis]).abs().cpu()
                 count += 1
         finally:
             for h in handles:
@@ -532,7 +529,7 @@ class Taylor(Criterion):
             model.zero_grad(set_to_none=True)
             model.train(training)
         if count == 0:
-            raise ValueError("the Taylor criterion got no batches of data")
+            raise BMRSError("the Taylor criterion got no batches of data")
         scores = {name: s / count for name, s in sums.items()}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for s in scores.values():

@@ -6,13 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import broadcast, unwrap
+from ..errors import BMRSError
 from ..gates import check_finite_gates, gate_layout, gates
-from .budget import budget_cut
+from . import budget as _budget  # budget imports this module: names are looked up at call time
 from .criteria import Criterion
 
 __all__ = [
     "decide", "prune", "set_masks", "kept_structures", "structure_compression",
-    "parameter_compression", "count_parameters", "removed_parameters",
+    "parameter_compression", "count_trainable_parameters", "removed_parameters",
 ]
 
 
@@ -35,7 +36,7 @@ def decide(
     *,
     target: float | None = None,
     target_kind: str = "structures",
-    keep_pruned: bool = False,
+    keep_pruned: bool = True,
     budget: dict | str | None = None,
     example_input=None,
 ):
@@ -48,7 +49,10 @@ def decide(
             lowest-scored structures across all layers until that fraction is removed.
         target_kind: what ``target`` counts: ``"structures"`` (gated structures) or
             ``"params"`` (trainable parameters, as :func:`parameter_compression` counts them).
-        keep_pruned: structures already masked stay pruned (and count towards ``target``).
+        keep_pruned: structures already masked stay pruned (and count towards ``target``);
+            the default, as in :func:`prune`, so that a decision never brings back a
+            structure the model has lost. ``False`` decides from the scores alone, as if
+            nothing were masked.
         budget: instead of ``target``, what may remain of the compacted network as a
             fraction of the full one, e.g. ``{"flops": 0.2}`` (also ``"params"``,
             ``"latency"``; several kinds must all hold): structures are pruned in the order of
@@ -62,11 +66,11 @@ def decide(
     """
     if budget is not None:
         if target is not None:
-            raise ValueError("give a target or a budget, not both")
+            raise BMRSError("give a target or a budget, not both")
         check_finite_gates(model, masked=not keep_pruned)
-        return budget_cut(model, criterion, budget, example_input, keep_pruned=keep_pruned)
+        return _budget.budget_cut(model, criterion, budget, example_input, keep_pruned=keep_pruned)
     if target_kind not in ("structures", "params"):
-        raise ValueError(f"target_kind must be 'structures' or 'params', got {target_kind!r}")
+        raise BMRSError(f"target_kind must be 'structures' or 'params', got {target_kind!r}")
     model = unwrap(model)
     layout = gate_layout(model)
     check_finite_gates(model, masked=not keep_pruned)
@@ -77,14 +81,14 @@ def decide(
     ]
     if target is None:
         if criterion.threshold is None:
-            raise ValueError(f"criterion {criterion.name!r} has no threshold: give a target compression")
+            raise BMRSError(f"criterion {criterion.name!r} has no threshold: give a target compression")
         keep_slots = []
         for score in family_scores:
             # BMRS prunes at delta F >= 0, i.e. keeps -delta F > 0; baselines keep score >= threshold
             keep_slots.append(score > criterion.threshold if criterion.evidence_based else score >= criterion.threshold)
     else:
         if not 0.0 <= float(target) <= 1.0:
-            raise ValueError(f"target compression must lie in [0, 1], got {target}")
+            raise BMRSError(f"target compression must lie in [0, 1], got {target}")
         keep_slots = _rank_and_cut(model, layout, family_scores, already if keep_pruned else None, float(target), target_kind)
     if keep_pruned:
         keep_slots = [k & ~a for k, a in zip(keep_slots, already)]
@@ -113,7 +117,7 @@ def _rank_and_cut(model, layout, family_scores, already, target, target_kind) ->
         # smallest prefix of the ranking whose removal reaches the target
         k = int(torch.searchsorted(removed, torch.tensor(target, dtype=torch.float64) - 1e-12)) + 1 if target > 0 else 0
     else:  # removal counts overlap between layers: bisect on the exact count
-        total = float(count_parameters(model))
+        total = float(count_trainable_parameters(model))
         lo, hi = 0, len(scores)
         while lo < hi:
             mid = (lo + hi) // 2
@@ -144,11 +148,11 @@ def prune(
 ):
     """Decide with ``criterion`` (see :func:`decide`), write the masks, return kept counts per gate.
 
-    By default a structure pruned earlier stays pruned (``keep_pruned=True``). With a
-    ``budget`` (e.g. ``{"flops": 0.2}``, with ``example_input``) the masks are written and
-    the :class:`~bmrs.pruning.budget.BudgetResult` is returned: ``print(result)`` says what
-    ``delta F >= 0`` prunes and what the budget needs; ``result.kept_structures`` are the
-    kept counts.
+    By default a structure pruned earlier stays pruned (``keep_pruned=True``, as in
+    :func:`decide`). With a ``budget`` (e.g. ``{"flops": 0.2}``, with ``example_input``) the
+    masks are written and the :class:`~bmrs.pruning.budget.BudgetResult` is returned:
+    ``print(result)`` says what ``delta F >= 0`` prunes and what the budget needs;
+    ``result.kept_structures`` are the kept counts.
     """
     if budget is not None:
         result = decide(model, criterion, target=target, keep_pruned=keep_pruned, budget=budget, example_input=example_input)
@@ -171,7 +175,7 @@ def structure_compression(model: nn.Module) -> float:
     return (total - sum(kept_structures(model).values())) / total if total else 0.0
 
 
-def count_parameters(model: nn.Module) -> int:
+def count_trainable_parameters(model: nn.Module) -> int:
     """Trainable parameters of the (gated) model, gates included."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -233,4 +237,4 @@ def parameter_compression(model: nn.Module) -> float:
     removed structures counts once. A family slot counts as removed when every member is
     masked.
     """
-    return removed_parameters(model, _pruned_slots(model)) / count_parameters(model)
+    return removed_parameters(model, _pruned_slots(model)) / count_trainable_parameters(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import BMRSError
 from .criteria import Criterion
 from .masks import decide, kept_structures, set_masks
 
@@ -36,7 +37,7 @@ class ContinuousPruning:
         target_kind: str = "structures",
     ) -> None:
         if int(every) < 1:
-            raise ValueError(f"every must be a positive number of epochs, got {every!r}")
+            raise BMRSError(f"every must be a positive number of epochs, got {every!r}")
         self.criterion, self.every, self.recompute = criterion, int(every), recompute
         self.target, self.target_kind = target, target_kind
 

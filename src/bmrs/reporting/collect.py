@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._io import read_json
+from ..errors import BMRSError
 from ..pruning.criteria import criterion_label
 
 __all__ = ["RunResult", "SweepResult", "Collection", "collect", "method_label", "base_label", "natural_key"]
@@ -154,5 +155,5 @@ def collect(paths) -> Collection:
             inside = root.resolve()
             known = [r.path for r in collection.runs] + [s.path for s in collection.sweeps]
             if not any(inside == k.resolve() or inside in k.resolve().parents for k in known):
-                raise ValueError(f"{raw}: no runs (config.json + metrics.json) or sweeps (sweep.json) found")
+                raise BMRSError(f"{raw}: no runs (config.json + metrics.json) or sweeps (sweep.json) found")
     return collection

@@ -7,7 +7,7 @@ Fashion-MNIST (and the few MNIST numbers the paper quotes), in the shape
 in percent, where a standard deviation the paper does not give is ``None``.
 
 The paper's BMRS_N row was produced by its released code, whose delta F is the exact one
-plus 1/2 log 2 pi (docs/math.md). Its like-for-like counterpart is our
+plus 1/2 log 2 pi (docs/math.md, "Relaxed gates and ties"). Its like-for-like counterpart is our
 ``bmrs-n-code``; our exact ``bmrs-n`` is compared with the same row, to show what the exact
 criterion changes (:data:`PAPER_ROW`).
 
@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from .._io import write_json
+from ..errors import BMRSError
 from ..pruning.criteria import default_labels
 from .collect import RunResult, base_label
 from .tables import format_mean_std, method_order, summarize
@@ -38,7 +39,8 @@ def _entry(comp: float, comp_std: float | None, acc: float, acc_std: float | Non
 
 #: Published numbers per data set, model and method label (percent; std None where not given).
 #: Fashion-MNIST: Table 1 (continuous pruning, 10 seeds). MNIST: the numbers the paper quotes
-#: in its text (Wright, Igel and Selvan, NeurIPS 2024), without spreads; this table is their only copy here.
+#: in its text (Wright, Igel and Selvan, NeurIPS 2024), without spreads (docs/math.md, "The
+#: paper's reported numbers").
 PAPER_TABLES: dict[str, dict[str, dict[str, dict]]] = {
     "fashion-mnist": {
         "mlp": {
@@ -117,7 +119,7 @@ def paper_table(dataset: str) -> dict[str, dict[str, dict]]:
         ValueError: no published numbers for ``dataset``.
     """
     if dataset not in PAPER_TABLES:
-        raise ValueError(f"no published numbers for data set {dataset!r}; choose from {', '.join(PAPER_TABLES)}")
+        raise BMRSError(f"no published numbers for data set {dataset!r}; choose from {', '.join(PAPER_TABLES)}")
     return {model: {label: {k: (list(v) if isinstance(v, list) else v) for k, v in entry.items()}
                     for label, entry in rows.items()}
             for model, rows in PAPER_TABLES[dataset].items()}

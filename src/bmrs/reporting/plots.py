@@ -10,6 +10,7 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -75,7 +76,6 @@ def _styles(labels: Sequence[str]) -> dict[str, dict]:
     round markers), every baseline grey and dashed with its own marker, the unpruned run
     (none) black; no two methods share a colour, and a method keeps its colour across
     figures. A KL variant (``bmrs-n-kr+kl-structures``) takes its method's style."""
-    from matplotlib import colormaps
 
     bases = sorted({base_label(label) for label in labels}, key=method_order)
     bmrs_others = [b for b in bases if _is_bmrs(b) and b not in _BMRS_PLACES]

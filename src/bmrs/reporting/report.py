@@ -1,5 +1,5 @@
 """Writing a report directory: results.md, results.json and the plots; optionally the
-comparison with the paper, the knee analysis of the sweeps and the gate diagnostics."""
+comparison with the paper and the knee analysis of the sweeps."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._io import write_json, write_text
+from ..errors import BMRSError
 from .collect import Collection, collect
+from .knees import write_knees
+from .paper import PAPER_FILES, compare, comparison_markdown, paper_table, write_paper_json
 from .plots import plot_runs, plot_sweeps, plot_widths
 from .tables import config_differences, group_runs, results_markdown, summarize
 
@@ -50,10 +53,9 @@ def write_report(source, out_dir: str | os.PathLike, *, paper: str | None = None
             ``comparison.json`` (:func:`~bmrs.reporting.paper.compare`) and our summary of
             that data set's runs as ``paper-fmnist.json`` (``paper-mnist.json``).
         analysis: also write the knee analysis of the sweeps (``knees.md``, ``knees.json``,
-            when there are sweeps) and the gate diagnostics of the lowest-seed run of the
-            methods :func:`~bmrs.reporting.diagnostics.diagnostic_methods` per model
-            (``diagnostics.md``, ``diagnostics.csv`` and two figures per run); runs whose
-            model cannot be rebuilt are noted and left out.
+            when there are sweeps; :mod:`bmrs.reporting.knees`). The gate diagnostics of
+            trained runs need their models rebuilt and are written by
+            :func:`bmrs.experiments.analysis.diagnose_runs` (``bmrs reproduce`` does both).
 
     Writes ``results.md`` (the table of :func:`~bmrs.reporting.tables.results_markdown`),
     ``results.json`` (:func:`~bmrs.reporting.tables.summarize`), ``accuracy_vs_compression.png``
@@ -67,13 +69,11 @@ def write_report(source, out_dir: str | os.PathLike, *, paper: str | None = None
             published numbers.
     """
     if paper is not None:
-        from .paper import paper_table
-
         paper_table(paper)  # fail on an unknown data set before anything is written
     collection = source if isinstance(source, Collection) else collect(source)
     if not collection.runs and not collection.sweeps:
         detail = f" ({'; '.join(collection.skipped)})" if collection.skipped else ""
-        raise ValueError(f"nothing to report: no complete runs or sweeps{detail}")
+        raise BMRSError(f"nothing to report: no complete runs or sweeps{detail}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     notes = list(collection.skipped)
@@ -101,14 +101,14 @@ def write_report(source, out_dir: str | os.PathLike, *, paper: str | None = None
     files["markdown"] = out / RESULTS_MD
     if paper is not None:
         files.update(_write_comparison(collection, out, paper))
-    if analysis:
-        files.update(_write_analysis(collection, out, notes))
+    if analysis and collection.sweeps:
+        write_knees(collection.sweeps, out)
+        files["knees"] = out / KNEES_MD
+        files["knees_json"] = out / KNEES_JSON
     return Report(out, files, markdown, summary, notes, len(collection.runs), len(collection.sweeps))
 
 
 def _write_comparison(collection: Collection, out: Path, dataset: str) -> dict[str, Path]:
-    from .paper import PAPER_FILES, compare, comparison_markdown, write_paper_json
-
     stem = PAPER_FILES.get(dataset, f"paper-{dataset}")
     summary = write_paper_json(collection.runs, out / f"{stem}.json", dataset)
     write_json(compare(summary, dataset), out / COMPARISON_JSON)
@@ -116,18 +116,3 @@ def _write_comparison(collection: Collection, out: Path, dataset: str) -> dict[s
     return {"paper_json": out / f"{stem}.json", "comparison_json": out / COMPARISON_JSON,
             "comparison": out / COMPARISON_MD}
 
-
-def _write_analysis(collection: Collection, out: Path, notes: list[str]) -> dict[str, Path]:
-    from .diagnostics import select_runs, write_diagnostics, write_knees
-
-    files: dict[str, Path] = {}
-    if collection.sweeps:
-        write_knees(collection.sweeps, out)
-        files["knees"] = out / KNEES_MD
-        files["knees_json"] = out / KNEES_JSON
-    chosen = select_runs(collection.runs)
-    if chosen:
-        _, written, more = write_diagnostics(chosen, out)
-        notes.extend(more)
-        files.update(written)
-    return files

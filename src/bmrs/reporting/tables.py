@@ -6,12 +6,14 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+from ..errors import BMRSError
+from ..models import MODELS
 from ..pruning.criteria import label_order
 from .collect import RunResult, SweepResult, base_label, natural_key
 
 __all__ = [
     "mean_std", "format_mean_std", "group_runs", "column_key", "method_order", "summarize",
-    "results_markdown", "config_differences",
+    "results_markdown", "config_differences", "markdown_table",
 ]
 
 # Configuration keys that may differ between the runs of one group.
@@ -22,7 +24,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (``ddof=1``; 0 for a single value)."""
     values = [float(v) for v in values]
     if not values:
-        raise ValueError("mean_std needs at least one value")
+        raise BMRSError("mean_std needs at least one value")
     mean = sum(values) / len(values)
     if len(values) < 2:
         return mean, 0.0
@@ -66,8 +68,6 @@ def column_key(dataset: str, model: str, datasets: set[str]) -> str:
 
 
 def _columns(groups) -> list[tuple[str, str]]:
-    from ..models import MODELS
-
     order = list(MODELS)
     pairs = {(d, m) for d, m, _ in groups}
     return sorted(pairs, key=lambda p: (p[0], order.index(p[1]) if p[1] in order else len(order), p[1]))
@@ -103,7 +103,8 @@ def config_differences(runs: Sequence[RunResult]) -> list[str]:
     return sorted(k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a Markdown table with ``header`` and ``rows`` (cells as text)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
@@ -167,7 +168,7 @@ def results_markdown(runs: Sequence[RunResult], sweeps: Sequence[SweepResult] = 
                 row.append(format_mean_std(*mean_std([100 * r.metrics["test_accuracy"] for r in members]), n))
                 row.append(str(n))
             rows.append(row)
-        lines += _table(header, rows) + [""]
+        lines += markdown_table(header, rows) + [""]
 
         lines += ["## Kept structures per layer", "", "Mean over seeds, kept/total per gated layer, in layer order.", ""]
         rows = []
@@ -175,7 +176,7 @@ def results_markdown(runs: Sequence[RunResult], sweeps: Sequence[SweepResult] = 
             members = groups[key]
             comp = mean_std([100 * r.metrics.get("structure_compression", 0.0) for r in members])
             rows.append([key[2], f"{key[1]} / {key[0]}", _widths_text(members), format_mean_std(*comp, len(members))])
-        lines += _table(["method", "model / data", "kept per layer", "structure comp. (%)"], rows) + [""]
+        lines += markdown_table(["method", "model / data", "kept per layer", "structure comp. (%)"], rows) + [""]
 
         rows = []
         for key in sorted(groups, key=lambda k: (k[0], k[1], method_order(k[2]))):
@@ -184,7 +185,7 @@ def results_markdown(runs: Sequence[RunResult], sweeps: Sequence[SweepResult] = 
                 rows.append([key[2], f"{key[1]} / {key[0]}"] + row)
         if rows:
             lines += ["## Compacted networks", "", "Mean over seeds; FLOPs of one forward pass of one example.", ""]
-            lines += _table(["method", "model / data", "params before", "params after", "FLOPs before", "FLOPs after", "FLOPs reduction"], rows)
+            lines += markdown_table(["method", "model / data", "params before", "params after", "FLOPs before", "FLOPs after", "FLOPs reduction"], rows)
             lines += [""]
 
         notes = []
@@ -211,7 +212,7 @@ def results_markdown(runs: Sequence[RunResult], sweeps: Sequence[SweepResult] = 
                      f"{100 * r['accuracy']:.2f}"]
                     for r in stops
                 ]
-                lines += _table(["criterion", "param. comp. (%)", "structure comp. (%)", "acc. (%)"], rows) + [""]
+                lines += markdown_table(["criterion", "param. comp. (%)", "structure comp. (%)", "acc. (%)"], rows) + [""]
             else:
                 lines += ["No criterion with a stopping rule in this sweep.", ""]
     if not groups and not sweeps:

@@ -8,7 +8,7 @@
     sweep/        bmrs sweep --run unpruned/      (post-training pruning of its last epoch)
     report/       bmrs report
 
-and then ``python -m bmrs.reporting.demo DIR`` prints what they show, read from their
+and then ``python -m bmrs.experiments.demo DIR`` prints what they show, read from their
 files: accuracy and compression of the three runs, where each BMRS criterion of the sweep
 stopped against the knee of its accuracy-vs-compression curve, the compacted network's size
 and its latency measured against the gated model it came from, and the files to open.
@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from .._io import read_json
-from ..experiments.analysis import curves_from_sweep, knee
+from ..compaction import load_compact
+from ..reporting.knees import curves_from_sweep, knee
+from .runs import load_run
 
 __all__ = ["demo_summary", "measure_latency"]
 
@@ -107,9 +109,9 @@ def _sweep_section(root: Path) -> list[str]:
             continue
         comp, acc = curve["stop"]
         knee_text = "-"
-        if len(set(curve["compression"])) >= 3:
-            kc, ka = knee(curve["compression"], curve["accuracy"])
-            knee_text = f"{_pct(kc)}, {_pct(ka)}"
+        found = knee(curve["compression"], curve["accuracy"]) if len(set(curve["compression"])) >= 3 else None
+        if found is not None:  # Kneedle finds none on a curve without a bend
+            knee_text = f"{_pct(found[0])}, {_pct(found[1])}"
         lines.append(f"   {name:<12} {_pct(comp) + ', ' + _pct(acc):<30} {knee_text}")
     lines.append("   (l2 and random have no stopping rule: they need a compression target.)")
     return lines
@@ -118,9 +120,6 @@ def _sweep_section(root: Path) -> list[str]:
 def _compaction_section(root: Path, results: dict, repeats: int) -> list[str]:
     if "bmrs" not in results:
         return []
-    from ..compaction import load_compact
-    from ..experiments.runs import load_run
-
     info = results["bmrs"][1].get("compaction") or {}
     if "parameters_after" not in info:
         return []
@@ -164,7 +163,7 @@ def demo_summary(root: str | Path, *, repeats: int = 30) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bmrs.reporting.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bmrs.experiments.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", metavar="DIR", help="the directory make demo wrote (default demo-out)")
     parser.add_argument("--repeats", type=int, default=30, help="timed forward passes of each model")
