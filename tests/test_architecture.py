@@ -31,7 +31,7 @@ LAYERS = [
 LIBRARY = ("foundation", "core", "tools", "components")
 #: Integrations with optional libraries: they may import the library; no library module
 #: imports them (they are imported only when used).
-INTEGRATIONS = ("bmrs.lightning", "bmrs.transformers", "bmrs.onnx", "bmrs.integrations")
+INTEGRATIONS = ("bmrs.lightning", "bmrs.transformers")
 
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
 

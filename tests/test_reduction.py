@@ -219,3 +219,69 @@ def test_delta_f_quadrature_is_public_and_agrees():
     q = TruncatedLogNormal(torch.tensor([-19.0, -3.0], dtype=F64), torch.tensor([1.0, 0.5], dtype=F64))
     # the spike is 1e-6 wide at x = -20, where nodes are rounded to ulp(20) = 3.6e-15: ~1e-8
     assert torch.allclose(delta_f_quadrature(q, PRIOR, bmrs_n_prior()), delta_f(q, PRIOR, bmrs_n_prior()), rtol=1e-7)
+
+
+# --- the registry of closed forms ---------------------------------------------------------------
+
+
+@pytest.fixture
+def closed_forms(monkeypatch):
+    """A private copy of the registry of closed forms for one test."""
+    from bmrs import reduction
+
+    monkeypatch.setattr(reduction, "_CLOSED_FORMS", dict(reduction._CLOSED_FORMS))
+    reduction._dispatch.cache_clear()
+    yield reduction
+    monkeypatch.undo()
+    reduction._dispatch.cache_clear()
+
+
+class _Spike(TruncatedLogNormal):
+    """A subclass of a type with closed forms."""
+
+
+def test_closed_forms_are_registered_per_pair_and_dispatch_on_the_most_specific(closed_forms):
+    q = TruncatedLogNormal(torch.tensor([-19.0, -3.0], dtype=F64), torch.tensor([1.0, 0.5], dtype=F64))
+    spike = _Spike(torch.tensor(-20.0, dtype=F64), 1e-6, torch.tensor(-20.0, dtype=F64), torch.tensor(0.0, dtype=F64))
+    exact = delta_f(q, PRIOR, bmrs_n_prior())
+    # a subclass inherits the closed form of its base: the same numbers as BMRS_N
+    assert closed_forms.closed_form(q, spike) is closed_forms.closed_form(q, bmrs_n_prior())
+    assert torch.equal(delta_f(q, PRIOR, spike), exact)
+
+    @closed_forms.register_delta_f(TruncatedLogNormal, _Spike)
+    def _constant(q, p, r):
+        return torch.full(q.batch_shape, 7.0, dtype=F64)
+
+    assert delta_f(q, PRIOR, spike).tolist() == [7.0, 7.0]  # the more specific pair wins
+    assert torch.equal(delta_f(q, PRIOR, bmrs_n_prior()), exact)  # the base pair is untouched
+    assert torch.allclose(delta_f(q, PRIOR, spike, method="quadrature"), exact, rtol=1e-7)  # asked for: no closed form
+
+
+def test_a_registered_closed_form_replaces_quadrature(closed_forms):
+    q = TruncatedLogNormal(torch.tensor([-19.0, -3.0], dtype=F64), torch.tensor([1.0, 0.5], dtype=F64))
+    numerical = delta_f(q, PRIOR, _Mixture(), breakpoints=[-5.0])
+    with pytest.raises(ValueError, match="no closed form"):
+        delta_f(q, PRIOR, _Mixture(), method="closed")
+    closed_forms.register_delta_f(TruncatedLogNormal, _Mixture)(lambda q, p, r: torch.zeros(q.batch_shape, dtype=F64))
+    assert delta_f(q, PRIOR, _Mixture(), method="closed").tolist() == [0.0, 0.0]
+    assert delta_f(q, PRIOR, _Mixture()).tolist() == [0.0, 0.0]
+    assert torch.equal(delta_f(q, PRIOR, _Mixture(), method="quadrature", breakpoints=[-5.0]), numerical)
+
+
+def test_ambiguous_closed_forms_are_refused(closed_forms):
+    class Flat(LogUniform):
+        pass
+
+    class WideFlat(Flat):
+        pass
+
+    q = _Spike(torch.tensor(-3.0, dtype=F64), torch.tensor(1.0, dtype=F64))
+    closed_forms.register_delta_f(_Spike, LogUniform)(lambda q, p, r: torch.zeros(q.batch_shape, dtype=F64))
+    closed_forms.register_delta_f(TruncatedLogNormal, Flat)(lambda q, p, r: torch.ones(q.batch_shape, dtype=F64))
+    with pytest.raises(TypeError, match="ambiguous"):
+        delta_f(q, PRIOR, WideFlat(-20.0, -5.0))
+
+
+def test_no_closed_form_and_no_quadrature_is_a_clear_error():
+    with pytest.raises(NotImplementedError, match="no closed form of delta F is registered for a LogUniform posterior"):
+        delta_f(LogUniform(-20.0, 0.0), PRIOR, _Mixture())

@@ -5,9 +5,15 @@ changes the log-evidence (variational free energy) by
 
     delta_f = log integral q(x) p~(x) / p(x) dx,
 
-and a structure is pruned when ``delta_f >= 0``. Closed forms cover the two reduced-prior
-families of BMRS (a truncated log-normal spike, BMRS_N, and a narrower log-uniform, BMRS_U);
-any other reduced prior with a ``log_prob`` is integrated numerically. Everything is
+and a structure is pruned when ``delta_f`` reaches a margin (0 for BMRS_N and BMRS_U).
+
+Closed forms are registered per pair of (posterior type, reduced-prior type) with
+:func:`register_delta_f`, as ``torch.distributions.register_kl`` registers KL divergences:
+a truncated log-normal posterior with the two reduced-prior families of BMRS (a truncated
+log-normal spike, BMRS_N, and a narrower log-uniform, BMRS_U), and a log-uniform posterior
+(e.g. one equal to the prior) with both. :func:`delta_f` uses the closed form of the most
+specific registered pair; for a truncated log-normal posterior and any other reduced prior
+with a ``log_prob`` it integrates numerically (:func:`delta_f_quadrature`). Everything is
 computed in float64, whatever the inputs' dtype.
 """
 
@@ -15,7 +21,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -26,7 +33,7 @@ from .errors import BMRSError
 from .math import special as sp
 from .math.distributions import LogUniform, TruncatedLogNormal
 
-__all__ = ["delta_f", "delta_f_quadrature", "bmrs_n_prior", "bmrs_u_prior", "DEFAULT_PRIOR"]
+__all__ = ["delta_f", "delta_f_quadrature", "register_delta_f", "closed_form", "bmrs_n_prior", "bmrs_u_prior", "DEFAULT_PRIOR"]
 
 #: The paper's prior on log theta: uniform on [-20, 0].
 DEFAULT_PRIOR = (-20.0, 0.0)
@@ -104,6 +111,56 @@ def _check_nested(inner: Distribution, outer: LogUniform, what: str) -> None:
             )
 
 
+#: Closed forms of delta F by (posterior type, reduced-prior type).
+_CLOSED_FORMS: dict[tuple[type, type], Callable[[Distribution, LogUniform, Distribution], Tensor]] = {}
+
+
+def register_delta_f(posterior_type: type, reduced_prior_type: type):
+    """Decorator that registers a closed form of delta F for a pair of distribution types.
+
+    The function is called as ``fn(posterior, prior, reduced_prior)`` with float64 copies
+    of the three (the prior a :class:`LogUniform`, both bounds checked to nest in it) and
+    returns delta F per batch element as a float64 tensor. :func:`delta_f` uses the closed
+    form of the most specific registered pair (the nearest classes in the two types' method
+    resolution orders), as ``torch.distributions.register_kl`` does::
+
+        @register_delta_f(TruncatedLogNormal, MyReducedPrior)
+        def _delta_f_mine(q, p, r):
+            ...
+    """
+    if not (isinstance(posterior_type, type) and isinstance(reduced_prior_type, type)):
+        raise TypeError(f"register_delta_f takes two classes, got {posterior_type!r} and {reduced_prior_type!r}")
+
+    def decorator(fn):
+        _CLOSED_FORMS[posterior_type, reduced_prior_type] = fn
+        _dispatch.cache_clear()
+        return fn
+
+    return decorator
+
+
+@lru_cache(maxsize=None)
+def _dispatch(posterior_type: type, reduced_prior_type: type):
+    matches = [
+        (p, r) for p, r in _CLOSED_FORMS if issubclass(posterior_type, p) and issubclass(reduced_prior_type, r)
+    ]
+    if not matches:
+        return None
+    rank = lambda m: (posterior_type.__mro__.index(m[0]), reduced_prior_type.__mro__.index(m[1]))  # noqa: E731
+    best = min(matches, key=rank)
+    if any(m != best and rank(m)[1] < rank(best)[1] for m in matches):
+        raise TypeError(
+            f"ambiguous closed forms of delta F for ({posterior_type.__name__}, {reduced_prior_type.__name__}): "
+            f"{', '.join(f'({p.__name__}, {r.__name__})' for p, r in matches)}; register this pair explicitly"
+        )
+    return _CLOSED_FORMS[best]
+
+
+def closed_form(posterior: Distribution, reduced_prior: Distribution):
+    """The registered closed form of delta F for these two distributions' types, or None."""
+    return _dispatch(type(posterior), type(reduced_prior))
+
+
 def delta_f(
     posterior: TruncatedLogNormal,
     prior: LogUniform,
@@ -118,50 +175,71 @@ def delta_f(
         posterior: the fitted :class:`TruncatedLogNormal` of each structure (or a
             :class:`LogUniform`, e.g. to check that a posterior equal to the prior gives 0).
         prior: the :class:`LogUniform` prior the posterior was fitted under.
-        reduced_prior: the candidate prior. A :class:`TruncatedLogNormal` (BMRS_N) or a
-            :class:`LogUniform` (BMRS_U) has a closed form; anything else with a
-            ``log_prob`` over theta is integrated numerically.
-        method: ``"auto"`` (closed form where one exists), ``"closed"`` or ``"quadrature"``.
+        reduced_prior: the candidate prior. A pair of types with a closed form registered
+            by :func:`register_delta_f` (a :class:`TruncatedLogNormal`, BMRS_N, or a
+            :class:`LogUniform`, BMRS_U) uses it; for a :class:`TruncatedLogNormal`
+            posterior, any other reduced prior with a ``log_prob`` over theta is integrated
+            numerically.
+        method: ``"auto"`` (closed form where one exists), ``"closed"`` or ``"quadrature"``
+            (a truncated log-normal posterior only; other posteriors use their closed form).
         breakpoints: discontinuities of a custom reduced prior in ``log theta``, passed to
             :func:`delta_f_quadrature`.
 
     Returns:
         float64 tensor of the broadcast batch shape. ``delta_f >= 0`` means the reduced
-        model is at least as likely: prune.
+        model is at least as likely.
+
+    Raises:
+        BMRSError: bounds that do not nest in the prior's, an unknown ``method``, or
+            ``method="closed"`` where no closed form is registered.
+        NotImplementedError: no closed form is registered for the pair and the posterior
+            is not a truncated log-normal, which quadrature needs.
     """
     if method not in ("auto", "closed", "quadrature"):
         raise BMRSError(f"method must be 'auto', 'closed' or 'quadrature', got {method!r}")
-    if not isinstance(posterior, (TruncatedLogNormal, LogUniform)):
-        raise TypeError(f"posterior must be a TruncatedLogNormal or a LogUniform, got {type(posterior).__name__}")
     if not isinstance(prior, LogUniform):
         raise TypeError(f"prior must be a LogUniform, got {type(prior).__name__}")
     _check_nested(posterior, prior, "posterior")
     _check_nested(reduced_prior, prior, "reduced prior")
+    form = closed_form(posterior, reduced_prior)  # of the given types (float64 copies are of the base types)
     posterior, prior, reduced_prior = _f64(posterior), _f64(prior), _f64(reduced_prior)
-    if isinstance(posterior, LogUniform):
-        if not isinstance(reduced_prior, (TruncatedLogNormal, LogUniform)):
-            raise BMRSError("a LogUniform posterior needs a TruncatedLogNormal or LogUniform reduced prior")
-        return _delta_f_flat_posterior(posterior, prior, reduced_prior)
-    closed = isinstance(reduced_prior, (TruncatedLogNormal, LogUniform))
-    if method == "quadrature" or (method == "auto" and not closed):
+    numerical = isinstance(posterior, TruncatedLogNormal)
+    if method == "quadrature" and numerical:
         return delta_f_quadrature(posterior, prior, reduced_prior, breakpoints=breakpoints)
-    if not closed:
-        raise BMRSError(f"no closed form for a reduced prior of type {type(reduced_prior).__name__}")
-    if isinstance(reduced_prior, LogUniform):
-        return _delta_f_log_uniform(posterior, prior, reduced_prior)
-    return _delta_f_log_normal(posterior, prior, reduced_prior)
+    if form is not None:
+        return form(posterior, prior, reduced_prior)
+    if method == "closed":
+        raise BMRSError(
+            f"no closed form for a reduced prior of type {type(reduced_prior).__name__} "
+            f"and a posterior of type {type(posterior).__name__}"
+        )
+    if numerical:
+        return delta_f_quadrature(posterior, prior, reduced_prior, breakpoints=breakpoints)
+    raise NotImplementedError(
+        f"no closed form of delta F is registered for a {type(posterior).__name__} posterior and a "
+        f"{type(reduced_prior).__name__} reduced prior (see register_delta_f), and quadrature needs a "
+        "TruncatedLogNormal posterior"
+    )
 
 
-def _delta_f_flat_posterior(q: LogUniform, p: LogUniform, r: Distribution) -> Tensor:
-    """For a log-uniform posterior (e.g. one equal to the prior):
-    ``log((b - a)/(b_q - a_q)) + log r(a_q <= x <= b_q)``; 0 when ``q = p``."""
-    lo, hi = _overlap(q, r)
-    if isinstance(r, LogUniform):
-        log_mass = torch.log(torch.clamp(hi - lo, min=0.0)) - torch.log(r.width)
-    else:
-        log_mass = sp.log_ndtr_diff((lo - r.loc) / r.scale, (hi - r.loc) / r.scale) - r.log_normalizer
+def _flat_posterior(q: LogUniform, p: LogUniform, lo: Tensor, hi: Tensor, log_mass: Tensor) -> Tensor:
+    """For a log-uniform posterior ``q`` (e.g. one equal to the prior):
+    ``log((b - a)/(b_q - a_q)) + log r(a_q <= x <= b_q)``, given the log of that reduced-prior
+    mass on the overlap ``[lo, hi]``; 0 when ``q = p``."""
     value = torch.log(p.width) - torch.log(q.width) + log_mass
     return torch.where(lo < hi, value, -math.inf)
+
+
+@register_delta_f(LogUniform, LogUniform)
+def _delta_f_flat_log_uniform(q: LogUniform, p: LogUniform, r: LogUniform) -> Tensor:
+    lo, hi = _overlap(q, r)
+    return _flat_posterior(q, p, lo, hi, torch.log(torch.clamp(hi - lo, min=0.0)) - torch.log(r.width))
+
+
+@register_delta_f(LogUniform, TruncatedLogNormal)
+def _delta_f_flat_log_normal(q: LogUniform, p: LogUniform, r: TruncatedLogNormal) -> Tensor:
+    lo, hi = _overlap(q, r)
+    return _flat_posterior(q, p, lo, hi, sp.log_ndtr_diff((lo - r.loc) / r.scale, (hi - r.loc) / r.scale) - r.log_normalizer)
 
 
 def _overlap(posterior: Distribution, reduced: Distribution) -> tuple[Tensor, Tensor]:
@@ -173,6 +251,7 @@ def _tail_bound(lo: Tensor, hi: Tensor, reg: Tensor) -> Tensor:
     return torch.where(reg == sp.LOWER, hi, torch.where(reg == sp.UPPER, lo, torch.zeros_like(lo)))
 
 
+@register_delta_f(TruncatedLogNormal, LogUniform)
 def _delta_f_log_uniform(q: TruncatedLogNormal, p: LogUniform, r: LogUniform) -> Tensor:
     """``log q(a' <= x <= b') - log((b' - a') / (b - a))``."""
     mu, sigma = q.loc, q.scale
@@ -194,6 +273,7 @@ def _delta_f_log_uniform(q: TruncatedLogNormal, p: LogUniform, r: LogUniform) ->
     return torch.where(lo_x < hi_x, value, -math.inf)
 
 
+@register_delta_f(TruncatedLogNormal, TruncatedLogNormal)
 def _delta_f_log_normal(q: TruncatedLogNormal, p: LogUniform, r: TruncatedLogNormal) -> Tensor:
     """``log(b - a) + log N(mu; m, v) + log Z~ - log Z - log Z_r`` (docs/math.md, BMRS_N).
 
