@@ -24,10 +24,14 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .adapters import INPUT_ATTR
-from .attention import HEAD_MODULES, expose_heads, params_per_head
+from .adapters import INPUT_ATTR, find_adapter
+from .attention import HEAD_MODULES, expose_heads, head_input_weights, params_per_head
+from .errors import BMRSError
 
-__all__ = ["GateSite", "Family", "GateLayout"]
+__all__ = [
+    "GateSite", "Family", "GateLayout", "StructureKind", "Channels", "Heads", "AdapterKind", "STRUCTURE_KINDS",
+    "register_structure_kind", "structure_kind",
+]
 
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -51,9 +55,10 @@ class GateSite:
         site: name of the module after whose output the gate multiplies.
         dim: the gated axis of that output.
         num_structures: number of structures.
-        kind: ``"channels"`` or ``"heads"``, or a kind of a model adapter
-            (:mod:`bmrs.adapters`), such as ``"attention-heads"`` and ``"ffn-neurons"`` of
-            Hugging Face transformers.
+        kind: the name of its :class:`StructureKind`: ``"channels"`` or ``"heads"``, or a
+            kind of a model adapter (:mod:`bmrs.adapters`), such as ``"attention-heads"``
+            and ``"ffn-neurons"`` of Hugging Face transformers (:func:`structure_kind`
+            resolves it).
     """
 
     name: str
@@ -111,6 +116,110 @@ class GateLayout:
         for name, why in self.skipped.items():
             lines.append(f"  not gated: {name}: {why}")
         return "\n".join(lines)
+
+
+class StructureKind:
+    """A kind of prunable structure: what one of a gate's ``num_structures`` is, and how
+    structures of the kind are coupled and weighed.
+
+    One instance per kind, registered by its ``name`` (:func:`register_structure_kind`);
+    :attr:`GateSite.kind` holds the name, so layouts stay plain data. How the kind's
+    structures leave the network is registered with compaction
+    (:func:`bmrs.compaction.remove_structures`), beside the rest of compaction.
+    """
+
+    #: the kind's name, as in :attr:`GateSite.kind`
+    name: str = ""
+    #: kinds are removed in this order: kinds whose structures leave one module first,
+    #: channels (whose removal traces the whole network) last
+    removal_order: int = 0
+
+    def family(self, site: GateSite, modules: dict[str, nn.Module]) -> Family | None:
+        """The family of ``site`` when its structures are coupled to nothing else, or None
+        when the dependency analysis of the network decides (channels)."""
+        return None
+
+    def input_weights(self, model: nn.Module, site: GateSite) -> Tensor:
+        """Each structure's incoming weights, one row (or more axes) per structure."""
+        raise NotImplementedError(f"structure kind {self.name!r} has no input weights")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Channels(StructureKind):
+    """Output channels of a linear or convolutional producer (neurons, filters), coupled
+    with other channels through residual additions and concatenations."""
+
+    name = "channels"
+    removal_order = 2
+
+    def input_weights(self, model, site):
+        return model.get_submodule(site.producer).weight
+
+
+class Heads(StructureKind):
+    """Attention heads of an attention module; each head is a family of its own, whose slot
+    removes the head's q, k, v rows, its output-projection columns and its gate's two
+    parameters."""
+
+    name = "heads"
+
+    def family(self, site, modules):
+        per_head = params_per_head(modules[site.producer]) + 2  # + the gate's loc and log_scale
+        return Family(members=[(site.name, list(range(site.num_structures)))], slot_params=[per_head] * site.num_structures)
+
+    def input_weights(self, model, site):
+        return head_input_weights(model.get_submodule(site.producer))
+
+
+class AdapterKind(StructureKind):
+    """A kind of a model adapter (:mod:`bmrs.adapters`, e.g. ``"attention-heads"`` of Hugging
+    Face transformers): the adapter lays out, weighs and removes its structures."""
+
+    removal_order = 1
+
+    def __init__(self, name: str, adapter):
+        self.name, self.adapter = name, adapter
+
+    def input_weights(self, model, site):
+        return self.adapter.input_weights(model, site)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AdapterKind) and (other.name, other.adapter) == (self.name, self.adapter)
+
+    def __hash__(self) -> int:
+        return hash((self.name, id(self.adapter)))
+
+    def __repr__(self) -> str:
+        return f"AdapterKind({self.name!r}, {type(self.adapter).__name__})"
+
+
+#: The structure kinds of the generic analysis, by name.
+STRUCTURE_KINDS: dict[str, StructureKind] = {}
+
+
+def register_structure_kind(kind: StructureKind) -> StructureKind:
+    """Register ``kind`` under its name (a new kind, or a replacement)."""
+    if not isinstance(kind, StructureKind) or not kind.name:
+        raise TypeError(f"register_structure_kind takes a named StructureKind, got {kind!r}")
+    STRUCTURE_KINDS[kind.name] = kind
+    return kind
+
+
+register_structure_kind(Channels())
+register_structure_kind(Heads())
+
+
+def structure_kind(site: GateSite, model: nn.Module | None = None) -> StructureKind:
+    """The :class:`StructureKind` of ``site``: a registered kind, else the kind of the
+    adapter that handles ``model``."""
+    if site.kind in STRUCTURE_KINDS:
+        return STRUCTURE_KINDS[site.kind]
+    adapter = find_adapter(model) if model is not None else None
+    if adapter is None:
+        raise BMRSError(f"gate {site.name!r} has kind {site.kind!r}, which is not registered and no adapter handles this model")
+    return AdapterKind(site.kind, adapter)
 
 
 # --- tracing ----------------------------------------------------------------------------------
@@ -391,7 +500,7 @@ def _head_site(
         skipped[name] = f"per-head output of shape {call.out_shape} is not (N, {module.num_heads}, T, D)"
     else:
         sites.append(GateSite(
-            name=call.name, producer=name, site=call.name, dim=1, num_structures=module.num_heads, kind="heads",
+            name=call.name, producer=name, site=call.name, dim=1, num_structures=module.num_heads, kind=Heads.name,
         ))
 
 
@@ -448,11 +557,10 @@ def couple(model: nn.Module, example_input, sites: list[GateSite]) -> tuple[list
     for site in sites:
         if site.producer in done:
             continue
-        if site.kind == "heads":
+        own = structure_kind(site).family(site, modules)
+        if own is not None:  # coupled to nothing else
             kept.append(site)
-            per_head = params_per_head(modules[site.producer]) + 2  # + the gate's loc and log_scale
-            families.append(Family(members=[(site.name, list(range(site.num_structures)))],
-                                   slot_params=[per_head] * site.num_structures))
+            families.append(own)
             continue
         producer = modules[site.producer]
         pruner = graph.get_pruner_of_module(producer)

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..adapters import find_adapter
 from ..attention import compact_attention
 from ..distributed import unwrap
 from ..errors import BMRSError
 from ..gates import check_finite_gates, detach_gates, gate_layout, gates
 from ..structure import (
-    Call, Family, GateSite, build_dependency_graph, call_model, module_names, output_tensors, trace, traces,
+    AdapterKind, Call, Channels, Family, GateSite, Heads, StructureKind, build_dependency_graph, call_model, module_names,
+    output_tensors, structure_kind, trace, traces,
 )
 
-__all__ = ["compact"]
+__all__ = ["compact", "remove_structures"]
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -92,9 +93,9 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
     """
     model = unwrap(model)
     layout = gate_layout(model)
-    adapter = find_adapter(model)
-    for site in layout.sites.values():
-        _check_supported(site, adapter)
+    by_kind: dict[StructureKind, dict[str, GateSite]] = {}
+    for name, site in layout.sites.items():
+        by_kind.setdefault(structure_kind(site, model), {})[name] = site
     check_finite_gates(model)
     net = copy.deepcopy(model).eval()
     with torch.no_grad():
@@ -102,20 +103,45 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
     scales = {name: gate.expected_gate().detach().clone() for name, gate in gates(net).items()}
     masks = {name: gate.mask.detach().clone() for name, gate in gates(net).items()}
     detach_gates(net)
-    with torch.no_grad():  # heads first: whole heads leave the attention modules
-        for name, site in layout.sites.items():
-            if site.kind == "heads":
-                _replace(net, site.producer, compact_attention(net.get_submodule(site.producer), masks[name] > 0, scales[name]))
-        adapted = {name: site for name, site in layout.sites.items() if site.kind not in _GENERIC_KINDS}
-        if adapted:
-            adapter.compact(net, adapted, masks, scales)
-    channel_sites = {name: site for name, site in layout.sites.items() if site.kind == "channels"}
-    if channel_sites:
-        _compact_channels(net, example_input, layout, channel_sites, masks, scales)
+    for kind in sorted(by_kind, key=lambda k: k.removal_order):
+        remove_structures(kind, net, by_kind[kind], masks, scales, example_input, layout)
     if check:
         with torch.no_grad():
             _check_outputs(reference, call_model(net, example_input))
     return net
+
+
+# --- removing the structures of each kind ---------------------------------------------------
+
+
+@functools.singledispatch
+def remove_structures(kind: StructureKind, net: nn.Module, sites: dict[str, GateSite], masks: dict[str, Tensor],
+                      scales: dict[str, Tensor], example_input, layout) -> None:
+    """On ``net`` (a copy whose gates were detached), fold the gates' eval factors ``scales``
+    of ``sites`` (all of ``kind``) into the weights and delete the structures their ``masks``
+    prune. One implementation per :class:`~bmrs.structure.StructureKind` class, registered
+    with ``@remove_structures.register`` (as :func:`functools.singledispatch` does): a new
+    kind of structure is removable once its implementation is registered here.
+    """
+    raise NotImplementedError(f"no removal is registered for the structure kind {kind!r}")
+
+
+@remove_structures.register
+def _remove_heads(kind: Heads, net, sites, masks, scales, example_input, layout) -> None:
+    with torch.no_grad():  # whole heads leave their attention modules
+        for name, site in sites.items():
+            _replace(net, site.producer, compact_attention(net.get_submodule(site.producer), masks[name] > 0, scales[name]))
+
+
+@remove_structures.register
+def _remove_adapted(kind: AdapterKind, net, sites, masks, scales, example_input, layout) -> None:
+    with torch.no_grad():
+        kind.adapter.compact(net, sites, masks, scales)
+
+
+@remove_structures.register
+def _remove_channels(kind: Channels, net, sites, masks, scales, example_input, layout) -> None:
+    _compact_channels(net, example_input, layout, sites, masks, scales)
 
 
 def _compact_channels(net: nn.Module, inputs, layout, channel_sites: dict, masks: dict, scales: dict) -> None:
@@ -135,17 +161,6 @@ def _compact_channels(net: nn.Module, inputs, layout, channel_sites: dict, masks
             fold.apply(scales[name])
         for family in families:
             _remove_family(family, layout.sites, masks, graph, modules, names)
-
-
-# --- gate kinds ------------------------------------------------------------------------------
-
-
-_GENERIC_KINDS = ("channels", "heads")
-
-
-def _check_supported(site: GateSite, adapter) -> None:
-    if site.kind not in _GENERIC_KINDS and adapter is None:
-        raise BMRSError(f"gate {site.name!r} has kind {site.kind!r}, but no adapter handles this model")
 
 
 def _replace(net: nn.Module, name: str, module: nn.Module) -> None:

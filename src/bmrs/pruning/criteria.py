@@ -37,12 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import find_adapter
-from ..attention import head_input_weights
 from ..errors import BMRSError
 from ..gates import NoiseGate, gate_layout, gates
 from ..math.distributions import TruncatedLogNormal
 from ..reduction import bmrs_n_prior, bmrs_u_prior, delta_f
+from ..structure import structure_kind
 
 __all__ = [
     "Criterion", "EvidenceCriterion", "BMRSN", "BMRSNCode", "BMRSNRelative", "BMRSNKassRaftery", "BMRSU",
@@ -435,16 +434,7 @@ class SNR(_PosteriorCriterion):
 def _producer_weights(model: nn.Module) -> dict[str, Tensor]:
     """Per gate, the incoming weights of its structures, one row (or more axes) per structure."""
     layout = gate_layout(model)
-    modules = dict(model.named_modules())
-
-    def weights(site):
-        if site.kind == "heads":
-            return head_input_weights(modules[site.producer])
-        if site.kind == "channels":
-            return modules[site.producer].weight
-        return find_adapter(model).input_weights(model, site)
-
-    return {name: weights(site) for name, site in layout.sites.items()}
+    return {name: structure_kind(site, model).input_weights(model, site) for name, site in layout.sites.items()}
 
 
 @register_criterion

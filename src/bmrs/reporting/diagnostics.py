@@ -54,6 +54,7 @@ def diagnostic_criteria() -> tuple[str, ...]:
     evidence criteria."""
     return default_labels(evidence_based=True)
 
+
 #: A structure whose clamped log sigma is at least this is "relaxed" (prior-like): its
 #: posterior is wider than half the prior's interval of log theta (20 / 2 = e^2.3).
 RELAXED_LOG_SIGMA = 2.3
