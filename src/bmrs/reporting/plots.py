@@ -153,12 +153,17 @@ def plot_sweeps(sweeps: Sequence[SweepResult], path: str | os.PathLike, runs: Se
                            [100 * r.metrics["test_accuracy"] for r in members], marker=markers[label], s=70,
                            color=styles[label]["color"], edgecolors="black", linewidths=0.8, zorder=5,
                            label=f"trained: {label}")
-        ax.set_title(f"{model} / {dataset} ({len(members)} sweep{'s' if len(members) > 1 else ''})")
-        ax.set_xlabel("parameter compression (%)")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
+        _compression_axes(ax, f"{model} / {dataset} ({len(members)} sweep{'s' if len(members) > 1 else ''})", "accuracy (%)")
     _legends_right(fig, axes)
     save_figure(fig, path)
+
+
+def _compression_axes(ax, title: str, ylabel: str) -> None:
+    """Title, labels and grid of a panel of accuracy against parameter compression."""
+    ax.set_title(title)
+    ax.set_xlabel("parameter compression (%)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
 
 
 def plot_runs(runs: Sequence[RunResult], path: str | os.PathLike) -> None:
@@ -180,10 +185,7 @@ def plot_runs(runs: Sequence[RunResult], path: str | os.PathLike) -> None:
             if len(members) > 1:
                 ax.scatter([sum(xs) / len(xs)], [sum(ys) / len(ys)], color=styles[label]["color"], marker="X", s=90,
                            edgecolors="black")
-        ax.set_title(f"{model} / {dataset}")
-        ax.set_xlabel("parameter compression (%)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
+        _compression_axes(ax, f"{model} / {dataset}", "test accuracy (%)")
     _legends_right(fig, axes)
     save_figure(fig, path)
 
