@@ -1,6 +1,12 @@
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# The vision zoo (tests/zoo) is a tier of its own, run by `make test-zoo` in its own virtual
+# environment (torchvision, timm); the ordinary run leaves it out.
+collect_ignore = [] if os.environ.get("BMRS_ZOO") else ["zoo"]
 
 # The tests' networks are tiny: one thread per test process avoids oversubscribing the
 # cores when pytest-xdist runs several processes (and makes timings irrelevant to results).

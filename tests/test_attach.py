@@ -146,3 +146,32 @@ def test_deepcopy_keeps_working_gates():
     # the clone's hooks are gone (removed by their handles), the original's are not
     assert all(not m._forward_hooks for m in clone.modules())
     assert sum(len(m._forward_hooks) for m in model.modules()) == len(bmrs.gates(model))
+
+
+class _SharedReluBlock(nn.Module):
+    """As torchvision's BasicBlock: one ReLU module called after bn1 and after the addition."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)) + x)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_module_called_twice_never_hosts_a_gate():
+    model = _SharedReluBlock()
+    x = torch.randn(2, 4, 5, 5)
+    layout = bmrs.attach_gates(model, x)
+    assert layout.sites["bn1"].producer == "conv1"  # not on the shared relu, which also sees the block's output
+    assert "relu" not in layout.sites
+    bmrs.gates(model)["bn1"].mask[::2] = 0
+    small = bmrs.compact(model, x)
+    model.eval()
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+    assert small.conv1.out_channels == 3

@@ -438,6 +438,8 @@ def find_sites(
             if len(users) != 1 or len(nxt) != 1:
                 break
             m = nxt[0].module
+            if sum(c.module is m for c in calls) > 1:
+                break  # a module called twice (e.g. one ReLU reused after a residual addition) cannot host the gate
             if isinstance(m, _NORMS) and m.num_features == channels or isinstance(m, _CHANNELWISE):
                 site, fn, shape = nxt[0], nxt[0].out_fn, nxt[0].out_shape
                 continue
