@@ -113,6 +113,20 @@ def test_report_end_to_end(runs, tmp_path, capsys):
         image = matplotlib.image.imread(out / png)  # decodes: a valid image
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
         assert image[..., :3].std() > 0.05  # not blank
+    # a second report replaces its own files; files of the user's are never replaced
+    assert main(["report", str(runs), "--out", str(out)]) == 0
+    assert ".bmrs-report" in {p.name for p in out.iterdir()}
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes\n")
+    (mine / "todo.txt").write_text("keep\n")
+    capsys.readouterr()
+    assert main(["report", str(runs), "--out", str(mine)]) == 2
+    assert "results.md" in capsys.readouterr().err
+    assert (mine / "results.md").read_text() == "my notes\n" and not (mine / "results.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing staged is left
+    assert main(["report", str(runs), "--out", str(mine), "--force"]) == 0
+    assert "| method |" in (mine / "results.md").read_text() and (mine / "todo.txt").read_text() == "keep\n"
 
 
 # --- sweep -----------------------------------------------------------------------------------

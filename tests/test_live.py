@@ -68,3 +68,22 @@ def test_tensorboard_log(tmp_path):
 def test_unknown_log_format(tmp_path):
     with pytest.raises(ValueError, match="log format"):
         train_run(TINY, tmp_path, progress=False, log="wandb")
+
+
+def test_force_starts_the_logs_afresh_and_a_foreign_log_is_refused(tmp_path, capsys):
+    from bmrs.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--model", "mlp", "--width", "8", "--epochs", "2", "--finetune-epochs", "0",
+            "--log", "csv", "--out", str(out), "--no-progress", "--threads", "1"]
+    assert main(args) == 0
+    assert [r["epoch"] for r in _rows(out / "log.csv")] == ["1", "2"]
+    assert main(args + ["--force", "--epochs", "3"]) == 0
+    assert [r["epoch"] for r in _rows(out / "log.csv")] == ["1", "2", "3"]  # the earlier run's rows are gone
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "log.csv").write_text("a user's file\n")
+    capsys.readouterr()
+    assert main([*args[:-5], "--out", str(other), "--no-progress"]) == 2
+    assert "log.csv" in capsys.readouterr().err
+    assert (other / "log.csv").read_text() == "a user's file\n"

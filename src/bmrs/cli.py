@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
@@ -26,14 +27,14 @@ from pathlib import Path
 import torch
 
 from . import __version__, distributed
-from ._io import read_json, write_json
+from ._io import read_json, write_json, write_text
 from .compaction import ARCHITECTURES, compact, count_flops, count_parameters, load_compact
 from .datasets import ChecksumError, DATASETS
 from .deploy import BENCH_FORMAT, FORMATS, RUNTIMES, benchmark, export, full_network
 from .errors import BMRSError
 from .experiments import suites
 from .experiments.analysis import diagnose_runs
-from .experiments.live import LOG_FORMATS
+from .experiments.live import LOG_FORMATS, log_files
 from .experiments.runs import (
     PAPER, RECOMMENDED, RunConfig, build_criterion, check_metrics, compact_to_file, layer_widths, load_metrics,
     load_run, load_state_file, methods, run_files, train_run, verify_checksum,
@@ -281,14 +282,15 @@ def cmd_train(args) -> int:
         raise BMRSError("give --resume or --force, not both")
     if args.force:
         # start afresh: no file of the earlier run is left to be mistaken for the new one's
-        for name in _RUN_FILES if main else ():
-            (out / name).unlink(missing_ok=True)
+        for path in [out / name for name in _RUN_FILES] + log_files(out) if main else ():
+            path.unlink(missing_ok=True)
         complete = started = False
     if complete and not args.resume:
         raise BMRSError(f"{out} already holds a complete run; pass --resume to report it, or choose another --out")
     if started and not complete and not args.resume:
         raise BMRSError(f"{out} holds an unfinished run (checkpoint.pt); pass --resume to continue it, or choose another --out")
-    foreign = [name for name in _RUN_FILES if (out / name).exists()] if not started else []
+    foreign = [name for name in _RUN_FILES if (out / name).exists()] + [str(p.relative_to(out)) for p in log_files(out)]
+    foreign = foreign if not started else []
     if foreign and not args.force:
         raise BMRSError(f"{out} already holds {', '.join(foreign)} of no run in progress; choose another --out, "
                        "or pass --force to replace them")
@@ -391,15 +393,46 @@ def cmd_sweep(args) -> int:
 # bmrs report and bmrs reproduce
 
 
-def _report(paths, out: Path, *, paper: str | None = None, analysis: bool = False) -> None:
+# The files of the last report written into a report directory, one relative path per line:
+# what a new report there may replace without --force.
+_REPORT_MANIFEST = ".bmrs-report"
+
+
+def _publish(staged: Path, out: Path, force: bool) -> None:
+    """Move the files of ``staged`` into ``out``, refusing (before moving anything) to replace
+    a file that no earlier report wrote there, unless ``force``."""
+    manifest = out / _REPORT_MANIFEST
+    ours = set(manifest.read_text().split("\n")) - {""} if manifest.is_file() else set()
+    new = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
+    foreign = [name for name in new if (out / name).exists() and name not in ours]
+    if foreign and not force:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise BMRSError(f"{out} holds {shown}, which no bmrs report wrote; pass --force to replace them, "
+                        "or choose another --out")
+    for name in new:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged / name, out / name)
+    write_text(manifest, "\n".join(sorted(ours | set(new))) + "\n")
+
+
+def _report(paths, out: Path, *, paper: str | None = None, analysis: bool = False, force: bool = False) -> None:
     """Write the report of ``paths`` into ``out``; with ``analysis``, also the knees of the
-    sweeps and the gate diagnostics of the lowest-seed run of each diagnosed method."""
+    sweeps and the gate diagnostics of the lowest-seed run of each diagnosed method. The
+    report is written aside first and then moved in, so that it never replaces a file that
+    no earlier report wrote there (unless ``force``)."""
     collection = collect(paths)
-    report = write_report(collection, out, paper=paper, analysis=analysis)
-    if analysis:
-        _, files, notes = diagnose_runs(select_runs(collection.runs), out)
-        report.files.update(files)
-        report.notes.extend(notes)
+    if out.exists() and not out.is_dir():
+        raise BMRSError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        staged = Path(tmp)
+        report = write_report(collection, staged, paper=paper, analysis=analysis)
+        if analysis:
+            _, files, notes = diagnose_runs(select_runs(collection.runs), staged)
+            report.files.update(files)
+            report.notes.extend(notes)
+        _publish(staged, out, force)
+    report.files = {key: out / Path(path).relative_to(staged) for key, path in report.files.items()}
     for note in report.notes:
         print(f"bmrs: note: {note}", file=sys.stderr)
     _say(report.markdown.split("\n## ")[0].rstrip())
@@ -420,7 +453,7 @@ def _report(paths, out: Path, *, paper: str | None = None, analysis: bool = Fals
 
 
 def cmd_report(args) -> int:
-    _report(args.paths, Path(args.out), paper=args.paper)
+    _report(args.paths, Path(args.out), paper=args.paper, force=args.force)
     return 0
 
 
@@ -430,7 +463,8 @@ def cmd_reproduce(args) -> int:
     out = Path(args.out)
     run_dirs = suites.run_suite(args.suite, out, seeds=args.seeds, jobs=args.jobs, progress=not args.no_progress)
     _say(f"suite {args.suite}: {len(run_dirs)} runs under {out}")
-    _report([out], out / "report", paper=SUITE_PAPERS.get(args.suite), analysis=True)
+    # the suite's own report folder: bmrs made the suite directory, so its report is rewritten
+    _report([out], out / "report", paper=SUITE_PAPERS.get(args.suite), analysis=True, force=True)
     return 0
 
 
@@ -718,7 +752,8 @@ def _add_train(commands, threads: argparse.ArgumentParser, progress: argparse.Ar
         "OUT/model.pt (gated state dict of the best validation epoch), OUT/compact.pt (the compacted network) and\n"
         "OUT/metrics.json (written last: accuracy, compression, kept structures, sizes).\n\n"
         "An OUT holding a complete run is never overwritten: with --resume it is only reported.\n"
-        "An OUT holding any of these files without a run to resume is refused unless --force.\n"
+        "An OUT holding any of these files (or the --log files of another run) without a run to resume\n"
+        "is refused unless --force, which deletes them first.\n"
         "An interrupted run continues from its checkpoint with --resume (same options) and ends\n"
         "with the same results as an uninterrupted one.\n\n"
         "--nproc N trains in N processes on this machine (DistributedDataParallel through\n"
@@ -827,7 +862,9 @@ def _add_report(commands) -> None:
         epilog="example: bmrs report runs/quick --out runs/quick/report",
     )
     p.add_argument("paths", nargs="+", metavar="DIR", help="run, sweep or suite directories")
-    p.add_argument("--out", metavar="DIR", type=_out_path, required=True, help="report directory")
+    p.add_argument("--out", metavar="DIR", type=_out_path, required=True,
+                   help="report directory; files that no earlier bmrs report wrote there are never replaced")
+    p.add_argument("--force", action="store_true", help="replace files in OUT that no earlier bmrs report wrote")
     p.add_argument("--paper", metavar="DATASET", default=None,
                    help="also compare with the paper's published numbers for DATASET (fashion-mnist or mnist): "
                    "comparison.md, comparison.json and paper-fmnist.json (paper-mnist.json)")

@@ -27,9 +27,19 @@ from ..gates import gates
 from ..pruning.criteria import Criterion, make_criterion
 from ..training import EpochRecord
 
-__all__ = ["LOG_FORMATS", "EpochLogger"]
+__all__ = ["LOG_FORMATS", "EpochLogger", "log_files"]
 
 LOG_FORMATS = ("csv", "tensorboard")
+
+
+def log_files(out: str | os.PathLike) -> list[Path]:
+    """The live-log files in run directory ``out``: ``log.csv``, ``delta_f.csv`` and the
+    TensorBoard event files under ``tensorboard/`` (nothing else of that folder)."""
+    out = Path(out)
+    found = [out / name for name in ("log.csv", "delta_f.csv") if (out / name).is_file()]
+    if (out / "tensorboard").is_dir():
+        found += sorted(p for p in (out / "tensorboard").glob("events.out.tfevents.*") if p.is_file())
+    return found
 
 _SCALARS = ("train_loss", "train_kl", "train_accuracy", "val_loss", "val_accuracy", "parameter_compression",
             "structure_compression")
