@@ -28,7 +28,7 @@ import torch
 from bmrs import detach_gates, gate_layout, gates
 from bmrs.compaction import compact, count_flops, count_parameters
 from bmrs.models import build_model
-from bmrs.pruning import set_masks
+from bmrs.pruning import round_width, set_masks
 
 SHAPES = {"lenet5": (1, 32, 32), "mlp": (1, 32, 32), "resnet": (3, 32, 32)}
 
@@ -67,12 +67,15 @@ def gated_model(name: str, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def keep_fraction(model: torch.nn.Module, fraction: float, order: str, seed: int) -> None:
-    """Masks keeping ceil(fraction * size) slots (at least one) of every family."""
+def keep_fraction(model: torch.nn.Module, fraction: float, order: str, seed: int, round_to: int | None = None) -> None:
+    """Masks keeping ceil(fraction * size) slots (at least one) of every family; with
+    ``round_to``, that count moved to the nearest multiple (``bmrs.pruning.round_width``)."""
     generator = torch.Generator().manual_seed(seed)
     masks = {name: torch.ones(g.num_structures, dtype=torch.bool) for name, g in gates(model).items()}
     for family in gate_layout(model).families:
         k = max(1, math.ceil(fraction * family.size))
+        if round_to is not None:
+            k = round_width(k, family.size, round_to)
         slots = torch.arange(family.size) if order == "first" else torch.randperm(family.size, generator=generator)
         keep = torch.zeros(family.size, dtype=torch.bool)
         keep[slots[:k]] = True
@@ -81,18 +84,21 @@ def keep_fraction(model: torch.nn.Module, fraction: float, order: str, seed: int
     set_masks(model, masks)
 
 
-def masks_for_flops(model: torch.nn.Module, example: torch.Tensor, removed: float, order: str, seed: int):
-    """The largest keep fraction (to 1e-3) whose compacted model has <= (1 - removed) of the FLOPs."""
+def masks_for_flops(model: torch.nn.Module, example: torch.Tensor, removed: float, order: str, seed: int,
+                    round_to: int | None = None):
+    """The largest keep fraction (to 1e-3) whose compacted model has <= (1 - removed) of the
+    FLOPs (widths rounded with ``round_to``; if even the smallest rounded widths have more
+    FLOPs, those)."""
     full = count_flops(model, example)
     lo, hi = 0.0, 1.0
     while hi - lo > 1e-3:
         mid = (lo + hi) / 2
-        keep_fraction(model, mid, order, seed)
+        keep_fraction(model, mid, order, seed, round_to)
         if count_flops(compact(model, example, check=False), example) <= (1.0 - removed) * full:
             lo = mid
         else:
             hi = mid
-    keep_fraction(model, lo, order, seed)
+    keep_fraction(model, lo, order, seed, round_to)
     return lo
 
 

@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=50, help="timed repetitions (default 50; resnet: a fifth)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and posteriors")
+    parser.add_argument("--round-to", type=int, default=None, metavar="N",
+                        help="round every kept width to the nearest multiple of N (bmrs compact --round-to)")
     parser.add_argument("--profile", action="store_true", help="per-operator profiles at the largest batch")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write all figures to FILE")
     args = parser.parse_args(argv)
@@ -58,12 +60,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def networks(name: str, removed: float, seed: int):
+def networks(name: str, removed: float, seed: int, round_to: int | None = None):
     model = gated_model(name, seed)
     example = torch.zeros(1, *SHAPES[name])
     full = full_network(model, example)
-    masks_for_flops(model, example, removed, "first", seed)
+    masks_for_flops(model, example, removed, "first", seed, round_to)
     return full, compact(model, example)
+
+
+def widths(net) -> list[int]:
+    """Output widths of the network's linear and convolutional layers, the last (the classes) left out."""
+    layers = [m for m in net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    return [m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels for m in layers[:-1]]
 
 
 def eager_profile(net, x, rows: int = 6) -> str:
@@ -109,7 +117,7 @@ def main(argv=None) -> None:
           f"threads {args.threads}, load average {os.getloadavg()[0]:.2f}, FLOPs removed >= {args.flops_removed:.0%}")
     everything = {}
     for name in args.models:
-        full, small = networks(name, args.flops_removed, args.seed)
+        full, small = networks(name, args.flops_removed, args.seed, args.round_to)
         repeats = max(5, args.repeats // 5) if name == "resnet" else args.repeats
         data = benchmark(full, small, SHAPES[name], batches=args.batches, runtimes=args.runtimes,
                          threads=args.threads, repeats=repeats, warmup=args.warmup, seed=args.seed)
@@ -117,7 +125,8 @@ def main(argv=None) -> None:
         flop = data["flop_ratio"]
         print(f"\n{name}: parameters {data['networks']['full']['parameters']:,} -> {data['networks']['compact']['parameters']:,}, "
               f"FLOPs/example {data['networks']['full']['flops']:,} -> {data['networks']['compact']['flops']:,} "
-              f"(FLOP ratio {flop:.2f}), {repeats} repetitions, load average {data['machine']['load_average_before'][0]} "
+              f"(FLOP ratio {flop:.2f}), compact widths {'-'.join(map(str, widths(small)))}, {repeats} repetitions, "
+              f"load average {data['machine']['load_average_before'][0]} "
               f"-> {data['machine']['load_average_after'][0]}")
         print("| runtime | batch | full ms | compact ms | full/compact | / FLOP ratio | settings (full; compact) |")
         print("|---|---|---|---|---|---|---|")

@@ -42,7 +42,7 @@ from .experiments.runs import (
 from .experiments.sweep import DEFAULT_LEVELS, default_criteria, parse_criteria, sweep_run
 from .gates import gates
 from .models import MODELS
-from .pruning import make_criterion, parse_budget, prune
+from .pruning import make_criterion, parse_budget, prune, round_widths, set_masks
 from .pruning.criteria import CRITERIA, load_plugins
 from .reporting import collect, write_report
 from .reporting.collect import natural_key
@@ -476,18 +476,33 @@ def _width_lines(before: dict, after: dict) -> list[str]:
     return [f"  {name:<24} {before.get(name, '?'):>6} -> {after.get(name, '?')}" for name in sorted(set(before) | set(after), key=natural_key)]
 
 
-def _apply_budget(model, config, args, example) -> None:
-    """Prune ``model`` further until ``--budget`` holds; print what the evidence and the budget prune."""
-    budget = parse_budget(args.budget)
+def _order_criterion(config, args, flag: str):
+    """The criterion (and its label) that orders the structures for --budget and --round-to."""
     text = args.criterion or (config.method if config.method != "none" else None)
     if text is None:
-        raise BMRSError("this run has no pruning method (--method none): give --criterion with --budget")
+        raise BMRSError(f"this run has no pruning method (--method none): give --criterion with {flag}")
     if text == "bmrs-u" and args.criterion is None:
         text = f"bmrs-u{config.bits:g}"
     (_, name, options), = parse_criteria(text)
-    criterion = make_criterion(name, **options)
+    return text, make_criterion(name, **options)
+
+
+def _apply_budget(model, config, args, example) -> None:
+    """Prune ``model`` further until ``--budget`` holds; print what the evidence and the budget prune."""
+    budget = parse_budget(args.budget)
+    text, criterion = _order_criterion(config, args, "--budget")
     result = prune(model, criterion, budget=budget, example_input=example[:1], keep_pruned=True)
     _say(f"budget with {text} (structures the run pruned stay pruned):")
+    for line in result.summary().splitlines():
+        _say(f"  {line}")
+
+
+def _apply_rounding(model, config, args) -> None:
+    """Round every kept width to a multiple of ``--round-to``; print what it cost in evidence."""
+    text, criterion = _order_criterion(config, args, "--round-to")
+    result = round_widths(model, criterion, args.round_to)
+    set_masks(model, result.masks)
+    _say(f"widths rounded to multiples of {args.round_to} in the order of {text}:")
     for line in result.summary().splitlines():
         _say(f"  {line}")
 
@@ -497,8 +512,9 @@ def cmd_compact(args) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise BMRSError(f"--out {out} is a directory; give a file name such as {out / 'compact.pt'}")
-    if args.criterion is not None and args.budget is None:
-        raise BMRSError("--criterion applies with --budget only")
+    if args.criterion is not None and args.budget is None and args.round_to is None:
+        raise BMRSError("--criterion applies with --budget or --round-to only")
+    _positive("--round-to", args.round_to)
     run_dir, state_file = run_files(Path(args.checkpoint))
     inputs = [state_file, *(run_dir / name for name in _RUN_FILES if name != "compact.pt")]
     if out.exists() and any(p.exists() and os.path.samefile(out, p) for p in inputs):
@@ -508,6 +524,8 @@ def cmd_compact(args) -> int:
     config, model, architecture, example, _ = _load_run_model(Path(args.checkpoint), args.data_dir)
     if args.budget is not None:
         _apply_budget(model, config, args, example)
+    if args.round_to is not None:
+        _apply_rounding(model, config, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = compact_to_file(model, example, out, architecture)
     _say(f"compacted {args.checkpoint} ({architecture['name']}) into {out}")
@@ -888,8 +906,12 @@ def _add_compact(commands, threads: argparse.ArgumentParser) -> None:
                    help="prune further, in the order of the criterion's evidence, until at most FRACTION of the "
                    "full network's KIND remains (flops, params or latency; e.g. flops=0.2, or flops=0.2,params=0.3); "
                    "prints what delta F >= 0 prunes and what the budget needs")
+    p.add_argument("--round-to", metavar="N", type=int, default=None,
+                   help="then move every kept width to the nearest multiple of N (e.g. 8 or 16, the channel blocks of "
+                   "CPU kernels; never to 0, at most the full width), in the order of the criterion; prints what "
+                   "it cost in delta F")
     p.add_argument("--criterion", default=None,
-                   help="criterion that orders the structures for --budget (default: the run's method)")
+                   help="criterion that orders the structures for --budget and --round-to (default: the run's method)")
     p.add_argument("--data-dir", default=None, help="data directory, if the data set must be read (default: the run's)")
     p.add_argument("--out", metavar="FILE", type=_out_path, required=True, help="file to write")
     p.add_argument("--force", action="store_true", help="replace an existing FILE (never one of the run's own files)")

@@ -8,6 +8,7 @@ from .criteria import (
 from .masks import (
     count_trainable_parameters, decide, kept_structures, parameter_compression, prune, set_masks, structure_compression,
 )
+from .rounding import ROUND_MODES, RoundResult, round_width, round_widths
 from .schedules import ContinuousPruning
 
 __all__ = [
@@ -15,5 +16,5 @@ __all__ = [
     "BMRSN", "BMRSNCode", "BMRSNKassRaftery", "BMRSNRelative", "BMRSU", "CRITERIA", "ContinuousPruning", "Criterion",
     "EvidenceCriterion", "ExpectedTheta", "L2", "Random", "SNR", "Taylor", "count_trainable_parameters", "decide",
     "kept_structures", "make_criterion", "parameter_compression", "prune", "register_criterion", "set_masks",
-    "structure_compression",
+    "structure_compression", "ROUND_MODES", "RoundResult", "round_width", "round_widths",
 ]
