@@ -186,4 +186,4 @@ def test_compact_with_a_budget(run, tmp_path, capsys):
     assert count_flops(small, x) <= 0.2 * metrics["compaction"]["flops_before"]
     one_line_error(capsys, ["compact", str(run), "--budget", "flops=2", "--out", str(tmp_path / "b.pt")], "(0, 1]")
     one_line_error(capsys, ["compact", str(run), "--criterion", "l2", "--out", str(tmp_path / "b.pt")],
-                   "--criterion applies with --budget only")
+                   "--criterion applies with --budget or --round-to only")
