@@ -108,6 +108,11 @@ def test_report_end_to_end(runs, tmp_path, capsys):
         "seeds": 1,
     }
     assert results["mlp"]["none+kl-elbo"]["param_compression"] == [0.0, 0.0]
+    # one line per run says what it cost and where it ran
+    record = metrics["provenance"]
+    assert "## What the runs cost" in md
+    assert (f"| random+kl-elbo | mlp / digits | 0 | {metrics['train_seconds'] / 60:.1f} | "
+            f"{record['processor']}, 1 thread |") in md
     for png in ("accuracy_vs_compression.png", "widths.png"):
         assert (out / png).read_bytes().startswith(PNG_MAGIC)
         image = matplotlib.image.imread(out / png)  # decodes: a valid image

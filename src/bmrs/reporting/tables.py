@@ -134,6 +134,26 @@ def _compaction_row(members: Sequence[RunResult]) -> list[str] | None:
     return [f"{params_before:,.0f}", f"{params_after:,.0f}", f"{flops_before:,.0f}", f"{flops_after:,.0f}", f"{ratio:.2f}x"]
 
 
+def _cost_lines(groups) -> list[str]:
+    """One row per run: its training time and where it ran (from its provenance record)."""
+    rows = []
+    for key in sorted(groups, key=lambda k: (k[0], k[1], method_order(k[2]))):
+        for run in sorted(groups[key], key=lambda r: natural_key(str(r.seed))):
+            seconds = run.metrics.get("train_seconds")
+            record = run.metrics.get("provenance") or {}
+            where = record.get("processor") or "not recorded"
+            threads = record.get("threads")
+            rows.append([key[2], f"{key[1]} / {key[0]}", str(run.seed),
+                         f"{seconds / 60:.1f}" if isinstance(seconds, (int, float)) else "–",
+                         where + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")])
+    if not rows:
+        return []
+    total = sum(r.metrics.get("train_seconds") or 0.0 for members in groups.values() for r in members)
+    return ["## What the runs cost", "",
+            f"Training time of each run (the epochs, without loading data and compacting), {total / 3600:.1f} hours in all.",
+            ""] + markdown_table(["method", "model / data", "seed", "training (min)", "processor"], rows) + [""]
+
+
 def results_markdown(runs: Sequence[RunResult], sweeps: Sequence[SweepResult] = (), *, plots: Sequence[str] = ()) -> str:
     """The report as Markdown.
 
@@ -187,6 +207,8 @@ def results_markdown(runs: Sequence[RunResult], sweeps: Sequence[SweepResult] = 
             lines += ["## Compacted networks", "", "Mean over seeds; FLOPs of one forward pass of one example.", ""]
             lines += markdown_table(["method", "model / data", "params before", "params after", "FLOPs before", "FLOPs after", "FLOPs reduction"], rows)
             lines += [""]
+
+        lines += _cost_lines(groups)
 
         notes = []
         for key, members in sorted(groups.items()):
