@@ -443,6 +443,10 @@ def test_cli_report_paper_option(tmp_path, capsys):
     assert str(out / "comparison.md") in printed and str(out / "paper-fmnist.json") in printed
     assert "## lenet5" in (out / "comparison.md").read_text()
     assert not (out / "knees.md").exists() and not (out / "diagnostics.md").exists()
+    # --analysis adds what 'bmrs reproduce' writes
+    assert main(["report", str(suite), "--out", str(out), "--paper", "fashion-mnist", "--analysis"]) == 0
+    # (this suite holds result files only: no sweeps to take knees of, no models to diagnose)
+    assert "diagnostics: " in capsys.readouterr().err and not (out / "knees.md").exists()
     assert main(["report", str(suite), "--out", str(tmp_path / "r2"), "--paper", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no published numbers" in err

@@ -453,7 +453,7 @@ def _report(paths, out: Path, *, paper: str | None = None, analysis: bool = Fals
 
 
 def cmd_report(args) -> int:
-    _report(args.paths, Path(args.out), paper=args.paper, force=args.force)
+    _report(args.paths, Path(args.out), paper=args.paper, analysis=args.analysis, force=args.force)
     return 0
 
 
@@ -884,6 +884,9 @@ def _add_report(commands) -> None:
     p.add_argument("--out", metavar="DIR", type=_out_path, required=True,
                    help="report directory; files that no earlier bmrs report wrote there are never replaced")
     p.add_argument("--force", action="store_true", help="replace files in OUT that no earlier bmrs report wrote")
+    p.add_argument("--analysis", action="store_true",
+                   help="also the analyses 'bmrs reproduce' writes: knees.md/json (the sweeps' stopping points against "
+                   "the knees of their curves) and the gate diagnostics of the lowest-seed run of each method")
     p.add_argument("--paper", metavar="DATASET", default=None,
                    help="also compare with the paper's published numbers for DATASET (fashion-mnist or mnist): "
                    "comparison.md, comparison.json and paper-fmnist.json (paper-mnist.json)")
