@@ -175,3 +175,47 @@ def test_a_module_called_twice_never_hosts_a_gate():
     model.eval()
     torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
     assert small.conv1.out_channels == 3
+
+
+class _BatchNormSiLU(nn.BatchNorm2d):
+    """A batch norm with its activation in its own forward (as timm's BatchNormAct2d)."""
+
+    def forward(self, x):
+        return torch.nn.functional.silu(super().forward(x))
+
+
+class _BatchNormWithChild(nn.BatchNorm2d):
+    """The same with the activation as a child module: the batch norm itself is then a
+    functional call inside the module's forward."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        x = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                           self.training, self.momentum, self.eps)
+        return self.act(x)
+
+
+@pytest.mark.parametrize("norm", [_BatchNormSiLU, _BatchNormWithChild])
+def test_a_batch_norm_with_its_own_forward_is_never_folded_as_a_plain_one(norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), norm(8), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(4, 3, 9, 9)
+    model(x)
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-1, 1)
+        model[1].running_mean.uniform_(-1, 1)
+    layout = bmrs.attach_gates(model, x)
+    if norm is _BatchNormWithChild:  # the walk cannot see past the functional batch norm: not gated
+        assert "0" not in {s.producer for s in layout.sites.values()}
+        assert "batch norm the gate cannot be placed after" in layout.skipped["0"]
+    else:  # the gate sits after the norm and folds forward into the next convolution
+        assert layout.sites["1"].producer == "0"
+    for gate in bmrs.gates(model).values():
+        gate.mask[::2] = 0
+    model.eval()
+    small = bmrs.compact(model, x)
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)

@@ -436,6 +436,11 @@ def find_sites(
             users = consumers.get(fn, [])
             nxt = [c for c in by_in_fn.get(fn, []) if c is not site]
             if len(users) != 1 or len(nxt) != 1:
+                # A batch norm the walk cannot pass (called by a module's own forward, as timm's
+                # BatchNormAct2d does): a gate before it would leave a masked channel its shift.
+                if any("BatchNorm" in u.name() for u in users if hasattr(u, "name")) or any(
+                        isinstance(c.module, _NORMS) for c in nxt):
+                    reason = "followed by a batch norm the gate cannot be placed after (inside a module's own forward)"
                 break
             m = nxt[0].module
             if sum(c.module is m for c in calls) > 1:

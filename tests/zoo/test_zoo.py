@@ -62,9 +62,7 @@ def _skipped_summary(skipped: dict[str, str]) -> str:
 
 
 # Known failures: the model, and what goes wrong (strict: a fix makes the run fail until removed).
-XFAIL = {
-    "timm efficientnet_b0": "compact's own output check fails: some gate of timm's EfficientNet is folded wrongly",
-}
+XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [

@@ -289,13 +289,19 @@ def _plan_fold(site: GateSite, coupled_to: list[str], trace: _Trace, graph, modu
     return _Fold(columns=columns)
 
 
+def _plain_norm(module: nn.Module) -> bool:
+    """A BatchNorm whose forward is PyTorch's own: an affine map per channel. A subclass with
+    a forward of its own (timm's BatchNormAct2d applies its activation too) is not."""
+    return isinstance(module, _NORMS) and type(module).forward is nn.BatchNorm2d.forward
+
+
 def _backward_target(site: GateSite, call: Call, trace: _Trace) -> tuple[str | None, str]:
     """The module whose rows absorb the gate, or None and why not."""
     while True:
         module = call.module
         if call.name == site.producer:
             return call.name, ""
-        if isinstance(module, _NORMS) and module.affine:
+        if _plain_norm(module) and module.affine:
             return call.name, ""
         if not isinstance(module, _COMMUTING):
             return None, f"{call.name} ({type(module).__name__}) lies between {site.producer} and the gate"
