@@ -265,16 +265,32 @@ def test_damaged_or_foreign_checkpoints_on_resume(run, tmp_path, capsys):
         "garbage": lambda p: p.write_bytes(bytes(range(256)) * 8),
         "foreign": lambda p: torch.save({"weights": torch.zeros(3)}, p),
         "a list": lambda p: torch.save([1, 2, 3], p),
-        "wrong history": lambda p: torch.save({**state, "history": "none"}, p),
-        "wrong rng": lambda p: torch.save({**state, "rng": {"python": 3}}, p),
-        "other model": lambda p: torch.save({**state, "model": {"w": torch.zeros(2)}}, p),
+        # without the checksum (as checkpoints written before it), the structure is checked
+        "wrong history": lambda p: torch.save({**unchecked, "history": "none"}, p),
+        "wrong rng": lambda p: torch.save({**unchecked, "rng": {"python": 3}}, p),
+        "other model": lambda p: torch.save({**unchecked, "model": {"w": torch.zeros(2)}}, p),
+        # with it, any change of a value: a file that still loads and fits, with one number changed
+        "a value changed": lambda p: torch.save({**state, "model": changed}, p),
     }
+    unchecked = {k: v for k, v in state.items() if k != "checksum"}
+    changed = dict(state["model"])
+    name = next(k for k, v in changed.items() if v.is_floating_point() and v.numel() > 1)
+    changed[name] = changed[name].clone()
+    changed[name].view(-1)[0] += 1e-3
+    assert isinstance(state["checksum"], str)
     for case, damage in damaged.items():
         victim = copy_run(run, tmp_path / case.replace(" ", "-"))
         (victim / "metrics.json").unlink()
         damage(victim / "checkpoint.pt")
         line = one_line_error(capsys, main(["train", *TINY, "--method", "bmrs-n-code", "--resume", "--out", str(victim)]))
         assert str(victim / "checkpoint.pt") in line, (case, line)
+        if case == "a value changed":
+            assert "is damaged" in line
+    # a checkpoint written before checksums (none in the file) still resumes
+    victim = copy_run(run, tmp_path / "no-checksum")
+    (victim / "metrics.json").unlink()
+    torch.save(unchecked, victim / "checkpoint.pt")
+    assert main(["train", *TINY, "--method", "bmrs-n-code", "--resume", "--out", str(victim)]) == 0
 
 
 def test_a_full_disk_leaves_no_file_and_says_which(run, tmp_path, capsys, monkeypatch):
@@ -492,3 +508,22 @@ def test_cli_outcomes_are_valid_results_or_one_line(run, data, capsys, monkeypat
             lines = captured.err.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("bmrs: error: "), (argv, damage, captured.err)
         assert _snapshot(outside) == before, (argv, damage)
+
+
+def test_content_digest_sees_every_value_and_not_the_file_layout(tmp_path):
+    from bmrs._io import content_digest
+
+    state = {"model": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(2, dtype=torch.float64)},
+             "history": [{"epoch": 1, "loss": 0.5}], "rng": (1, 2, [3, 4]), "best": None}
+    digest = content_digest(state)
+    torch.save(state, tmp_path / "a.pt")
+    assert content_digest(torch.load(tmp_path / "a.pt", weights_only=True)) == digest  # survives a round trip
+    assert content_digest({**state, "model": {"b": state["model"]["b"], "w": state["model"]["w"]}}) == digest  # key order
+    changes = [
+        {**state, "model": {**state["model"], "w": state["model"]["w"] + 1e-6}},  # a value
+        {**state, "model": {**state["model"], "w": state["model"]["w"].reshape(3, 2)}},  # a shape
+        {**state, "model": {**state["model"], "b": state["model"]["b"].float()}},  # a dtype
+        {**state, "history": [{"epoch": 1, "loss": 0.5000001}]},  # a number
+        {**state, "rng": (1, 2, [3])},  # a length
+    ]
+    assert len({content_digest(c) for c in changes} | {digest}) == len(changes) + 1

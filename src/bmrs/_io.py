@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import BMRSError
 
-__all__ = ["read_json", "read_tensors", "write_atomic", "write_bytes", "write_json", "write_text"]
+__all__ = ["content_digest", "read_json", "read_tensors", "write_atomic", "write_bytes", "write_json", "write_text"]
 
 _MODE: int | None = None
 
@@ -95,6 +95,38 @@ def read_tensors(path: str | os.PathLike, what: str = "a file written by bmrs"):
         if "Weights only load failed" in text or "Unsupported operand" in text or "Unsupported global" in text:
             text = "it holds objects other than tensors and plain containers"
         raise BMRSError(f"{path} is not {what} ({text[:200]})") from None
+
+
+def content_digest(obj) -> str:
+    """SHA-256 of what ``obj`` holds: tensors (dtype, shape and bytes), numbers, strings and
+    the dicts, lists and tuples around them, in a fixed order. The same contents give the same
+    digest however ``torch.save`` lays a file out, so a file can carry the digest of the rest
+    of its contents and be checked when it is read back."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+
+    def feed(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            digest.update(f"D{len(x)}|".encode())
+            for key in sorted(x, key=repr):
+                feed(key)
+                feed(x[key])
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"L{len(x)}|".encode())
+            for item in x:
+                feed(item)
+        else:
+            digest.update(f"{type(x).__name__}:{x!r}|".encode())
+
+    feed(obj)
+    return digest.hexdigest()
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._io import read_tensors, write_atomic
+from ._io import content_digest, read_tensors, write_atomic
 from .errors import BMRSError
 from .distributed import average, gather_rows, is_main, rank, unwrap, world_size
 from .gates import model_kl
@@ -333,6 +333,7 @@ class Trainer:
             if checkpoint is not None:
                 state = self._state(generator)  # on every rank: it gathers their random states
                 if is_main():
+                    state["checksum"] = content_digest(state)  # of everything else in the file
                     atomic_save(state, checkpoint)
             if on_epoch_end is not None:
                 on_epoch_end(record)
@@ -361,6 +362,9 @@ class Trainer:
         }
 
     def _load(self, state: dict, generator: torch.Generator | None, path="the checkpoint") -> None:
+        recorded = state.pop("checksum", None) if isinstance(state, dict) else None
+        if recorded is not None and content_digest(state) != recorded:  # (checkpoints before checksums have none)
+            raise BMRSError(f"{path} is damaged: its contents do not match the checksum written with them")
         ranks = state.get("rng", {}).get("ranks") if isinstance(state, dict) else None
         if ranks is not None and len(ranks) != world_size():
             raise BMRSError(f"{path} was written by {len(ranks)} training process(es); resume it with as many "
