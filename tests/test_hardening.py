@@ -286,6 +286,9 @@ def test_damaged_or_foreign_checkpoints_on_resume(run, tmp_path, capsys):
         assert str(victim / "checkpoint.pt") in line, (case, line)
         if case == "a value changed":
             assert "is damaged" in line
+            for argv in (["info", victim / "checkpoint.pt"], ["compact", victim / "checkpoint.pt", "--out", tmp_path / "c.pt"]):
+                line = one_line_error(capsys, main([str(a) for a in argv]))
+                assert "is damaged" in line and str(victim / "checkpoint.pt") in line, line
     # a checkpoint written before checksums (none in the file) still resumes
     victim = copy_run(run, tmp_path / "no-checksum")
     (victim / "metrics.json").unlink()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from .._io import read_json, read_tensors, write_json
+from .._io import content_digest, read_json, read_tensors, write_json
 from ..compaction import compact, count_flops, count_parameters, save_compact
 from ..errors import BMRSError
 from ..gates import gates
@@ -428,6 +428,9 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
         checkpoint = load_state_file(state_file)
         if not (isinstance(checkpoint, dict) and "model" in checkpoint):
             raise BMRSError(f"{state_file} is not a checkpoint written by 'bmrs train'")
+        recorded = checkpoint.pop("checksum", None)
+        if recorded is not None and content_digest(checkpoint) != recorded:
+            raise BMRSError(f"{state_file} is damaged: its contents do not match the checksum written with them")
         state = checkpoint["model"]
         epoch = len(checkpoint.get("history", [])) or None
     else:
