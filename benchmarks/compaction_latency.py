@@ -48,7 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=200, help="timed repetitions per model and batch (default 200)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls per model before timing (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, posteriors and random masks")
-    args = parser.parse_args(argv)
+    return check_args(parser, parser.parse_args(argv))
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The checks of the options both latency benchmarks share."""
     if not 0.0 < args.flops_removed < 1.0:
         parser.error("--flops-removed must lie strictly between 0 and 1")
     if args.threads < 1 or args.repeats < 1 or args.warmup < 0 or min(args.batches) < 1:

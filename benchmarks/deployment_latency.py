@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compaction_latency import SHAPES, gated_model, masks_for_flops  # noqa: E402
+from compaction_latency import SHAPES, check_args, gated_model, masks_for_flops  # noqa: E402
 
 from bmrs.compaction import compact  # noqa: E402
 from bmrs.deploy import RUNTIMES, benchmark, full_network, prepare  # noqa: E402
@@ -52,12 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="round every kept width to the nearest multiple of N (bmrs compact --round-to)")
     parser.add_argument("--profile", action="store_true", help="per-operator profiles at the largest batch")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write all figures to FILE")
-    args = parser.parse_args(argv)
-    if not 0.0 < args.flops_removed < 1.0:
-        parser.error("--flops-removed must lie strictly between 0 and 1")
-    if args.threads < 1 or args.repeats < 1 or args.warmup < 0 or min(args.batches) < 1:
-        parser.error("--threads, --repeats and --batches must be positive, --warmup non-negative")
-    return args
+    return check_args(parser, parser.parse_args(argv))
 
 
 def networks(name: str, removed: float, seed: int, round_to: int | None = None):

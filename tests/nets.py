@@ -43,3 +43,18 @@ def lenet_like(classes: int = 10) -> nn.Sequential:
 
 def small_mlp(inputs: int = 12, hidden: int = 7, classes: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+
+
+def randomize(model: nn.Module, gates) -> None:
+    """Random BatchNorm statistics and affine parameters, and random posteriors for ``gates``
+    (``bmrs.gates(model)``), so that compacting the model has something to fold (in place)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_()
+                module.bias.normal_()
+        for gate in gates.values():
+            gate.loc.uniform_(-3.0, 0.0)
+            gate.log_scale.uniform_(-3.0, 1.0)

@@ -20,6 +20,8 @@ from bmrs.models import build_model
 from bmrs.pruning import decide, make_criterion, parameter_compression, set_masks
 from bmrs.pruning import count_trainable_parameters as count_trainable
 
+from nets import randomize
+
 SHAPES = {
     "mlp": (1, 8, 8), "lenet5": (1, 28, 28), "lenet5-gelu": (1, 28, 28), "resnet": (3, 16, 16), "transformer": (5, 16),
     "vit": (3, 16, 16),
@@ -52,16 +54,7 @@ def make(name: str, seed: int = 0, dtype=torch.float64) -> nn.Module:
     else:
         model = build_model(name, SHAPES[name], 10)
     model = model.to(dtype)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_()
-                module.bias.normal_()
-        for gate in gates(model).values():
-            gate.loc.uniform_(-3.0, 0.0)
-            gate.log_scale.uniform_(-3.0, 1.0)
+    randomize(model, gates(model))
     return model
 
 

@@ -20,6 +20,8 @@ from bmrs.deploy import TOLERANCE, benchmark, export, full_network, max_relative
 from bmrs.models import build_model
 from bmrs.pruning import set_masks
 
+from nets import randomize
+
 SHAPES = {"mlp": (1, 32, 32), "lenet5": (1, 32, 32), "resnet": (3, 32, 32)}
 OPTIONS = {"mlp": {}, "lenet5": {}, "resnet": {"depth": 8, "width": 8}}
 TINY = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "2", "--finetune-epochs", "0",
@@ -30,16 +32,7 @@ def pruned(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """A gated bundled model with random weights, BatchNorm statistics, posteriors and masks."""
     torch.manual_seed(seed)
     model = build_model(name, SHAPES[name], 10, **OPTIONS[name])
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.running_mean.normal_()
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.normal_()
-                module.bias.normal_()
-        for gate in bmrs.gates(model).values():
-            gate.loc.uniform_(-3.0, 0.0)
-            gate.log_scale.uniform_(-3.0, 1.0)
+    randomize(model, bmrs.gates(model))
     set_masks(model, {n: torch.rand(g.num_structures) > 0.5 for n, g in bmrs.gates(model).items()})
     return model.eval(), torch.randn(4, *SHAPES[name], generator=torch.Generator().manual_seed(seed))
 
