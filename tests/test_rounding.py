@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bmrs import BMRSError, gate_layout, gates
+from bmrs import BMRSError, gates
 from bmrs.cli import main
 from bmrs.compaction import compact, load_compact
 from bmrs.models import build_model

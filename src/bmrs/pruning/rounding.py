@@ -91,7 +91,6 @@ def round_widths(model: nn.Module, criterion: Criterion, multiple: int, *, mode:
     scores = _masks._family_scores(model, criterion)
     current = _masks._current_masks(model)
     masks = {name: current[name].clone() for name in gates(model)}
-    widths = {name: [int(m.sum()), 0] for name, m in masks.items()}
     pruned = restored = 0
     change = 0.0
     for family, score in zip(layout.families, scores):
@@ -114,9 +113,8 @@ def round_widths(model: nn.Module, criterion: Criterion, multiple: int, *, mode:
             keep = True
         for name, idx in family.members:
             masks[name][torch.as_tensor(idx)[chosen]] = keep
-    for name, m in masks.items():
-        widths[name][1] = int(m.sum())
     return RoundResult(
-        masks=masks, widths={n: (a, b) for n, (a, b) in widths.items()}, pruned=pruned, restored=restored,
+        masks=masks, widths={name: (int(current[name].sum()), int(m.sum())) for name, m in masks.items()},
+        pruned=pruned, restored=restored,
         delta_f_change=change if criterion.evidence_based else None,
     )
