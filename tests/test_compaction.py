@@ -134,7 +134,7 @@ def test_compact_equals_gated_model(name, masks):
 def test_one_layer_fully_pruned_keeps_a_silent_placeholder():
     model = make("lenet5")
     set_family_masks(model, random_keep)
-    gates(model)["5"].mask.zero_()  # every filter of the second convolution
+    gates(model)["act2"].mask.zero_()  # every filter of the second convolution (conv2)
     compacted = compact(model, inputs("lenet5", batch=2))
     assert compacted[4].out_channels == 1 and compacted[8].in_features == 25
     assert torch.count_nonzero(compacted[8].weight) == 0
@@ -225,7 +225,7 @@ def test_flop_counts_are_twice_the_multiply_adds():
     assert count_flops(model, x) == 2 * 3 * macs  # masks do not change the gated model's work
     k = {name: max(int(g.mask.sum()), 1) for name, g in gates(model).items()}
     compacted = compact(model, x)
-    macs = k["2"] * 25 * 28 * 28 + k["5"] * k["2"] * 25 * 100 + 25 * k["5"] * k["9"] + k["9"] * k["11"] + k["11"] * 10
+    macs = k["act1"] * 25 * 28 * 28 + k["act2"] * k["act1"] * 25 * 100 + 25 * k["act2"] * k["act3"] + k["act3"] * k["act4"] + k["act4"] * 10
     assert count_flops(compacted, x) == 2 * 3 * macs
 
 

@@ -69,7 +69,7 @@ SCRIPT = textwrap.dedent('''
     module.eval()
     with torch.no_grad():
         gated, small = module(x), pruning.compacted(x)
-    torch.save({"state": module.state_dict(), "gated": gated, "small": small, "kept": bmrs.kept_structures(module.net),
+    torch.save({"state": module.state_dict(), "gated": gated, "small": small, "kept": {bmrs.layer_names(module.net)[n]: k for n, k in bmrs.kept_structures(module.net).items()},
                 "small_state": pruning.compacted.state_dict()}, out / f"rank{trainer.global_rank}.pt")
 ''')
 

@@ -57,7 +57,7 @@ def write_run(folder, config, comp, acc):
     """A complete run directory as train_run writes it (the fields a report reads; fractions)."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    widths = {"mlp": {"2": 150, "4": 150}, "lenet5": {"1": 6, "4": 16, "8": 120, "10": 84}}[config["model"]]
+    widths = {"mlp": {"fc1": 150, "fc2": 150}, "lenet5": {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84}}[config["model"]]
     kept = {k: max(1, round(v * (1 - comp))) for k, v in widths.items()}
     metrics = {
         "test_accuracy": acc, "test_loss": 0.5, "val_accuracy": acc, "structure_compression": comp,
@@ -311,12 +311,12 @@ def tiny_run(tmp_path_factory):
     train_run(RunConfig(dataset="digits", model="mlp", method="bmrs-n-code", epochs=2, finetune_epochs=0,
                         kl_reduction="mean", model_options={"width": 8}), run, progress=False)
     state = torch.load(run / "model.pt", weights_only=True)
-    state["2.bmrs_gate.loc"] = torch.tensor([mu for mu, _ in GATE2])
-    state["2.bmrs_gate.log_scale"] = torch.tensor([s for _, s in GATE2])
-    state["2.bmrs_gate.mask"] = torch.tensor([0.0, 0.0, 1, 1, 1, 1, 1, 1])  # the run removed two
-    state["4.bmrs_gate.loc"] = torch.full((8,), STRONG[0])
-    state["4.bmrs_gate.log_scale"] = torch.full((8,), STRONG[1])
-    state["4.bmrs_gate.mask"] = torch.ones(8)
+    state["act1.bmrs_gate.loc"] = torch.tensor([mu for mu, _ in GATE2])
+    state["act1.bmrs_gate.log_scale"] = torch.tensor([s for _, s in GATE2])
+    state["act1.bmrs_gate.mask"] = torch.tensor([0.0, 0.0, 1, 1, 1, 1, 1, 1])  # the run removed two
+    state["act2.bmrs_gate.loc"] = torch.full((8,), STRONG[0])
+    state["act2.bmrs_gate.log_scale"] = torch.full((8,), STRONG[1])
+    state["act2.bmrs_gate.mask"] = torch.ones(8)
     torch.save(state, run / "model.pt")
     # edited on purpose: record the new contents, as bmrs does for a model.pt it writes
     metrics = json.loads((run / "metrics.json").read_text())
@@ -337,8 +337,8 @@ def test_diagnostics_of_hand_set_posteriors(tiny_run, tmp_path):
     _, run = tiny_run
     diag = run_diagnostics(run)
     assert (diag.model, diag.dataset, diag.label, diag.seed) == ("mlp", "digits", "bmrs-n-code", 0)
-    assert diag.layers == ["2", "4"]
-    gate2 = diag.layer("2")
+    assert diag.layers == ["fc1", "fc2"]  # the layers the gates prune
+    gate2 = diag.layer("fc1")
     for r, (mu, log_sigma) in zip(gate2, GATE2):
         assert r["mu"] == pytest.approx(mu) and r["log_sigma_clamped"] == pytest.approx(log_sigma)
         assert r["delta_f[bmrs-n]"] == pytest.approx(delta_f_n(mu, log_sigma), abs=1e-4, rel=1e-6)
@@ -364,15 +364,15 @@ def test_diagnostics_of_hand_set_posteriors(tiny_run, tmp_path):
             if line.startswith("| mlp / digits")]
     assert len(rows) == 2
     # run, layer, structures, masked, bmrs-n, bmrs-n-code, bmrs-n-rel, bmrs-n-kr, bmrs-u8, bmrs-u4, relaxed, median
-    assert rows[0][1:11] == ["`2`", "8", "2", "2", "5", "5", "5", str(expected_u8), str(expected_u4), "3"]
+    assert rows[0][1:11] == ["`fc1`", "8", "2", "2", "5", "5", "5", str(expected_u8), str(expected_u4), "3"]
     assert float(rows[0][11]) == pytest.approx(median_relaxed, rel=1e-3)
-    assert rows[1][1:] == ["`4`", "8", "0", "0", "0", "0", "0", "0", "0", "0", "—"]
+    assert rows[1][1:] == ["`fc2`", "8", "0", "0", "0", "0", "0", "0", "0", "0", "—"]
 
     with open(tmp_path / "out" / "diagnostics.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
     assert len(table) == 16 and {r["run"] for r in table} == {str(run)}
     first = table[0]
-    assert (first["gate"], first["index"], first["method"], first["relaxed"], first["masked"]) == ("2", "0", "bmrs-n-code", "1", "1")
+    assert (first["gate"], first["index"], first["method"], first["relaxed"], first["masked"]) == ("fc1", "0", "bmrs-n-code", "1", "1")
     assert [int(r["pruned[bmrs-n]"]) for r in table[:8]] == [0, 0, 0, 0, 0, 1, 1, 0]
     assert [int(r["pruned[bmrs-n-code]"]) for r in table[:8]] == [1, 1, 1, 0, 0, 1, 1, 0]
     for name in ("posteriors_digits_mlp_bmrs-n-code_seed-0.png", "delta-f_digits_mlp_bmrs-n-code_seed-0.png"):

@@ -90,6 +90,10 @@ def test_every_head_and_ffn_neuron_is_gated(name):
     assert kinds == {HEADS: [HEADS_PER_LAYER] * LAYERS, NEURONS: [FFN] * LAYERS}
     assert all(f.size == s.num_structures for f, s in zip(layout.families, layout.sites.values()))
     assert len(bmrs.gates(model)) == 2 * LAYERS
+    # printed as the module that owns the structures, with their kind
+    names = bmrs.layer_names(model)
+    assert sorted(n.rpartition(":")[2] for n in names.values()) == sorted([HEADS, NEURONS] * LAYERS)
+    assert all(names[n] == f"{s.producer}:{s.kind}" for n, s in layout.sites.items())
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "vit"])

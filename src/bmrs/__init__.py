@@ -22,7 +22,7 @@ from .compaction import compact, load_compact, save_compact
 from .errors import BMRSError
 from .models import build_model
 from .training import Trainer, elbo_loss, seed_everything
-from .gates import NoiseGate, attach_gates, detach_gates, gate_layout, gates, model_kl
+from .gates import NoiseGate, attach_gates, detach_gates, gate_layout, gates, layer_names, model_kl
 from .math.distributions import LogUniform, TruncatedLogNormal
 from .pruning import (
     ContinuousPruning,
@@ -59,6 +59,7 @@ __all__ = [
     "elbo_loss",
     "expose_heads",
     "gate_layout",
+    "layer_names",
     "gates",
     "kept_structures",
     "load_compact",

@@ -40,7 +40,7 @@ from .experiments.runs import (
     load_run, load_state_file, methods, run_files, train_run, verify_checksum,
 )
 from .experiments.sweep import DEFAULT_LEVELS, default_criteria, parse_criteria, sweep_run
-from .gates import gates
+from .gates import gates, layer_names
 from .models import MODELS
 from .pruning import make_criterion, parse_budget, prune, round_widths, set_masks
 from .pruning.criteria import CRITERIA, load_plugins
@@ -574,7 +574,7 @@ def _describe_gated(path: Path, data_dir) -> dict:
     return {
         "file": str(path), "kind": "gated (not compacted)", "architecture": architecture,
         "widths": layer_widths(model),
-        "kept": {name: f"{int(g.mask.sum())}/{g.num_structures}" for name, g in gates(model).items()},
+        "kept": {layer_names(model)[name]: f"{int(g.mask.sum())}/{g.num_structures}" for name, g in gates(model).items()},
         "parameters": count_parameters(model), "flops": count_flops(model, torch.zeros(shape)), "input_shape": shape,
     }
 
@@ -604,7 +604,7 @@ def cmd_info(args) -> int:
     for name in sorted(info["widths"], key=natural_key):
         _say(f"  {name:<24} {info['widths'][name]}")
     if info.get("kept"):
-        _say("kept structures per gate: " + ", ".join(f"{n}: {k}" for n, k in sorted(info["kept"].items(), key=lambda kv: natural_key(kv[0]))))
+        _say("kept structures per layer: " + ", ".join(f"{n}: {k}" for n, k in sorted(info["kept"].items(), key=lambda kv: natural_key(kv[0]))))
     _say(f"parameters    {info['parameters']:,}")
     if info["flops"] is not None:
         _say(f"FLOPs         {info['flops']:,} (one forward pass, input shape {tuple(info['input_shape'])})")

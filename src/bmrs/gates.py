@@ -16,7 +16,9 @@ from .math import fast
 from .math.distributions import LogUniform, TruncatedLogNormal
 from .structure import GateLayout, couple, find_sites, traces
 
-__all__ = ["NoiseGate", "attach_gates", "check_finite_gates", "detach_gates", "gates", "gate_layout", "model_kl"]
+__all__ = [
+    "NoiseGate", "attach_gates", "check_finite_gates", "detach_gates", "gates", "gate_layout", "layer_names", "model_kl",
+]
 
 GATE_ATTR = "bmrs_gate"
 _LAYOUT_ATTR = "_bmrs_layout"
@@ -414,6 +416,28 @@ def gate_layout(model: nn.Module) -> GateLayout:
     if layout is None:
         raise BMRSError("the model has no gates attached by bmrs.attach_gates")
     return layout
+
+
+def layer_names(model: nn.Module) -> dict[str, str]:
+    """For every gate (by its key in :func:`gates`), the name of the layer whose structures
+    it gates: the gate sits after the layer's activation or BatchNorm (gate ``act1``, layer
+    ``fc1``), followed by the kind of structure where a model adapter defines it
+    (``encoder.layer.0:ffn-neurons``). This is the name bmrs prints and writes into run
+    metrics and logs. Every gate keeps its own key where no layout was recorded for it or two
+    gates would share a name.
+    """
+    named = gates(model)
+    layout = getattr(unwrap(model), _LAYOUT_ATTR, None)
+    names = {}
+    for n in named:
+        site = layout.sites.get(n) if layout is not None else None
+        if site is None:
+            names[n] = n
+        else:  # structures a model adapter defines carry their kind: "encoder.layer.0:ffn-neurons"
+            names[n] = site.producer if site.kind in ("channels", "heads") else f"{site.producer}:{site.kind}"
+    if len(set(names.values())) < len(names):
+        return {n: n for n in named}
+    return names
 
 
 def detach_gates(model: nn.Module) -> None:

@@ -6,6 +6,7 @@ paper's places (after every activation or BatchNorm) with :func:`bmrs.attach_gat
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -15,7 +16,7 @@ from .attention import MultiheadSelfAttention
 from .errors import BMRSError
 from .gates import attach_gates
 
-__all__ = ["mlp", "lenet5", "resnet", "vit", "MODELS", "build_model"]
+__all__ = ["mlp", "lenet5", "resnet", "vit", "MODELS", "build_model", "MLP", "LeNet5"]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
 
@@ -26,6 +27,45 @@ def _activation(name: str) -> type[nn.Module]:
     return _ACTIVATIONS[name]
 
 
+class _Layers(nn.Sequential):
+    """A bundled sequential network whose layers have names (``fc1``, ``conv2``, ``act1``).
+
+    Checkpoints and compacted files written while these networks were plain
+    ``nn.Sequential`` (layers numbered: ``"1.weight"``, ``"2.bmrs_gate.loc"``) still load:
+    a leading number that is not a layer's name stands for the layer in that position
+    (:meth:`layer_name`).
+    """
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
+        super().__init__(OrderedDict(layers))
+
+    def layer_name(self, name: str) -> str:
+        """``name`` (a layer, parameter or state-dict key) with a leading layer number
+        replaced by that layer's name: ``"1.weight"`` -> ``"fc1.weight"``."""
+        head, dot, rest = name.partition(".")
+        if head.isdigit() and head not in self._modules and int(head) < len(self._modules):
+            return list(self._modules)[int(head)] + dot + rest
+        return name
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            renamed = prefix + self.layer_name(key[len(prefix):])
+            if renamed != key:
+                state_dict[renamed] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class MLP(_Layers):
+    """The paper's MLP (built by :func:`mlp`): ``flatten``, then ``fc1``, ``act1``, ...,
+    ``fc{k}``, ``act{k}`` for the input and hidden layers, and the classifier ``out``."""
+
+
+class LeNet5(_Layers):
+    """LeNet5 (built by :func:`lenet5`): ``conv1``, ``act1``, ``pool1``, ``conv2``, ``act2``,
+    ``pool2``, ``flatten``, ``fc1``, ``act3``, ``fc2``, ``act4`` and the classifier ``out``
+    (after ``pad`` for 28x28 inputs)."""
+
+
 def mlp(
     input_shape: Sequence[int],
     num_classes: int,
@@ -33,10 +73,11 @@ def mlp(
     width: int = 150,
     hidden_layers: int = 1,
     activation: str = "tanh",
-) -> nn.Sequential:
+) -> MLP:
     """The paper's MLP: an input layer and ``hidden_layers`` hidden blocks of ``width`` units.
 
-    For 32x32 Fashion-MNIST and the defaults: 1024 -> 150 -> 150 -> 10 with tanh.
+    For 32x32 Fashion-MNIST and the defaults: 1024 -> 150 -> 150 -> 10 with tanh; the layers
+    are named ``fc1``, ``act1``, ``fc2``, ``act2`` and ``out`` (see :class:`MLP`).
     """
     if width < 1 or hidden_layers < 0:
         raise BMRSError(f"width must be >= 1 and hidden_layers >= 0, got {width} and {hidden_layers}")
@@ -44,32 +85,32 @@ def mlp(
     features = 1
     for s in input_shape:
         features *= int(s)
-    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(features, width), act()]
-    for _ in range(hidden_layers):
-        layers += [nn.Linear(width, width), act()]
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
+    for i in range(1, hidden_layers + 2):
+        layers += [(f"fc{i}", nn.Linear(features if i == 1 else width, width)), (f"act{i}", act())]
+    layers.append(("out", nn.Linear(width, num_classes)))
+    return MLP(layers)
 
 
-def lenet5(input_shape: Sequence[int], num_classes: int, *, activation: str = "relu") -> nn.Sequential:
+def lenet5(input_shape: Sequence[int], num_classes: int, *, activation: str = "relu") -> LeNet5:
     """LeNet5 as in the paper: conv 6 and 16 filters (5x5), max-pool 2, linear 120 and 84.
 
-    28x28 inputs are zero-padded to 32x32.
+    28x28 inputs are zero-padded to 32x32. Layer names: see :class:`LeNet5`.
     """
     channels, height, width = (int(s) for s in input_shape)
     if (height, width) not in ((28, 28), (32, 32)):
         raise BMRSError(f"lenet5 takes 28x28 or 32x32 images, got {height}x{width}")
     act = _activation(activation)
-    layers: list[nn.Module] = [nn.ZeroPad2d(2)] if height == 28 else []
+    layers: list[tuple[str, nn.Module]] = [("pad", nn.ZeroPad2d(2))] if height == 28 else []
     layers += [
-        nn.Conv2d(channels, 6, 5), act(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), act(), nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120), act(),
-        nn.Linear(120, 84), act(),
-        nn.Linear(84, num_classes),
+        ("conv1", nn.Conv2d(channels, 6, 5)), ("act1", act()), ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(6, 16, 5)), ("act2", act()), ("pool2", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(16 * 5 * 5, 120)), ("act3", act()),
+        ("fc2", nn.Linear(120, 84)), ("act4", act()),
+        ("out", nn.Linear(84, num_classes)),
     ]
-    return nn.Sequential(*layers)
+    return LeNet5(layers)
 
 
 class _BasicBlock(nn.Module):

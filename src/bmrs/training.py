@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ._io import content_digest, read_tensors, write_atomic
 from .errors import BMRSError
 from .distributed import average, gather_rows, is_main, rank, unwrap, world_size
-from .gates import model_kl
+from .gates import layer_names, model_kl
 from .pruning.masks import kept_structures, parameter_compression, structure_compression
 from .pruning.schedules import ContinuousPruning
 
@@ -124,6 +124,12 @@ def _set_numpy_rng_state(state: dict) -> None:
     np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
+def _per_layer(model: nn.Module) -> dict[str, int]:
+    """Unmasked structures, keyed by the name of the layer each gate prunes."""
+    names = layer_names(model)
+    return {names[n]: k for n, k in kept_structures(model).items()}
+
+
 @dataclass
 class EpochRecord:
     """What one epoch did."""
@@ -137,7 +143,7 @@ class EpochRecord:
     val_accuracy: float
     structure_compression: float
     parameter_compression: float
-    kept: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)  # unmasked structures per layer (bmrs.layer_names)
     seconds: float = 0.0
 
 
@@ -322,7 +328,7 @@ class Trainer:
                 train_accuracy=train["accuracy"], val_loss=val["loss"], val_accuracy=val["accuracy"],
                 structure_compression=structure_compression(self.model),
                 parameter_compression=parameter_compression(self.model),
-                kept=kept_structures(self.model), seconds=time.perf_counter() - began,
+                kept=_per_layer(self.model), seconds=time.perf_counter() - began,
             )
             self.history.append(record)
             selectable = pruning is None or phase == "finetune" or (finetune_epochs == 0 and epoch == total)

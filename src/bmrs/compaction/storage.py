@@ -145,8 +145,13 @@ def load_compact(path, *, model: nn.Module | None = None) -> nn.Module:
         net = _build_skeleton(architecture_builder(arch["name"]), arch, state, path)
     else:
         raise BMRSError(f"{path} was saved without an architecture: pass model=<an unpruned instance of it>")
+    layers = metadata["layers"]
+    rename = getattr(net, "layer_name", None)  # a bundled network that once numbered its layers
+    if callable(rename):
+        state = {rename(k): v for k, v in state.items()}
+        layers = {rename(k): v for k, v in layers.items()}
     try:
-        _resize(net, state, metadata["layers"])
+        _resize(net, state, layers)
         net.load_state_dict(state, strict=True)
     except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
         raise BMRSError(f"{path} does not fit its architecture: {' '.join(str(err).split())[:300]}") from None

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..gates import gates
+from ..gates import gates, layer_names
 from ..pruning.criteria import Criterion, default_labels, make_criterion, parse_label
 from ..pruning.masks import decide
 from ..reporting.collect import RunResult, method_label
@@ -85,8 +85,10 @@ def run_diagnostics(run_dir: str | os.PathLike, *, relaxed_at: float = RELAXED_L
         records = gate_diagnostics(model, _criteria())
         named = gates(model)
         extra = {name: (gate.mask.tolist(), gate.log_scale_bounds) for name, gate in named.items()}
+    layer = layer_names(model)  # the names printed: the layer each gate prunes
     for r in records:
         mask, bounds = extra[r["gate"]]
+        r["gate"] = layer[r["gate"]]
         i = r["index"]
         r["log_sigma_clamped"] = min(max(r["log_sigma"], bounds[0]), bounds[1])
         r["masked"] = mask[i] == 0
@@ -94,7 +96,8 @@ def run_diagnostics(run_dir: str | os.PathLike, *, relaxed_at: float = RELAXED_L
     return RunDiagnostics(
         path=run_dir, dataset=config["dataset"], model=config["model"], label=method_label(config),
         seed=config["seed"],
-        layers=list(named), log_sigma_max={name: g.log_scale_bounds[1] for name, g in named.items()},
+        layers=[layer[name] for name in named],
+        log_sigma_max={layer[name]: g.log_scale_bounds[1] for name, g in named.items()},
         records=records, relaxed_at=relaxed_at,
     )
 

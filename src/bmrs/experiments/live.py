@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import BMRSError
-from ..gates import gates
+from ..gates import gates, layer_names
 from ..pruning.criteria import Criterion, make_criterion
 from ..training import EpochRecord
 
@@ -59,7 +59,8 @@ class EpochLogger:
         self.fmt, self.out, self.model = fmt, Path(out), model
         evidence = criterion is not None and criterion.evidence_based
         self.criterion = criterion if evidence else make_criterion("bmrs-n")
-        self.layers = list(gates(model))
+        self.names = layer_names(model)  # gate -> the layer it prunes, as printed
+        self.layers = list(self.names.values())
         self.writer = None
         if fmt == "tensorboard":
             try:
@@ -72,7 +73,7 @@ class EpochLogger:
     def delta_f(self) -> dict[str, torch.Tensor]:
         """delta F of every structure of every gated layer (see the module docstring)."""
         with torch.no_grad():
-            return {name: self.criterion.delta_f(gate).detach().double().cpu() for name, gate in gates(self.model).items()}
+            return {self.names[name]: self.criterion.delta_f(gate).detach().double().cpu() for name, gate in gates(self.model).items()}
 
     def __call__(self, record: EpochRecord) -> None:
         delta = self.delta_f()
@@ -88,7 +89,7 @@ class EpochLogger:
         row = [record.epoch, record.phase, *(getattr(record, k) for k in _SCALARS),
                *(record.kept.get(name, "") for name in self.layers)]
         self._append(path, header, [row])
-        masks = {name: gate.mask.bool().tolist() for name, gate in gates(self.model).items()}
+        masks = {self.names[name]: gate.mask.bool().tolist() for name, gate in gates(self.model).items()}
         rows = [[record.epoch, name, i, float(v), int(masks[name][i])]
                 for name, values in delta.items() for i, v in enumerate(values.tolist())]
         self._append(self.out / "delta_f.csv", ["epoch", "layer", "structure", "delta_f", "kept"], rows)

@@ -22,7 +22,7 @@ from .. import distributed
 from .._io import content_digest, read_json, read_tensors, write_json
 from ..compaction import compact, count_flops, count_parameters, save_compact
 from ..errors import BMRSError
-from ..gates import gates
+from ..gates import gates, layer_names
 from ..pruning.criteria import CRITERIA, Criterion, criterion_class
 from ..pruning.masks import kept_structures, parameter_compression, structure_compression
 from ..pruning.schedules import ContinuousPruning
@@ -347,15 +347,15 @@ def train_run(
     test = trainer.evaluate(test_loader)
     val = trainer.evaluate(val_loader)
     model = model.cpu()  # the files hold CPU tensors, whatever the device of training
-    named = gates(model)
+    named, layer = gates(model), layer_names(model)
     metrics = {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "val_accuracy": val["accuracy"],
         "structure_compression": structure_compression(model),
         "parameter_compression": parameter_compression(model),
-        "kept": kept_structures(model),
-        "structures": {name: g.num_structures for name, g in named.items()},
+        "kept": {layer[name]: k for name, k in kept_structures(model).items()},
+        "structures": {layer[name]: g.num_structures for name, g in named.items()},
         "best_epoch": trainer.best_epoch,
         "train_seconds": sum(r.seconds for r in trainer.history),
         "processes": distributed.world_size(),

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import BMRSError
-from ..gates import gate_layout, gates
+from ..gates import gate_layout, gates, layer_names
 from . import masks as _masks
 from .criteria import Criterion
 
@@ -55,7 +55,8 @@ class RoundResult:
 
     Attributes:
         masks: keep masks per gate after rounding (bool), for :func:`~bmrs.pruning.set_masks`.
-        widths: ``{gate: (kept before, kept after)}``.
+        widths: ``{layer: (kept before, kept after)}``, by the name of the layer each gate
+            prunes (:func:`bmrs.layer_names`), as printed.
         pruned: structures (family slots) pruned by the rounding.
         restored: structures kept back by the rounding.
         delta_f_change: for an evidence criterion, the change in ``sum(delta F - margin)``
@@ -113,8 +114,9 @@ def round_widths(model: nn.Module, criterion: Criterion, multiple: int, *, mode:
             keep = True
         for name, idx in family.members:
             masks[name][torch.as_tensor(idx)[chosen]] = keep
+    layer = layer_names(model)
     return RoundResult(
-        masks=masks, widths={name: (int(current[name].sum()), int(m.sum())) for name, m in masks.items()},
+        masks=masks, widths={layer[name]: (int(current[name].sum()), int(m.sum())) for name, m in masks.items()},
         pruned=pruned, restored=restored,
         delta_f_change=change if criterion.evidence_based else None,
     )

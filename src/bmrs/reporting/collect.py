@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .._io import read_json
 from ..errors import BMRSError
+from ..gates import layer_names
+from ..models import build_model
 from ..pruning.criteria import criterion_label
 
 __all__ = ["RunResult", "SweepResult", "Collection", "collect", "method_label", "base_label", "natural_key"]
@@ -98,6 +100,24 @@ class Collection:
     skipped: list[str] = field(default_factory=list)
 
 
+def _named_layers(config: dict, metrics: dict) -> dict:
+    """``metrics`` with the per-layer counts of a run written while the bundled MLP and LeNet5
+    numbered their layers (``"kept": {"2": 15}``, the gate's module number) keyed by the layer
+    each gate prunes (``"fc1"``), as runs written now are, so that runs of both kinds line up."""
+    arch = (metrics.get("compaction") or {}).get("architecture") or {}
+    layers = {**metrics.get("kept", {}), **metrics.get("structures", {})}
+    if config.get("model") not in ("mlp", "lenet5") or not layers or not all(k.isdigit() for k in layers) \
+            or "input_shape" not in arch:
+        return metrics
+    model = build_model(config["model"], arch["input_shape"], arch["num_classes"], **(arch.get("options") or {}))
+    names = layer_names(model)
+    if not all(model.layer_name(k) in names for k in layers):
+        return metrics
+    renamed = {k: names[model.layer_name(k)] for k in layers}
+    return {**metrics, **{key: {renamed[k]: v for k, v in metrics[key].items()}
+                          for key in ("kept", "structures") if key in metrics}}
+
+
 def _classify(folder: Path, collection: Collection) -> bool:
     """Add ``folder`` to ``collection`` if it is a run or sweep directory; say whether it was."""
     found = False
@@ -111,7 +131,7 @@ def _classify(folder: Path, collection: Collection) -> bool:
             config = read_json(folder / "config.json")
             RunConfig.from_dict(config, folder / "config.json")  # the kinds of its values
             metrics = check_metrics(read_json(folder / "metrics.json"), folder / "metrics.json", complete=False)
-            collection.runs.append(RunResult(folder, config, metrics))
+            collection.runs.append(RunResult(folder, config, _named_layers(config, metrics)))
         else:
             collection.skipped.append(f"{folder}: unfinished run (no metrics.json), skipped")
         found = True

@@ -237,7 +237,7 @@ def plot_posteriors(d: RunDiagnostics, path: str | os.PathLike) -> None:
             ax.axhspan(d.relaxed_at, top + 0.5, color="#2ca02c", alpha=0.08,
                        label=f"relaxed: log σ ≥ {d.relaxed_at:g}")
             ax.axhline(top, color="black", linestyle="--", linewidth=0.8)
-            ax.set_title(f"gate {name}: {first} vs {second}", fontsize=9)
+            ax.set_title(f"layer {name}: {first} vs {second}", fontsize=9)
             ax.set_xlabel("μ (location of log θ)")
             ax.set_ylabel("log σ (clamped)")
             ax.grid(alpha=0.3)
@@ -282,7 +282,7 @@ def plot_delta_f(d: RunDiagnostics, path: str | os.PathLike, *, linthresh: float
         ax.axvline(0.0, color="black", linewidth=0.9, label="0: exact BMRS_N prunes above")
         ax.axvline(-HALF_LOG_2PI, color="#d62728", linestyle="--", linewidth=0.9,
                    label="−½ log 2π: code's BMRS_N prunes above")
-        ax.set_title(f"gate {name}", fontsize=9)
+        ax.set_title(f"layer {name}", fontsize=9)
         ax.set_xlabel("ΔF (exact BMRS_N), symlog")
         ax.set_ylabel("structures")
         ax.grid(alpha=0.3)
