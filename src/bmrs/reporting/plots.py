@@ -37,14 +37,16 @@ def _grid(n: int, width: float = 5.5, height: float = 4.2) -> tuple[Figure, list
 
 def _legends_right(fig: Figure, axes: list) -> None:
     """Each panel's legend beside it, in small type where it hides no data (two columns
-    when it is long), and the panels just tall enough for their legends."""
+    when it is long, the figure widened for the second), and the panels just tall enough
+    for their legends."""
     entries = max(len(ax.get_legend_handles_labels()[0]) for ax in axes)
     columns = 1 if entries <= 14 else 2
     for ax in axes:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, ncols=columns,
                   handlelength=2.2, labelspacing=0.35, columnspacing=1.0, frameon=False)
     width, height = fig.get_size_inches()
-    fig.set_size_inches(width, max(height, len(axes) * (0.15 * -(-entries // columns) + 0.8)))
+    # a second legend column gets its own room, so that the panels keep their width
+    fig.set_size_inches(width + 2.5 * (columns - 1), max(height, len(axes) * (0.15 * -(-entries // columns) + 0.8)))
 
 
 def _is_bmrs(label: str) -> bool:
