@@ -94,10 +94,10 @@ def test_reports_read_runs_written_with_numbered_layers_by_layer_name(tmp_path, 
     full = {"mlp": {"2": 150, "4": 150}, "lenet5": {"1": 6, "4": 16, "8": 120, "10": 84}}[model]
     metrics = {"test_accuracy": 0.9, "test_loss": 0.3, "val_accuracy": 0.9, "structure_compression": 0.5,
                "parameter_compression": 0.5, "kept": numbered_kept, "structures": full, "best_epoch": 3,
-               "history": [], "compaction": {"architecture": {"name": model, "input_shape": shape,
+               "history": [{"epoch": 1, "kept": full}], "compaction": {"architecture": {"name": model, "input_shape": shape,
                                                               "num_classes": 10, "options": {}}}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     run = collect([tmp_path]).runs[0]
     assert run.metrics["kept"] == expected
-    assert set(run.metrics["structures"]) == set(expected)
+    assert set(run.metrics["structures"]) == set(run.metrics["history"][0]["kept"]) == set(expected)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -102,20 +104,36 @@ class Collection:
 
 def _named_layers(config: dict, metrics: dict) -> dict:
     """``metrics`` with the per-layer counts of a run written while the bundled MLP and LeNet5
-    numbered their layers (``"kept": {"2": 15}``, the gate's module number) keyed by the layer
-    each gate prunes (``"fc1"``), as runs written now are, so that runs of both kinds line up."""
+    numbered their layers (``"kept": {"2": 15}``, the gate's module number; also in every
+    epoch of ``history``) keyed by the layer each gate prunes (``"fc1"``), as runs written now
+    are, so that runs of both kinds line up."""
     arch = (metrics.get("compaction") or {}).get("architecture") or {}
     layers = {**metrics.get("kept", {}), **metrics.get("structures", {})}
     if config.get("model") not in ("mlp", "lenet5") or not layers or not all(k.isdigit() for k in layers) \
             or "input_shape" not in arch:
         return metrics
-    model = build_model(config["model"], arch["input_shape"], arch["num_classes"], **(arch.get("options") or {}))
-    names = layer_names(model)
-    if not all(model.layer_name(k) in names for k in layers):
+    names = _numbered_to_named(config["model"], json.dumps([arch["input_shape"], arch["num_classes"],
+                                                            arch.get("options") or {}], sort_keys=True))
+    if not all(k in names for k in layers):
         return metrics
-    renamed = {k: names[model.layer_name(k)] for k in layers}
-    return {**metrics, **{key: {renamed[k]: v for k, v in metrics[key].items()}
-                          for key in ("kept", "structures") if key in metrics}}
+
+    def renamed(counts: dict) -> dict:
+        return {names.get(k, k): v for k, v in counts.items()}
+
+    history = [{**h, "kept": renamed(h["kept"])} if isinstance(h, dict) and isinstance(h.get("kept"), dict) else h
+               for h in metrics.get("history", [])]
+    return {**metrics, "history": history,
+            **{key: renamed(metrics[key]) for key in ("kept", "structures") if key in metrics}}
+
+
+@functools.lru_cache(maxsize=None)
+def _numbered_to_named(model: str, spec: str) -> dict[str, str]:
+    """``{old layer number: layer name}`` of a bundled model's gated layers, built once per
+    architecture (``spec``: input shape, classes and options as JSON)."""
+    input_shape, num_classes, options = json.loads(spec)
+    net = build_model(model, input_shape, num_classes, **options)
+    named = layer_names(net)
+    return {str(i): named[child] for i, (child, _) in enumerate(net.named_children()) if child in named}
 
 
 def _classify(folder: Path, collection: Collection) -> bool:
