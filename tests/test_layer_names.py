@@ -10,6 +10,7 @@ from torch import nn
 import bmrs
 from bmrs.compaction import compact, load_compact, save_compact
 from bmrs.models import build_model
+from bmrs.pruning import kept_per_layer
 
 from nets import small_mlp
 
@@ -27,6 +28,10 @@ def numbered(key: str, net: nn.Module) -> str:
 def test_bundled_layers_have_names_and_gates_report_the_layer_they_prune(name, shape, expected):
     model = build_model(name, shape, 10)
     assert bmrs.layer_names(model) == expected
+    bmrs.gates(model)["act1"].mask[:2] = 0
+    kept = {layer: bmrs.gates(model)[gate].num_structures for gate, layer in expected.items()}
+    kept[expected["act1"]] -= 2
+    assert kept_per_layer(model) == kept
     assert not any(part.isdigit() for key in model.state_dict() for part in key.split("."))
 
 

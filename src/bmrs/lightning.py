@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from . import distributed
 from .compaction import compact
 from .errors import BMRSError
-from .gates import attach_gates, gates, layer_names, model_kl
+from .gates import attach_gates, gates, model_kl
 from .pruning.criteria import Criterion, make_criterion
-from .pruning.masks import kept_structures, parameter_compression, structure_compression
+from .pruning.masks import kept_per_layer, parameter_compression, structure_compression
 from .pruning.schedules import ContinuousPruning
 
 __all__ = ["BMRSPruning"]
@@ -172,11 +172,10 @@ class BMRSPruning(Callback):
         epoch = trainer.current_epoch + 1
         if self.prune_until is None or epoch <= self.prune_until:
             self.pruning(net, epoch)
-        names = layer_names(net)
         summary = {
             "bmrs/structure_compression": structure_compression(net),
             "bmrs/parameter_compression": parameter_compression(net),
-            **{f"bmrs/kept/{names[name]}": float(k) for name, k in kept_structures(net).items()},
+            **{f"bmrs/kept/{name}": float(k) for name, k in kept_per_layer(net).items()},
         }
         if self.criterion.evidence_based:
             with torch.no_grad():

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from ._io import content_digest, read_tensors, write_atomic
 from .errors import BMRSError
 from .distributed import average, gather_rows, is_main, rank, unwrap, world_size
-from .gates import layer_names, model_kl
-from .pruning.masks import kept_structures, parameter_compression, structure_compression
+from .gates import model_kl
+from .pruning.masks import kept_per_layer, parameter_compression, structure_compression
 from .pruning.schedules import ContinuousPruning
 
 __all__ = ["elbo_loss", "seed_everything", "adam", "Trainer", "EpochRecord", "atomic_save", "TrainingDiverged"]
@@ -124,12 +124,6 @@ def _set_numpy_rng_state(state: dict) -> None:
     np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
-def _per_layer(model: nn.Module) -> dict[str, int]:
-    """Unmasked structures, keyed by the name of the layer each gate prunes."""
-    names = layer_names(model)
-    return {names[n]: k for n, k in kept_structures(model).items()}
-
-
 @dataclass
 class EpochRecord:
     """What one epoch did."""
@@ -143,7 +137,7 @@ class EpochRecord:
     val_accuracy: float
     structure_compression: float
     parameter_compression: float
-    kept: dict[str, int] = field(default_factory=dict)  # unmasked structures per layer (bmrs.layer_names)
+    kept: dict[str, int] = field(default_factory=dict)  # unmasked structures per layer (kept_per_layer)
     seconds: float = 0.0
 
 
@@ -328,7 +322,7 @@ class Trainer:
                 train_accuracy=train["accuracy"], val_loss=val["loss"], val_accuracy=val["accuracy"],
                 structure_compression=structure_compression(self.model),
                 parameter_compression=parameter_compression(self.model),
-                kept=_per_layer(self.model), seconds=time.perf_counter() - began,
+                kept=kept_per_layer(self.model), seconds=time.perf_counter() - began,
             )
             self.history.append(record)
             selectable = pruning is None or phase == "finetune" or (finetune_epochs == 0 and epoch == total)

@@ -24,7 +24,7 @@ from ..compaction import compact, count_flops, count_parameters, save_compact
 from ..errors import BMRSError
 from ..gates import gates, layer_names
 from ..pruning.criteria import CRITERIA, Criterion, criterion_class
-from ..pruning.masks import kept_structures, parameter_compression, structure_compression
+from ..pruning.masks import kept_per_layer, parameter_compression, structure_compression
 from ..pruning.schedules import ContinuousPruning
 from ..datasets import load_dataset
 from ..models import build_model
@@ -354,7 +354,7 @@ def train_run(
         "val_accuracy": val["accuracy"],
         "structure_compression": structure_compression(model),
         "parameter_compression": parameter_compression(model),
-        "kept": {layer[name]: k for name, k in kept_structures(model).items()},
+        "kept": kept_per_layer(model),
         "structures": {layer[name]: g.num_structures for name, g in named.items()},
         "best_epoch": trainer.best_epoch,
         "train_seconds": sum(r.seconds for r in trainer.history),

@@ -6,7 +6,7 @@ from .criteria import (
     ExpectedTheta, L2, Random, Taylor, make_criterion, register_criterion,
 )
 from .masks import (
-    count_trainable_parameters, decide, kept_structures, parameter_compression, prune, set_masks, structure_compression,
+    count_trainable_parameters, decide, kept_per_layer, kept_structures, parameter_compression, prune, set_masks, structure_compression,
 )
 from .rounding import ROUND_MODES, RoundResult, round_width, round_widths
 from .schedules import ContinuousPruning
@@ -15,6 +15,6 @@ __all__ = [
     "BUDGET_KINDS", "BudgetResult", "budget_cut", "parse_budget",
     "BMRSN", "BMRSNCode", "BMRSNKassRaftery", "BMRSNRelative", "BMRSU", "CRITERIA", "ContinuousPruning", "Criterion",
     "EvidenceCriterion", "ExpectedTheta", "L2", "Random", "SNR", "Taylor", "count_trainable_parameters", "decide",
-    "kept_structures", "make_criterion", "parameter_compression", "prune", "register_criterion", "set_masks",
+    "kept_per_layer", "kept_structures", "make_criterion", "parameter_compression", "prune", "register_criterion", "set_masks",
     "structure_compression", "ROUND_MODES", "RoundResult", "round_width", "round_widths",
 ]

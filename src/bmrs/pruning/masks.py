@@ -7,12 +7,12 @@ from torch import Tensor, nn
 
 from ..distributed import broadcast, unwrap
 from ..errors import BMRSError
-from ..gates import check_finite_gates, gate_layout, gates
+from ..gates import check_finite_gates, gate_layout, gates, layer_names
 from . import budget as _budget  # budget imports this module: names are looked up at call time
 from .criteria import Criterion
 
 __all__ = [
-    "decide", "prune", "set_masks", "kept_structures", "structure_compression",
+    "decide", "prune", "set_masks", "kept_structures", "kept_per_layer", "structure_compression",
     "parameter_compression", "count_trainable_parameters", "removed_parameters",
 ]
 
@@ -166,6 +166,13 @@ def prune(
 def kept_structures(model: nn.Module) -> dict[str, int]:
     """Number of unmasked structures per gate."""
     return {name: int(g.mask.sum().item()) for name, g in gates(model).items()}
+
+
+def kept_per_layer(model: nn.Module) -> dict[str, int]:
+    """:func:`kept_structures` keyed by the name of the layer each gate prunes
+    (:func:`bmrs.layer_names`): what bmrs prints, logs and writes into run metrics."""
+    names = layer_names(model)
+    return {names[name]: k for name, k in kept_structures(model).items()}
 
 
 def structure_compression(model: nn.Module) -> float:
