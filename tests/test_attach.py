@@ -219,3 +219,94 @@ def test_a_batch_norm_with_its_own_forward_is_never_folded_as_a_plain_one(norm):
     model.eval()
     small = bmrs.compact(model, x)
     torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def _gated_before_the_pool(model: nn.Module) -> None:
+    """Re-hook every gate on the module that holds it, as if pooling were not passed (in place)."""
+    for gate in bmrs.gates(model).values():
+        gate.hook_handle.remove()
+    modules = dict(model.named_modules())
+    for name, gate in bmrs.gates(model).items():
+        gate.hook_handle = modules[name].register_forward_hook(gate._hook)
+
+
+def _conv_net(activation: type, pool) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), activation(), pool(), nn.Conv2d(6, 8, 3), activation(), nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(), nn.Linear(32, 10), activation(), nn.Linear(10, 3),
+    )
+
+
+def test_gates_followed_by_pooling_multiply_the_pooled_output():
+    model = lenet_like()
+    layout = bmrs.attach_gates(model, torch.randn(2, 1, 32, 32))
+    assert {(s.site, s.applied_at, s.hook_module) for s in layout.sites.values()} == {
+        ("1", "2", "2"), ("4", "5", "5"), ("8", "", "8"), ("10", "", "10")}
+    assert set(bmrs.gates(model)) == {"1", "4", "8", "10"}  # keys and state-dict entries stay with the activation
+    assert "gate 1: 6 channels of 0 (after 1, applied after 2)" in layout.describe()
+    reference = lenet_like()
+    bmrs.attach_gates(reference, torch.randn(2, 1, 32, 32))
+    with torch.no_grad():
+        for gate in bmrs.gates(model).values():
+            gate.loc.uniform_(-2.0, 0.0)
+            gate.mask.bernoulli_(0.7)
+    reference.load_state_dict(model.state_dict())
+    _gated_before_the_pool(reference)
+    x = torch.randn(4, 1, 32, 32)
+    assert torch.equal(model.eval()(x), reference.eval()(x))  # a maximum commutes with scaling bitwise
+    bmrs.detach_gates(model)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh, nn.GELU])
+@pytest.mark.parametrize("pool", [lambda: nn.MaxPool2d(2), lambda: nn.AvgPool2d(2, ceil_mode=True),
+                                  lambda: nn.MaxPool2d(3, 2, padding=1)], ids=["max", "avg", "max-padded"])
+def test_gating_after_pooling_is_the_same_network(activation, pool):
+    torch.manual_seed(0)
+    model = _conv_net(activation, pool)
+    layout = bmrs.attach_gates(model, torch.randn(2, 1, 16, 16))
+    assert {s.applied_at for s in layout.sites.values()} == {"2", "5", ""}
+    gates = bmrs.gates(model)
+    with torch.no_grad():
+        for gate in gates.values():
+            gate.loc.uniform_(-2.0, 0.0)
+            gate.log_scale.uniform_(-3.0, 0.0)
+            gate.mask.bernoulli_(0.7)
+    reference = _conv_net(activation, pool)
+    bmrs.attach_gates(reference, torch.randn(2, 1, 16, 16))
+    reference.load_state_dict(model.state_dict())
+    _gated_before_the_pool(reference)
+    x = torch.randn(5, 1, 16, 16)
+    def check(a, b):  # the mean after scaling rounds differently from the scaled mean
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    assert check(model.eval()(x), reference.eval()(x))
+    outputs, grads = [], []
+    for net in (model, reference):
+        net.train()
+        torch.manual_seed(1)  # the same draw of theta for both
+        out = net(x)
+        (out.square().sum() + bmrs.model_kl(net)).backward()
+        outputs.append(out)
+        grads.append(torch.cat([torch.cat([g.loc.grad, g.log_scale.grad]) for g in bmrs.gates(net).values()]))
+    assert check(outputs[0], outputs[1])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert not torch.equal(grads[0], torch.zeros_like(grads[0]))
+
+
+def test_a_pool_module_called_twice_is_not_passed():
+    class SharedPool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.act1 = nn.Conv2d(1, 4, 3), nn.ReLU()
+            self.conv2, self.act2 = nn.Conv2d(4, 4, 3), nn.ReLU()
+            self.pool = nn.MaxPool2d(2)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.pool(self.act1(self.conv1(x)))
+            x = self.pool(self.act2(self.conv2(x)))
+            return self.out(x.mean((2, 3)))
+
+    layout = bmrs.attach_gates(SharedPool(), torch.randn(2, 1, 16, 16))
+    assert {(s.site, s.applied_at) for s in layout.sites.values()} == {("act1", ""), ("act2", "")}

@@ -331,7 +331,10 @@ def attach_gates(
     (:class:`bmrs.attention.MultiheadSelfAttention`; ``nn.MultiheadAttention``, converted in
     place by :func:`bmrs.attention.expose_heads`, keeping its parameters). Each gate multiplies the output of the last module that consumes
     the layer's output alone among its BatchNorm, activation and dropout modules, so it sits
-    after the activation (or BatchNorm) as in the paper. The final layers (whose outputs
+    after the activation (or BatchNorm) as in the paper. Where max or average pooling follows
+    alone, the gate multiplies the pooled output instead: the same network (theta is
+    positive and the same at every pooled position), with fewer values to multiply in
+    training and evaluation. The final layers (whose outputs
     are the network's outputs, e.g. the classifier) are never gated. Channels tied across
     layers by residual additions are gated in every layer and form a family that is only
     pruned as a whole.
@@ -380,7 +383,7 @@ def attach_gates(
             gate = gate.to(device=reference.device)
         host = modules[site.site]
         host.add_module(GATE_ATTR, gate)
-        gate.hook_handle = host.register_forward_hook(gate._hook)
+        gate.hook_handle = modules[site.hook_module].register_forward_hook(gate._hook)
     bank = _Bank([modules[site.site].get_submodule(GATE_ATTR) for site in sites])
     for gate in bank.gates:
         gate._bank = bank

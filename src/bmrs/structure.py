@@ -43,6 +43,12 @@ _CHANNELWISE = (
 # Activations whose value at 0 is not 0 would leave a constant behind a pruned structure.
 _NOT_ZERO_AT_ZERO = (nn.Sigmoid, nn.Softplus, nn.Hardsigmoid, nn.LogSigmoid)
 _CROSS_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm)
+# Pooling per channel commutes with multiplying each channel by a positive number.
+_POOLS = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)
 
 
 @dataclass
@@ -52,7 +58,8 @@ class GateSite:
     Attributes:
         name: the gate's key in :func:`bmrs.gates` (the site's module name).
         producer: name of the module whose output channels (or heads) are the structures.
-        site: name of the module after whose output the gate multiplies.
+        site: name of the module that holds the gate, the last BatchNorm, activation or
+            dropout module that consumes the producer's output alone (the gate's key).
         dim: the gated axis of that output.
         num_structures: number of structures.
         kind: the name of its :class:`StructureKind`: ``"channels"`` or ``"heads"``, or a
@@ -67,6 +74,15 @@ class GateSite:
     dim: int
     num_structures: int
     kind: str = "channels"
+    #: Where pooling follows ``site`` alone (max or average, per channel), the last such
+    #: pooling module: the gate multiplies its smaller output instead, which gives the same
+    #: network, since theta is positive and constant over the pooled axes. Empty otherwise.
+    applied_at: str = ""
+
+    @property
+    def hook_module(self) -> str:
+        """Name of the module whose output the gate multiplies."""
+        return self.applied_at or self.site
 
 
 @dataclass
@@ -107,6 +123,8 @@ class GateLayout:
         lines = [f"{len(self.sites)} gates, {sum(s.num_structures for s in self.sites.values())} structures"]
         for s in self.sites.values():
             where = "" if s.site == s.producer else f" (after {s.site})"
+            if s.applied_at:
+                where = f" (after {s.site}, applied after {s.applied_at})"
             if s.site.endswith(f".{INPUT_ATTR}"):
                 where = f" (at the input of {s.site.removesuffix(f'.{INPUT_ATTR}')})"
             lines.append(f"  gate {s.name}: {s.num_structures} {s.kind} of {s.producer}{where}")
@@ -462,11 +480,24 @@ def find_sites(
         if len(shape) < 2 or shape[dim] != channels:
             skipped[name] = f"output of shape {shape} has no channel axis of size {channels}"
             continue
-        sites.append(GateSite(name=site.name, producer=name, site=site.name, dim=dim, num_structures=channels))
+        applied = site
+        while (pool := _sole_consumer(applied, consumers, by_in_fn, calls)) is not None and isinstance(pool.module, _POOLS):
+            applied = pool
+        sites.append(GateSite(name=site.name, producer=name, site=site.name, dim=dim, num_structures=channels,
+                              applied_at="" if applied is site else applied.name))
     return sites, skipped
 
 
 _SHARED = "called more than once in a forward pass (shared weights)"
+
+
+def _sole_consumer(call: Call, consumers: dict, by_in_fn: dict, calls: list[Call]) -> Call | None:
+    """The module call that alone consumes ``call``'s output, if that module is called once."""
+    users = consumers.get(call.out_fn, [])
+    nxt = [c for c in by_in_fn.get(call.out_fn, []) if c is not call]
+    if len(users) != 1 or len(nxt) != 1 or sum(c.module is nxt[0].module for c in calls) > 1:
+        return None
+    return nxt[0]
 
 
 def _expose_attention_heads(model: nn.Module, exclude: Sequence, skipped: dict[str, str]) -> None:
