@@ -310,3 +310,13 @@ def test_a_pool_module_called_twice_is_not_passed():
 
     layout = bmrs.attach_gates(SharedPool(), torch.randn(2, 1, 16, 16))
     assert {(s.site, s.applied_at) for s in layout.sites.values()} == {("act1", ""), ("act2", "")}
+
+
+@pytest.mark.parametrize("net,example", [
+    (nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.MaxPool1d(2), nn.Linear(3, 2)), torch.randn(2, 4, 8)),
+    (nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.MaxPool1d(2), nn.Linear(3, 2)), torch.randn(2, 8)),
+], ids=["tokens", "features"])
+def test_pooling_across_the_channels_is_not_passed(net, example):
+    # a Linear's channels are its last axis, which MaxPool1d pools: that mixes channels
+    layout = bmrs.attach_gates(net, example)
+    assert [s.applied_at for s in layout.sites.values()] == [""]

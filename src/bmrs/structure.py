@@ -481,7 +481,11 @@ def find_sites(
             skipped[name] = f"output of shape {shape} has no channel axis of size {channels}"
             continue
         applied = site
-        while (pool := _sole_consumer(applied, consumers, by_in_fn, calls)) is not None and isinstance(pool.module, _POOLS):
+        while dim == 1 and len(shape) > 2:  # channels first, pooling over the axes after them
+            pool = _sole_consumer(applied, consumers, by_in_fn, calls)
+            if pool is None or not isinstance(pool.module, _POOLS) or len(pool.out_shape) != len(shape) \
+                    or pool.out_shape[1] != channels:
+                break
             applied = pool
         sites.append(GateSite(name=site.name, producer=name, site=site.name, dim=dim, num_structures=channels,
                               applied_at="" if applied is site else applied.name))
