@@ -131,15 +131,16 @@ def test_attach_twice_is_an_error_and_model_mode_is_restored():
         bmrs.attach_gates(model, torch.randn(2, 12))
 
 
-def test_deepcopy_keeps_working_gates():
+@pytest.mark.parametrize("net,shape", [(small_mlp, (12,)), (lenet_like, (1, 32, 32))])  # hooks on pooling too
+def test_deepcopy_keeps_working_gates(net, shape):
     import copy
 
-    model = small_mlp()
-    bmrs.attach_gates(model, torch.randn(2, 12))
+    model = net()
+    bmrs.attach_gates(model, torch.randn(2, *shape))
     clone = copy.deepcopy(model)
     bmrs.gates(clone)["1"].mask.zero_()
     clone.eval(), model.eval()
-    x = torch.randn(3, 12)
+    x = torch.randn(3, *shape)
     assert not torch.equal(clone(x), model(x))  # the clone's hooks use the clone's gates
     bmrs.detach_gates(clone)
     assert bmrs.gates(model)  # the original keeps its gates
