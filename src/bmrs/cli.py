@@ -568,13 +568,13 @@ def _describe_compact(path: Path) -> dict:
 
 
 def _describe_gated(path: Path, data_dir) -> dict:
-
     _, model, architecture, _, _ = _load_run_model(path, data_dir)
     shape = [1, *architecture["input_shape"]]
+    layer = layer_names(model)
     return {
         "file": str(path), "kind": "gated (not compacted)", "architecture": architecture,
         "widths": layer_widths(model),
-        "kept": {layer_names(model)[name]: f"{int(g.mask.sum())}/{g.num_structures}" for name, g in gates(model).items()},
+        "kept": {layer[name]: f"{int(g.mask.sum())}/{g.num_structures}" for name, g in gates(model).items()},
         "parameters": count_parameters(model), "flops": count_flops(model, torch.zeros(shape)), "input_shape": shape,
     }
 

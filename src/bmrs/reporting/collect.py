@@ -133,7 +133,8 @@ def _numbered_to_named(model: str, spec: str) -> dict[str, str]:
     input_shape, num_classes, options = json.loads(spec)
     net = build_model(model, input_shape, num_classes, **options)
     named = layer_names(net)
-    return {str(i): named[child] for i, (child, _) in enumerate(net.named_children()) if child in named}
+    numbered = {str(i): net.layer_name(str(i)) for i in range(len(net))}  # the networks' own rule
+    return {number: named[child] for number, child in numbered.items() if child in named}
 
 
 def _classify(folder: Path, collection: Collection) -> bool:
