@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import bmrs
-from bmrs.attention import (
+from bmrs.structures.attention import (
     CompactMultiheadAttention,
     HeadedMultiheadAttention,
     MultiheadSelfAttention,
@@ -20,7 +20,7 @@ from bmrs.attention import (
 )
 from bmrs.models import MODELS, build_model, vit
 from bmrs.pruning import L2, BMRSNCode, Random, Taylor, count_trainable_parameters, decide, parameter_compression, set_masks
-from bmrs.structure import find_sites
+from bmrs.structures.sites import find_sites
 
 
 def _randomise(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -299,7 +299,7 @@ def test_head_gates_can_be_turned_off_or_excluded_and_unsupported_attention_is_r
     layer = _encoder_layer()
     sites, _ = find_sites(layer, torch.randn(2, 5, 16), heads=False)
     assert type(layer.self_attn) is nn.MultiheadAttention
-    assert [s.name for s in sites] == ["linear1"]
+    assert [s.site for s in sites] == ["linear1"]
 
     layout = _quiet_attach(layer, torch.randn(2, 5, 16), exclude=[nn.MultiheadAttention])
     assert type(layer.self_attn) is nn.MultiheadAttention and layout.skipped["self_attn"] == "excluded"

@@ -395,6 +395,7 @@ def test_user_errors_are_one_line_and_defects_keep_their_traceback(monkeypatch, 
     internal KeyError, is not disguised as a user error but propagates with its traceback."""
     import bmrs
     import bmrs.cli as cli
+    from bmrs.commands import info
 
     def user_error(args):
         raise bmrs.BMRSError("the run\n   is not what bmrs expects")
@@ -407,14 +408,15 @@ def test_user_errors_are_one_line_and_defects_keep_their_traceback(monkeypatch, 
 
     for command, message in ((user_error, "the run is not what bmrs expects"),
                              (missing_file, "runs/x: no such file or directory")):
-        monkeypatch.setattr(cli, "cmd_info", command)
+        monkeypatch.setattr(info, "run", command)
         assert cli.main(["info", "runs/x"]) == 2
         assert capsys.readouterr().err == f"bmrs: error: {message}\n"
-    monkeypatch.setattr(cli, "cmd_info", defect)
+    monkeypatch.setattr(info, "run", defect)
     with pytest.raises(KeyError, match="layer"):
         cli.main(["info", "runs/x"])
     # the real command: Python's traceback and exit status 1
-    script = "import sys, bmrs.cli as cli\ncli.cmd_info = lambda args: {}['layer']\nsys.exit(cli.main(['info', 'runs/x']))\n"
+    script = ("import sys, bmrs.cli as cli, bmrs.commands.info as info\ninfo.run = lambda args: {}['layer']\n"
+              "sys.exit(cli.main(['info', 'runs/x']))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError: 'layer'" in proc.stderr
 

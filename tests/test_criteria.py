@@ -151,6 +151,25 @@ def test_taylor_matches_a_hand_computed_first_order_estimate():
     assert decide(model, crit, target=0.1)["1"][1].item() is False
 
 
+@pytest.mark.parametrize("backend", [
+    "gloo", pytest.param("nccl", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs a GPU")),
+])
+def test_taylor_averages_over_ranks_on_the_gates_device(backend):
+    # NCCL reduces GPU tensors only: the scores go to the gates' device for the all_reduce
+    device = "cuda" if backend == "nccl" else "cpu"
+    torch.manual_seed(0)
+    model = gated_mlp(hidden=5).to(device)
+    crit = make_criterion("taylor", data=[(torch.randn(16, 6), torch.randint(0, 3, (16,)))], batches=1)
+    alone = crit.structure_scores(model)
+    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        together = crit.structure_scores(model)
+    finally:
+        torch.distributed.destroy_process_group()
+    for name, score in together.items():
+        assert score.device.type == "cpu" and torch.allclose(score, alone[name], rtol=1e-12, atol=0)
+
+
 def test_random_is_seeded():
     model = gated_mlp(hidden=6)
     a = make_criterion("random", seed=1).structure_scores(model)

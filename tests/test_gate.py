@@ -139,7 +139,7 @@ def _central_and_tail_parameters(n=400):
 def test_fused_kernel_matches_the_general_code():
     """Values and gradients of theta and of the KL of several gates at once, against
     TruncatedLogNormal.icdf and kl_divergence (the general code, checked against mpmath)."""
-    from bmrs.math import fast
+    from bmrs.math import gate_kernel
 
     loc, log_scale, central = _central_and_tail_parameters()
     loc, log_scale = loc[central], log_scale[central]
@@ -148,8 +148,8 @@ def test_fused_kernel_matches_the_general_code():
     locs = [t.clone().requires_grad_() for t in loc.split(sizes)]
     log_scales = [t.clone().requires_grad_() for t in log_scale.split(sizes)]
     u = torch.rand(2, len(loc), dtype=torch.float64)
-    k = fast.constants(torch.float64, loc.device, -20.0, 0.0, (-20.0, 5.0))
-    *thetas, kl, tail = fast.GateNoise.apply(u, k.one, k, sizes, *locs, *log_scales)
+    k = gate_kernel.constants(torch.float64, loc.device, -20.0, 0.0, (-20.0, 5.0))
+    *thetas, kl, tail = gate_kernel.GateNoise.apply(u, k.one, k, sizes, *locs, *log_scales)
     assert not tail
     ref_loc = torch.cat(locs).detach().requires_grad_()
     ref_log_scale = torch.cat(log_scales).detach().requires_grad_()
@@ -169,7 +169,7 @@ def test_fused_kernel_matches_the_general_code():
         torch.testing.assert_close(g_log_scale, r_log_scale, rtol=1e-9, atol=1e-12)
     # one structure in a tail is reported, so that the caller uses the general code
     tail_loc = torch.tensor([5.0], dtype=torch.float64)
-    *_, tail = fast.GateNoise.apply(u[:, :1], k.one, k, [1], tail_loc, torch.tensor([-8.0], dtype=torch.float64))
+    *_, tail = gate_kernel.GateNoise.apply(u[:, :1], k.one, k, [1], tail_loc, torch.tensor([-8.0], dtype=torch.float64))
     assert tail
 
 

@@ -92,7 +92,7 @@ def test_a_compact_file_with_numbered_layers_loads(tmp_path):
 def test_reports_read_runs_written_with_numbered_layers_by_layer_name(tmp_path, model, shape, numbered_kept, expected):
     from dataclasses import asdict
 
-    from bmrs.experiments.runs import RunConfig
+    from bmrs.rundir import RunConfig
     from bmrs.reporting.collect import collect
 
     config = asdict(RunConfig(dataset="fashion-mnist", model=model, method="bmrs-n-code").resolved())

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent('''
 
     import bmrs
     from bmrs.datasets import load_dataset
-    from bmrs.lightning import BMRSPruning
+    from bmrs.integrations.lightning import BMRSPruning
 
     out, devices, strategy = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
@@ -127,7 +127,7 @@ def test_callback_checks_its_inputs_and_offers_the_kl_term():
     from torch import nn
 
     import bmrs
-    from bmrs.lightning import BMRSPruning
+    from bmrs.integrations.lightning import BMRSPruning
 
     with pytest.raises(ValueError, match="kl_reduction"):
         BMRSPruning(kl_reduction="max")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import bmrs
-from bmrs.experiments.runs import RunConfig, load_run, train_run
+from bmrs.experiments.runs import load_run, train_run
+from bmrs.rundir import RunConfig
 from bmrs.pruning.criteria import make_criterion
 
 TINY = RunConfig(dataset="digits", model="mlp", method="bmrs-n-kr", epochs=3, finetune_epochs=1, batch_size=32,

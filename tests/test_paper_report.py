@@ -17,7 +17,9 @@ import torch
 
 from bmrs.cli import main
 from bmrs.experiments.analysis import diagnose_runs, run_diagnostics
-from bmrs.experiments.runs import RunConfig, state_checksum, train_run
+from bmrs._io import state_checksum
+from bmrs.experiments.runs import train_run
+from bmrs.rundir import RunConfig
 from bmrs.reporting import collect, write_report
 from bmrs.reporting.diagnostics import select_runs
 from bmrs.reporting.collect import SweepResult

@@ -9,7 +9,7 @@ import torch
 
 from bmrs.cli import main
 from bmrs.experiments.provenance import train_command
-from bmrs.experiments.runs import RunConfig
+from bmrs.rundir import RunConfig
 
 TINY = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "3", "--finetune-epochs", "1",
         "--batch-size", "32", "--lr", "0.02", "--kl-reduction", "elbo", "--recompute-masks", "--threads", "1",

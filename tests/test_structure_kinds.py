@@ -1,4 +1,4 @@
-"""Structure kinds are classes with one interface (bmrs.structure.StructureKind), resolved by
+"""Structure kinds are classes with one interface (bmrs.structures.sites.StructureKind), resolved by
 name from a registry, and compaction removes each kind through a dispatch on its class."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from bmrs import BMRSError, gate_layout
 from bmrs.compaction import compact
 from bmrs.models import build_model
 from bmrs.pruning import make_criterion, prune
-from bmrs.structure import STRUCTURE_KINDS, Channels, Heads, StructureKind, register_structure_kind, structure_kind
+from bmrs.structures.sites import STRUCTURE_KINDS, Channels, Heads, StructureKind, register_structure_kind, structure_kind
 
 
 @pytest.fixture
@@ -84,3 +84,19 @@ def test_an_unknown_kind_without_an_adapter_is_a_user_error():
         compact(model, x)
     with pytest.raises(TypeError):
         register_structure_kind(StructureKind())  # a kind needs a name
+
+
+def test_an_adapter_without_the_protocols_methods_is_refused():
+    from bmrs.structures.adapters import ADAPTERS, Adapter, register_adapter
+
+    class Partial:
+        def handles(self, model):
+            return False
+
+        def layout(self, model, example_input, *, exclude, heads):
+            return [], [], []
+
+    with pytest.raises(BMRSError, match="has no compact, input_weights, architecture"):
+        register_adapter(Partial())
+    assert not any(isinstance(a, Partial) for a in ADAPTERS)
+    assert all(isinstance(a, Adapter) for a in ADAPTERS)

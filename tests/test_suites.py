@@ -7,7 +7,7 @@ import json
 import pytest
 
 import bmrs.experiments.suites as suites
-from bmrs.experiments.runs import RunConfig
+from bmrs.rundir import RunConfig
 
 TINY = RunConfig(
     epochs=2, finetune_epochs=1, prune_every=1, batch_size=32, lr=2e-2, kl_reduction="elbo",

@@ -36,6 +36,8 @@ def test_model_kl_reductions_by_hand():
         bmrs.model_kl(model, "elbo")
     with pytest.raises(ValueError, match="reduction"):
         bmrs.model_kl(model, "max")
+    with pytest.raises(bmrs.BMRSError, match="kl_reduction must be one of 'mean', 'structures', 'sum', 'elbo'"):
+        Trainer(model, None, kl_reduction="max", progress=False)
 
 
 def test_elbo_loss_is_data_plus_weighted_kl():

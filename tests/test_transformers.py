@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 import bmrs  # noqa: E402
 from bmrs.compaction import count_parameters  # noqa: E402
-from bmrs.transformers import HEADS, NEURONS  # noqa: E402
+from bmrs.integrations.transformers import HEADS, NEURONS  # noqa: E402
 
 LAYERS, HEADS_PER_LAYER, HIDDEN, FFN, VOCAB = 2, 4, 32, 37, 50
 
@@ -131,8 +131,8 @@ def test_compact_equals_gated_model_and_shrinks_config(name):
             ref, out = _outputs(model(**inputs)), _outputs(compacted(**inputs))
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     kept = {n: int(g.mask.sum()) for n, g in bmrs.gates(model).items()}
-    heads = [kept[s.name] for s in layout.sites.values() if s.kind == HEADS]
-    neurons = [kept[s.name] for s in layout.sites.values() if s.kind == NEURONS]
+    heads = [kept[s.site] for s in layout.sites.values() if s.kind == HEADS]
+    neurons = [kept[s.site] for s in layout.sites.values() if s.kind == NEURONS]
     config = compacted.config
     assert config.layer_num_attention_heads == heads and sum(heads) < LAYERS * HEADS_PER_LAYER
     assert config.layer_intermediate_size == neurons
@@ -174,7 +174,7 @@ def test_gpt2_generates_the_same_tokens_after_compaction():
 def test_a_layer_with_every_head_masked_keeps_one_silent_head():
     model, layout, data = _gated("bert")
     site = next(s for s in layout.sites.values() if s.kind == HEADS)
-    bmrs.gates(model)[site.name].mask.zero_()
+    bmrs.gates(model)[site.site].mask.zero_()
     compacted = bmrs.compact(model, data())
     assert compacted.config.layer_num_attention_heads[0] == 1
     assert torch.all(compacted.bert.encoder.layer[0].attention.output.dense.weight == 0)
@@ -215,7 +215,7 @@ def test_l2_criterion_scores_heads_by_their_q_k_v_rows():
         torch.cat([w[:, c * HIDDEN + h * d: c * HIDDEN + (h + 1) * d].flatten() for c in range(3)]).norm()
         for h in range(HEADS_PER_LAYER)
     ])
-    torch.testing.assert_close(scores[site.name], expected)
+    torch.testing.assert_close(scores[site.site], expected)
 
 
 def test_exclude_and_heads_false_leave_structures_ungated():

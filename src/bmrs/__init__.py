@@ -12,12 +12,12 @@ The core objects:
 * :class:`Trainer`: a ready training loop with continuous pruning and checkpoints.
 * :func:`compact`: the smaller plain network, with :func:`save_compact` / :func:`load_compact`.
 * :mod:`bmrs.distributed`: DistributedDataParallel (every function here accepts a wrapped
-  model); :mod:`bmrs.lightning`: a Lightning callback (needs the ``lightning`` extra).
+  model); :mod:`bmrs.integrations.lightning`: a Lightning callback (needs the ``lightning`` extra).
 * :class:`BMRSError`: what every function raises for input a user can fix (a ``ValueError``).
 """
 
 from . import distributed
-from .attention import MultiheadSelfAttention, compact_attention, expose_heads
+from .structures.attention import MultiheadSelfAttention, compact_attention, expose_heads
 from .compaction import compact, load_compact, save_compact
 from .errors import BMRSError
 from .models import build_model

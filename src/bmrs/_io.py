@@ -14,7 +14,9 @@ from pathlib import Path
 
 from .errors import BMRSError
 
-__all__ = ["content_digest", "read_json", "read_tensors", "write_atomic", "write_bytes", "write_json", "write_text"]
+__all__ = [
+    "content_digest", "read_json", "read_tensors", "state_checksum", "write_atomic", "write_bytes", "write_json", "write_text",
+]
 
 _MODE: int | None = None
 
@@ -97,11 +99,19 @@ def read_tensors(path: str | os.PathLike, what: str = "a file written by bmrs"):
         raise BMRSError(f"{path} is not {what} ({text[:200]})") from None
 
 
+def _tensor_bytes(tensor) -> bytes:
+    """A tensor's contents as bytes, whatever its device, layout or gradient."""
+    import torch
+
+    t = tensor.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def content_digest(obj) -> str:
     """SHA-256 of what ``obj`` holds: tensors (dtype, shape and bytes), numbers, strings and
     the dicts, lists and tuples around them, in a fixed order. The same contents give the same
     digest however ``torch.save`` lays a file out, so a file can carry the digest of the rest
-    of its contents and be checked when it is read back."""
+    of its contents and be checked when it is read back (a training checkpoint does)."""
     import hashlib
 
     import torch
@@ -110,9 +120,8 @@ def content_digest(obj) -> str:
 
     def feed(x) -> None:
         if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous()
-            digest.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(f"T{x.dtype}{tuple(x.shape)}|".encode())
+            digest.update(_tensor_bytes(x))
         elif isinstance(x, dict):
             digest.update(f"D{len(x)}|".encode())
             for key in sorted(x, key=repr):
@@ -126,6 +135,21 @@ def content_digest(obj) -> str:
             digest.update(f"{type(x).__name__}:{x!r}|".encode())
 
     feed(obj)
+    return digest.hexdigest()
+
+
+def state_checksum(state: dict) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and contents, as a run's
+    ``metrics.json`` records it for ``model.pt`` and ``compact.pt`` (a flat mapping of names
+    to tensors; kept in this form, older than :func:`content_digest`, so that the runs already
+    written still check)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(_tensor_bytes(tensor))
     return digest.hexdigest()
 
 

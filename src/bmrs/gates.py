@@ -9,19 +9,39 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .adapters import find_adapter, remove_hooked, remove_input_groups
+from .structures.adapters import find_adapter, remove_hooked, remove_input_groups
 from .distributed import unwrap
 from .errors import BMRSError
-from .math import fast
+from .math import gate_kernel
 from .math.distributions import LogUniform, TruncatedLogNormal
-from .structure import GateLayout, couple, find_sites, traces
+from .structures.sites import GateLayout, couple, find_sites, with_grad_enabled
 
 __all__ = [
-    "NoiseGate", "attach_gates", "check_finite_gates", "detach_gates", "gates", "gate_layout", "layer_names", "model_kl",
+    "DEFAULT_KL_REDUCTION", "KL_REDUCTIONS", "NoiseGate", "attach_gates", "check_finite_gates", "check_kl_reduction",
+    "detach_gates", "gates", "gate_layout", "layer_names", "model_kl",
 ]
 
 GATE_ATTR = "bmrs_gate"
 _LAYOUT_ATTR = "_bmrs_layout"
+
+#: The reductions of the KL term (:func:`model_kl`): name -> what it is, in one line. The
+#: library, ``bmrs train`` and the Lightning callback all read their choices from here.
+KL_REDUCTIONS: dict[str, str] = {
+    "mean": "mean over each gate's structures, then over the gates (the paper's)",
+    "structures": "sum / number of gated structures: every structure weighs the same (recommended)",
+    "sum": "the sum over every gated structure",
+    "elbo": "sum / training-set size: with a mean data loss, the per-example negative ELBO",
+}
+#: The reduction used unless one is given (the recommended one, see docs/pruning.md).
+DEFAULT_KL_REDUCTION = "structures"
+
+
+def check_kl_reduction(reduction: str, argument: str = "reduction") -> None:
+    """Raise :class:`~bmrs.BMRSError` unless ``reduction`` is one of :data:`KL_REDUCTIONS`
+    (the message names ``argument``, the caller's name for it)."""
+    if reduction not in KL_REDUCTIONS:
+        choices = ", ".join(repr(r) for r in KL_REDUCTIONS)
+        raise BMRSError(f"{argument} must be one of {choices}, got {reduction!r}")
 
 
 class NoiseGate(nn.Module):
@@ -207,9 +227,9 @@ def _general(members: list[NoiseGate], u: Tensor, mask: Tensor) -> tuple[list[Te
 def _draw(members: list[NoiseGate], batch: int, *, masked: bool = True) -> tuple[list[Tensor], Tensor, bool]:
     """theta for ``batch`` examples (one tensor per gate) and the KL per structure of gates
     that share dtype, device and bounds; the third value says whether the fused kernel
-    (:class:`bmrs.math.fast.GateNoise`) applied (else the general code was used)."""
+    (:class:`bmrs.math.gate_kernel.GateNoise`) applied (else the general code was used)."""
     g = members[0]
-    k = fast.constants(g.loc.dtype, g.loc.device, g.log_low, g.log_high, g.log_scale_bounds)
+    k = gate_kernel.constants(g.loc.dtype, g.loc.device, g.log_low, g.log_high, g.log_scale_bounds)
     sizes = [m.num_structures for m in members]
     total = sum(sizes)
     u = torch.rand((batch, total), dtype=g.loc.dtype, device=g.loc.device).clamp_(min=k.u_min)
@@ -217,7 +237,7 @@ def _draw(members: list[NoiseGate], batch: int, *, masked: bool = True) -> tuple
         mask = torch.cat([m.mask for m in members]) if len(members) > 1 else g.mask
     else:
         mask = k.one
-    *thetas, kl, tail = fast.GateNoise.apply(
+    *thetas, kl, tail = gate_kernel.GateNoise.apply(
         u, mask, k, sizes, *(m.loc for m in members), *(m.log_scale for m in members)
     )
     if bool(tail):  # some structure is in a tail of the normal: the exact general code
@@ -312,7 +332,7 @@ class _Bank:
         return self._weights[1]
 
 
-@traces
+@with_grad_enabled
 def attach_gates(
     model: nn.Module,
     example_input,
@@ -328,8 +348,8 @@ def attach_gates(
 
     Structures are the output neurons of ``nn.Linear``, the output channels of
     ``nn.Conv1d/2d/3d``, and the heads of attention modules
-    (:class:`bmrs.attention.MultiheadSelfAttention`; ``nn.MultiheadAttention``, converted in
-    place by :func:`bmrs.attention.expose_heads`, keeping its parameters). Each gate multiplies the output of the last module that consumes
+    (:class:`bmrs.structures.attention.MultiheadSelfAttention`; ``nn.MultiheadAttention``, converted in
+    place by :func:`bmrs.structures.attention.expose_heads`, keeping its parameters). Each gate multiplies the output of the last module that consumes
     the layer's output alone among its BatchNorm, activation and dropout modules, so it sits
     after the activation (or BatchNorm) as in the paper. Where max or average pooling follows
     alone, the gate multiplies the pooled output instead: the same network (theta is
@@ -343,7 +363,7 @@ def attach_gates(
     applied by a forward hook, so the model's own code and parameter names are unchanged.
 
     Model families whose structures live in plain attributes (Hugging Face transformers:
-    heads and feed-forward neurons) are handled by their adapter (:mod:`bmrs.adapters`),
+    heads and feed-forward neurons) are handled by their adapter (:mod:`bmrs.structures.adapters`),
     which gates at the input of the layer reading the structures instead.
 
     Args:
@@ -356,7 +376,7 @@ def attach_gates(
         log_low, log_high, init_loc, init_log_scale: see :class:`NoiseGate`.
 
     Returns:
-        The :class:`~bmrs.structure.GateLayout`: the gates, their coupled families, and
+        The :class:`~bmrs.structures.sites.GateLayout`: the gates, their coupled families, and
         every layer left ungated with the reason. A warning lists layers that could not be
         gated for a reason other than being final or excluded.
     """
@@ -387,14 +407,14 @@ def attach_gates(
     bank = _Bank([modules[site.site].get_submodule(GATE_ATTR) for site in sites])
     for gate in bank.gates:
         gate._bank = bank
-    layout = GateLayout(sites={s.name: s for s in sites}, families=families, skipped=skipped)
+    layout = GateLayout(sites={s.site: s for s in sites}, families=families, skipped=skipped)
     setattr(model, _LAYOUT_ATTR, layout)
     unexpected = {n: why for n, why in skipped.items() if not why.startswith(("excluded", "final layer"))}
     if unexpected:
         warnings.warn(
             "bmrs.attach_gates left these layers ungated:\n"
             + "\n".join(f"  {n}: {why}" for n, why in unexpected.items()),
-            stacklevel=3,  # the caller of attach_gates, past the traces wrapper
+            stacklevel=3,  # the caller of attach_gates, past the with_grad_enabled wrapper
         )
     return layout
 
@@ -414,7 +434,7 @@ def gates(model: nn.Module) -> dict[str, NoiseGate]:
 
 
 def gate_layout(model: nn.Module) -> GateLayout:
-    """The :class:`~bmrs.structure.GateLayout` recorded by :func:`attach_gates`."""
+    """The :class:`~bmrs.structures.sites.GateLayout` recorded by :func:`attach_gates`."""
     layout = getattr(unwrap(model), _LAYOUT_ATTR, None)
     if layout is None:
         raise BMRSError("the model has no gates attached by bmrs.attach_gates")
@@ -453,15 +473,16 @@ def detach_gates(model: nn.Module) -> None:
         delattr(model, _LAYOUT_ATTR)
 
 
-def model_kl(model: nn.Module, reduction: str = "mean", dataset_size: int | None = None) -> Tensor:
+def model_kl(model: nn.Module, reduction: str = DEFAULT_KL_REDUCTION, dataset_size: int | None = None) -> Tensor:
     """The KL term of the ELBO over every gate's kept (unmasked) structures.
 
     Args:
-        reduction: ``"mean"`` (the paper's: mean over each gate's structures, then over
-            gates), ``"structures"`` (total divided by the number of gated structures: every
-            structure weighs the same, as in the ELBO, at the paper's overall strength),
-            ``"sum"`` (total), or ``"elbo"`` (total divided by ``dataset_size``: with a mean
-            data loss, the per-example negative ELBO).
+        reduction: one of :data:`KL_REDUCTIONS`: ``"structures"`` (the default, recommended:
+            total divided by the number of gated structures, so every structure weighs the
+            same, as in the ELBO, at the paper's overall strength), ``"mean"`` (the paper's:
+            mean over each gate's structures, then over gates), ``"sum"`` (total), or
+            ``"elbo"`` (total divided by ``dataset_size``: with a mean data loss, the
+            per-example negative ELBO).
         dataset_size: number of training examples, for ``"elbo"``: the whole training set,
             also when each of several processes trains on a shard of it.
 
@@ -471,8 +492,7 @@ def model_kl(model: nn.Module, reduction: str = "mean", dataset_size: int | None
     the kept count instead multiplies it by up to C and drives every structure of a layer
     to the prior once pruning starts).
     """
-    if reduction not in ("mean", "structures", "sum", "elbo"):
-        raise BMRSError(f"reduction must be 'mean', 'structures', 'sum' or 'elbo', got {reduction!r}")
+    check_kl_reduction(reduction)
     if reduction == "elbo" and not (isinstance(dataset_size, int) and dataset_size > 0):
         raise BMRSError(f"reduction='elbo' needs the training set size as a positive int, got {dataset_size!r}")
     all_gates = list(gates(model).values())

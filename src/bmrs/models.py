@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .attention import MultiheadSelfAttention
+from .structures.attention import MultiheadSelfAttention
+from .compaction import register_architecture
 from .errors import BMRSError
 from .gates import attach_gates
 
-__all__ = ["mlp", "lenet5", "resnet", "vit", "MODELS", "build_model", "MLP", "LeNet5"]
+__all__ = ["mlp", "lenet5", "resnet", "vit", "MODELS", "MODEL_OPTIONS", "ModelOption", "build_model", "MLP", "LeNet5"]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
 
@@ -211,7 +213,7 @@ def vit(
 
     Non-overlapping ``patch_size`` patches embedded by a strided convolution, a class
     token, learned position embeddings, ``depth`` pre-norm blocks of
-    :class:`~bmrs.attention.MultiheadSelfAttention` and an MLP (Linear, GELU, Linear of
+    :class:`~bmrs.structures.attention.MultiheadSelfAttention` and an MLP (Linear, GELU, Linear of
     ``mlp_ratio * embed_dim`` hidden units), a final LayerNorm and a linear classifier on
     the class token. ``dropout`` acts on the embeddings, the attention weights and the
     MLP outputs.
@@ -238,8 +240,31 @@ def vit(
 
 
 #: The bundled builders by name (also what :func:`bmrs.compaction.load_compact` rebuilds a
-#: compacted bundled model with).
+#: compacted bundled model with: each is registered as an architecture below).
 MODELS = {"mlp": mlp, "lenet5": lenet5, "resnet": resnet, "vit": vit}
+
+
+@dataclass(frozen=True)
+class ModelOption:
+    """A builder keyword that ``bmrs train`` sets from a command-line flag (an integer)."""
+
+    keyword: str
+    help: str
+
+
+#: The options of each bundled model that ``bmrs train`` takes from the command line, by flag;
+#: a model not listed takes none. Adding a model is its builder in :data:`MODELS` and, if the
+#: command should reach its options, its entry here: the command's flags and help come from it.
+MODEL_OPTIONS: dict[str, dict[str, ModelOption]] = {
+    "mlp": {"--width": ModelOption("width", "hidden units"),
+            "--hidden-layers": ModelOption("hidden_layers", "hidden blocks after the input layer")},
+    "resnet": {"--depth": ModelOption("depth", "layers (6n+2)"), "--width": ModelOption("width", "base channels")},
+    "vit": {"--depth": ModelOption("depth", "transformer blocks"), "--patch-size": ModelOption("patch_size", "patch size"),
+            "--width": ModelOption("embed_dim", "embedding size")},
+}
+
+for _name, _builder in MODELS.items():
+    register_architecture(_name, _builder)
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, gated: bool = True, **options) -> nn.Module:

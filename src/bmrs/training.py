@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ._io import content_digest, read_tensors, write_atomic
 from .errors import BMRSError
 from .distributed import average, gather_rows, is_main, rank, unwrap, world_size
-from .gates import model_kl
+from .gates import DEFAULT_KL_REDUCTION, check_kl_reduction, model_kl
 from .pruning.masks import kept_per_layer, parameter_compression, structure_compression
 from .pruning.schedules import ContinuousPruning
 
@@ -58,14 +58,15 @@ def elbo_loss(
     model: nn.Module,
     *,
     loss_fn: Callable = F.cross_entropy,
-    kl_reduction: str = "mean",
+    kl_reduction: str = DEFAULT_KL_REDUCTION,
     dataset_size: int | None = None,
     kl_weight: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Negative ELBO: ``loss_fn(output, target) + kl_weight * KL``; returns (total, data, kl).
 
-    ``kl_reduction`` and ``dataset_size`` are those of :func:`bmrs.model_kl` (the paper:
-    ``"mean"``, unscaled; a proper per-example ELBO: ``"elbo"`` with the training set size).
+    ``kl_reduction`` and ``dataset_size`` are those of :func:`bmrs.model_kl` (default
+    ``"structures"``, the recommended one; the paper's: ``"mean"``, unscaled; a proper
+    per-example ELBO: ``"elbo"`` with the training set size).
     """
     data = loss_fn(output, target)
     kl = model_kl(model, kl_reduction, dataset_size)
@@ -141,6 +142,15 @@ class EpochRecord:
     seconds: float = 0.0
 
 
+def check_checkpoint(state, path) -> None:
+    """Take the checksum out of a checkpoint ``state`` read from ``path`` (as :meth:`Trainer.fit`
+    writes it) and check it against the rest of the contents: a ``BMRSError`` when they
+    differ. A checkpoint written before checkpoints carried checksums has none to check."""
+    recorded = state.pop("checksum", None) if isinstance(state, dict) else None
+    if recorded is not None and content_digest(state) != recorded:
+        raise BMRSError(f"{path} is damaged: its contents do not match the checksum written with them")
+
+
 class Trainer:
     """Train a gated model with the ELBO, prune during training, keep the best checkpoint.
 
@@ -150,8 +160,9 @@ class Trainer:
         optimizer: its optimizer.
         loss_fn: data loss on ``(model(inputs), targets)``, the mean over the batch; any
             callable of those two (default cross-entropy).
-        kl_reduction, dataset_size, kl_weight: the KL term, see :func:`elbo_loss`;
-            ``dataset_size`` is the size of the whole training set, not of one rank's shard.
+        kl_reduction, dataset_size, kl_weight: the KL term, see :func:`elbo_loss` (default
+            ``"structures"``, the recommended one; the paper's: ``"mean"``); ``dataset_size``
+            is the size of the whole training set, not of one rank's shard.
         device: where batches go (default: where the model's parameters are).
         progress: show a progress bar over epochs (rank 0 only).
 
@@ -170,12 +181,13 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         *,
         loss_fn: Callable = F.cross_entropy,
-        kl_reduction: str = "mean",
+        kl_reduction: str = DEFAULT_KL_REDUCTION,
         dataset_size: int | None = None,
         kl_weight: float = 1.0,
         device: str | torch.device | None = None,
         progress: bool = True,
     ) -> None:
+        check_kl_reduction(kl_reduction, "kl_reduction")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.kl_reduction, self.dataset_size, self.kl_weight = kl_reduction, dataset_size, kl_weight
         if device is None:
@@ -362,9 +374,7 @@ class Trainer:
         }
 
     def _load(self, state: dict, generator: torch.Generator | None, path="the checkpoint") -> None:
-        recorded = state.pop("checksum", None) if isinstance(state, dict) else None
-        if recorded is not None and content_digest(state) != recorded:  # (checkpoints before checksums have none)
-            raise BMRSError(f"{path} is damaged: its contents do not match the checksum written with them")
+        check_checkpoint(state, path)
         ranks = state.get("rng", {}).get("ranks") if isinstance(state, dict) else None
         if ranks is not None and len(ranks) != world_size():
             raise BMRSError(f"{path} was written by {len(ranks)} training process(es); resume it with as many "

@@ -10,19 +10,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..attention import compact_attention
+from ..structures.attention import compact_attention
 from ..distributed import unwrap
 from ..errors import BMRSError
 from ..gates import check_finite_gates, detach_gates, gate_layout, gates
-from ..structure import (
-    AdapterKind, Call, Channels, Family, GateSite, Heads, StructureKind, build_dependency_graph, call_model, module_names,
-    output_tensors, structure_kind, trace, traces,
+from ..structures.sites import (
+    BATCH_NORMS, PRODUCERS, AdapterKind, Call, Channels, Family, GateSite, Heads, StructureKind, build_dependency_graph,
+    call_model, module_names, output_tensors, structure_kind, trace, with_grad_enabled,
 )
 
 __all__ = ["compact", "remove_structures"]
 
-_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Modules f with f(s * x) = s * f(x) for every per-channel s >= 0, acting on each channel
 # alone (dropout is the identity in eval mode): a gate's scale may move through them.
 _COMMUTING = (
@@ -44,7 +42,7 @@ _COMMUTING_FNS = {
 }
 
 
-@traces
+@with_grad_enabled
 def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module:
     """A plain, physically smaller copy of a gated model, with the same eval-mode outputs.
 
@@ -63,7 +61,7 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
       before the gate), when the path to each consumer commutes with ``s``. Only masked
       channels have ``s = 0``, and they are deleted.
 
-    Channels coupled by residual additions (a :class:`~bmrs.structure.Family`) must fold
+    Channels coupled by residual additions (a :class:`~bmrs.structures.sites.Family`) must fold
     backward, and a family slot is deleted only when every member masks it.
 
     When every structure of a layer (or every slot of a family) is masked, one structure is
@@ -83,9 +81,9 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
         A new ``nn.Module`` in eval mode with no gates and no hooks added by bmrs.
 
     Attention heads are removed whole: each attention module with a head gate is replaced
-    by :func:`bmrs.attention.compact_attention`, which keeps the unmasked heads and folds
+    by :func:`bmrs.structures.attention.compact_attention`, which keeps the unmasked heads and folds
     their scale into the output projection (one silent head if all are masked). Gates of
-    other kinds belong to a model adapter (:mod:`bmrs.adapters`; e.g. heads and
+    other kinds belong to a model adapter (:mod:`bmrs.structures.adapters`; e.g. heads and
     feed-forward neurons of Hugging Face transformers), which removes them itself.
 
     Raises:
@@ -119,7 +117,7 @@ def remove_structures(kind: StructureKind, net: nn.Module, sites: dict[str, Gate
                       scales: dict[str, Tensor], example_input, layout) -> None:
     """On ``net`` (a copy whose gates were detached), fold the gates' eval factors ``scales``
     of ``sites`` (all of ``kind``) into the weights and delete the structures their ``masks``
-    prune. One implementation per :class:`~bmrs.structure.StructureKind` class, registered
+    prune. One implementation per :class:`~bmrs.structures.sites.StructureKind` class, registered
     with ``@remove_structures.register`` (as :func:`functools.singledispatch` does): a new
     kind of structure is removable once its implementation is registered here.
     """
@@ -214,7 +212,7 @@ class _Trace:
                     continue
                 if len(call.in_fns) != 1:
                     return found, f"{call.name} ({type(call.module).__name__}) with several inputs"
-                if isinstance(call.module, _PRODUCERS) and getattr(call.module, "groups", 1) == 1:
+                if isinstance(call.module, PRODUCERS) and getattr(call.module, "groups", 1) == 1:
                     found.add(call.name)
                 elif isinstance(call.module, _COMMUTING + _RESHAPING):
                     if call.out_fn is not fn:
@@ -269,20 +267,20 @@ def _plan_fold(site: GateSite, coupled_to: list[str], trace: _Trace, graph, modu
         return _Fold(target=modules[target])
     if coupled_to:
         raise BMRSError(
-            f"gate {site.name!r} is tied to {', '.join(coupled_to)} by a residual addition, so it must fold "
+            f"gate {site.site!r} is tied to {', '.join(coupled_to)} by a residual addition, so it must fold "
             f"into the layer before it, but {reason}; folding it forward through the addition would be wrong"
         )
     found, blocker = trace.consumers(call)
     if blocker is not None:
         raise BMRSError(
-            f"gate {site.name!r} cannot be folded into the weights exactly: {reason}, "
+            f"gate {site.site!r} cannot be folded into the weights exactly: {reason}, "
             f"and its output reaches {blocker}"
         )
     group = _out_channel_group(graph, modules[site.producer], list(range(site.num_structures)))
     columns = _input_columns(graph, group, names)
     if {names[m] for m, _, _ in columns} != found:
         raise BMRSError(
-            f"gate {site.name!r} cannot be folded into the weights exactly: {reason}, and Torch-Pruning's "
+            f"gate {site.site!r} cannot be folded into the weights exactly: {reason}, and Torch-Pruning's "
             f"consumers of {site.producer} ({sorted(names[m] for m, _, _ in columns)}) are not "
             f"those the trace found ({sorted(found)})"
         )
@@ -292,7 +290,7 @@ def _plan_fold(site: GateSite, coupled_to: list[str], trace: _Trace, graph, modu
 def _plain_norm(module: nn.Module) -> bool:
     """A BatchNorm whose forward is PyTorch's own: an affine map per channel. A subclass with
     a forward of its own (timm's BatchNormAct2d applies its activation too) is not."""
-    return isinstance(module, _NORMS) and type(module).forward is nn.BatchNorm2d.forward
+    return isinstance(module, BATCH_NORMS) and type(module).forward is nn.BatchNorm2d.forward
 
 
 def _backward_target(site: GateSite, call: Call, trace: _Trace) -> tuple[str | None, str]:
@@ -321,7 +319,7 @@ def _input_columns(graph, group, names: dict) -> list[tuple[nn.Module, Tensor, T
     found: dict[nn.Module, dict[int, int]] = {}
     for item in group:
         target = item.dep.target.module
-        if graph.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(target, _PRODUCERS):
+        if graph.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(target, PRODUCERS):
             continue
         mapping = found.setdefault(target, {})
         for idx, root in zip(item.idxs, item.root_idxs):
@@ -369,7 +367,7 @@ def _remove_family(family: Family, sites: dict[str, GateSite], masks: dict[str, 
     expected = {sites[name].producer for name, _ in family.members}
     pruned = {
         names[item.dep.target.module] for item in group
-        if graph.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, _PRODUCERS)
+        if graph.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, PRODUCERS)
     }
     if pruned != expected:
         raise RuntimeError(f"Torch-Pruning ties {sorted(pruned)} together, but the gates' family is {sorted(expected)}")

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..distributed import unwrap
 from ..gates import NoiseGate
-from ..structure import call_model
+from ..structures.sites import call_model
 
 __all__ = ["count_parameters", "count_flops"]
 

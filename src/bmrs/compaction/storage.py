@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
 from collections.abc import Callable
@@ -12,8 +11,8 @@ import torch
 from torch import nn
 
 from .._io import read_tensors, write_atomic
-from ..adapters import find_adapter, integration_of
-from ..attention import CompactMultiheadAttention, MultiheadSelfAttention, compact_attention
+from ..structures.adapters import find_adapter, integration_of
+from ..structures.attention import CompactMultiheadAttention, MultiheadSelfAttention, compact_attention
 from ..errors import BMRSError
 from ..gates import gates
 
@@ -41,27 +40,23 @@ _SKELETON_FACTOR = 1000
 _SKELETON_MIN_BYTES = 2**30
 
 #: Builders registered with :func:`register_architecture`, by name:
-#: ``builder(input_shape, num_classes, **options) -> nn.Module``. They are looked up before
-#: the bundled models.
+#: ``builder(input_shape, num_classes, **options) -> nn.Module``. The bundled models register
+#: theirs when :mod:`bmrs.models` is imported (``import bmrs`` does), an optional integration
+#: when a model of its library is first seen or its architecture asked for.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
-
-#: The module of the bundled builders (its ``MODELS``: name -> builder). Compaction sits
-#: below the model zoo and does not import it with itself: a name nobody registered is
-#: resolved by importing this module by name on first use (see docs/architecture.md).
-BUNDLED_MODELS = "bmrs.models"
 
 
 def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
     """Make ``name`` rebuildable by :func:`load_compact` (and accepted by :func:`save_compact`);
-    a registered name takes precedence over a bundled model of the same name."""
+    a later registration of a name replaces the earlier one (a bundled model's included)."""
     ARCHITECTURES[name] = builder
 
 
 def architecture_builder(name: str) -> Callable[..., nn.Module]:
-    """The builder :func:`load_compact` rebuilds architecture ``name`` with: a registered one
-    (:data:`ARCHITECTURES`, where an optional integration such as :mod:`bmrs.transformers`
-    registers its own when its name is asked for, see :mod:`bmrs.adapters`), else the
-    bundled model of that name.
+    """The builder :func:`load_compact` rebuilds architecture ``name`` with, from
+    :data:`ARCHITECTURES` (the bundled models, and an optional integration such as
+    :mod:`bmrs.integrations.transformers` that registers its own when its name is asked for, see
+    :mod:`bmrs.structures.adapters`).
 
     Raises:
         ValueError: no builder of that name.
@@ -70,10 +65,7 @@ def architecture_builder(name: str) -> Callable[..., nn.Module]:
         integration_of(name)  # an optional integration registers its own
     if name in ARCHITECTURES:
         return ARCHITECTURES[name]
-    bundled = importlib.import_module(BUNDLED_MODELS).MODELS
-    if name in bundled:
-        return bundled[name]
-    known = ", ".join(sorted({*ARCHITECTURES, *bundled}))
+    known = ", ".join(sorted(ARCHITECTURES))
     raise BMRSError(
         f"architecture {name!r} is neither registered nor bundled (known: {known}); "
         "see bmrs.compaction.register_architecture"
@@ -94,7 +86,7 @@ def save_compact(model: nn.Module, path, *, architecture: dict | None = None) ->
         architecture: for a bundled model, what :func:`load_compact` rebuilds it from:
             ``{"name": "mlp" | "lenet5" | "resnet", "input_shape": [...],
             "num_classes": n, "options": {...}}`` (the builder's keyword options). For a
-            model with an adapter (:mod:`bmrs.adapters`; a Hugging Face model: its class
+            model with an adapter (:mod:`bmrs.structures.adapters`; a Hugging Face model: its class
             name and configuration), the adapter gives it.
     """
     if gates(model):
@@ -240,7 +232,7 @@ def _resize(net: nn.Module, state: dict, layers: dict) -> None:
 
 def _compact_attention_modules(net: nn.Module, layers: dict) -> None:
     """Where the file holds a compacted ``nn.MultiheadAttention`` (a
-    :class:`~bmrs.attention.CompactMultiheadAttention`, whose inner width no longer matches
+    :class:`~bmrs.structures.attention.CompactMultiheadAttention`, whose inner width no longer matches
     the embedding), swap the blank model's module for one of that kind with as many heads;
     the weights loaded next overwrite it."""
     for name, widths in layers.items():

@@ -9,17 +9,15 @@ complete). Every file is written atomically.
 
 from __future__ import annotations
 
-import hashlib
-import numbers
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import distributed
-from .._io import content_digest, read_json, read_tensors, write_json
+from .._io import read_json, read_tensors, state_checksum, write_json
 from ..compaction import compact, count_flops, count_parameters, save_compact
 from ..errors import BMRSError
 from ..gates import gates, layer_names
@@ -28,151 +26,23 @@ from ..pruning.masks import kept_per_layer, parameter_compression, structure_com
 from ..pruning.schedules import ContinuousPruning
 from ..datasets import load_dataset
 from ..models import build_model
-from ..training import Trainer, adam, atomic_save, seed_everything
+from ..rundir import (
+    RunConfig, check_metrics, check_same_options, load_metrics, load_state_file, run_files,
+    verify_checksum,
+)
+from ..training import Trainer, adam, atomic_save, check_checkpoint, seed_everything
 from .live import EpochLogger
 from .provenance import provenance
 
 __all__ = [
-    "RunConfig", "methods", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",
-    "run_files", "load_state_file", "check_metrics", "state_checksum", "verify_checksum",
-    "model_architecture", "layer_widths", "compact_to_file", "RECOMMENDED", "PAPER",
+    "methods", "train_run", "build_criterion", "load_run", "LoadedRun", "model_architecture", "layer_widths",
+    "compact_to_file",
 ]
 
 
 def methods() -> tuple[str, ...]:
     """Methods of ``bmrs train --method``: ``none`` (no pruning), then every registered criterion."""
     return ("none", *CRITERIA)
-
-
-#: The settings ``bmrs train`` uses unless told otherwise, chosen from our reproduction
-#: (docs/pruning.md, "Recommended settings"): bmrs-n-kr breaks the ties of relaxed gates
-#: without a tuned threshold, and a KL weighted per structure does not collapse LeNet5's
-#: convolutions as the paper's per-layer mean does.
-RECOMMENDED = {"method": "bmrs-n-kr", "kl_reduction": "structures"}
-#: The paper's choices for the same settings (BMRS_N as its released code computes it).
-PAPER = {"method": "bmrs-n-code", "kl_reduction": "mean"}
-
-# The paper's optimiser settings (docs/math.md, "The paper's reported numbers"); other
-# models get the LeNet5 ones.
-_PAPER_SETTINGS = {"mlp": {"batch_size": 128, "lr": 1.5e-3}, "lenet5": {"batch_size": 32, "lr": 1.4e-3}}
-_DEFAULT_SETTINGS = {"batch_size": 64, "lr": 1e-3}
-
-
-def _real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-# Checks of the JSON values of RunConfig's field types.
-_TYPES = {
-    "str": lambda v: isinstance(v, str), "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": _real, "bool": lambda v: isinstance(v, bool), "dict": lambda v: isinstance(v, dict),
-    "None": lambda v: v is None,
-}
-# What metrics.json must hold, and of what kind, for bmrs to read it.
-_METRICS = {
-    "test_accuracy": _real, "test_loss": _real, "val_accuracy": _real, "structure_compression": _real,
-    "parameter_compression": _real, "train_seconds": _real,
-    "kept": lambda v: isinstance(v, dict) and all(_TYPES["int"](k) for k in v.values()),
-    "structures": lambda v: isinstance(v, dict) and all(_TYPES["int"](k) for k in v.values()),
-    "best_epoch": lambda v: v is None or _TYPES["int"](v),
-    "history": lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
-    "compaction": lambda v: isinstance(v, dict),
-    "checksums": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v.values()),
-}
-
-
-def check_metrics(data: dict, source, *, complete: bool = True) -> dict:
-    """``data`` if it has the keys (with ``complete``; else those it has) and kinds of values
-    of a run's ``metrics.json``; else a ``ValueError`` naming ``source``."""
-    for key, ok in _METRICS.items():
-        if key in ("compaction", "checksums") and key not in data or not complete and key not in data:
-            continue
-        if key not in data:
-            raise BMRSError(f"{source}: no {key!r}; not the metrics of a run written by bmrs")
-        if not ok(data[key]):
-            raise BMRSError(f"{source}: {key!r} has a value of the wrong kind ({data[key]!r:.60})")
-    return data
-
-
-def state_checksum(state: dict) -> str:
-    """SHA-256 of a state dict's names, dtypes, shapes and contents (not of the file's bytes,
-    so it does not depend on how torch.save lays the file out)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def verify_checksum(state: dict, path: Path, recorded: str | None) -> None:
-    """``ValueError`` when ``state`` (read from ``path``) differs from what bmrs wrote."""
-    if recorded is not None and state_checksum(state) != recorded:
-        raise BMRSError(f"{path} is damaged: its contents do not match the checksum recorded in "
-                         f"{path.parent / 'metrics.json'} when bmrs wrote it")
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines a training run (``bmrs train`` options).
-
-    ``lr`` and ``batch_size`` default to the paper's for the model. ``image_size`` defaults
-    to 32 for the 28x28 sets, as in the paper. Baselines without a natural threshold
-    (``l2``, ``taylor``, ``random``) need ``target`` (a compression) or ``match`` (a run
-    directory whose per-epoch parameter compression they follow). ``method`` and
-    ``kl_reduction`` default to :data:`RECOMMENDED`, not to the paper's (:data:`PAPER`).
-    """
-
-    dataset: str = "digits"
-    model: str = "mlp"
-    method: str = RECOMMENDED["method"]
-    bits: float = 8.0
-    threshold: float | None = None
-    target: float | None = None
-    match: str | None = None
-    epochs: int = 50
-    finetune_epochs: int = 10
-    prune_every: int = 1
-    recompute_masks: bool = False
-    seed: int = 0
-    lr: float | None = None
-    batch_size: int | None = None
-    kl_reduction: str = RECOMMENDED["kl_reduction"]
-    image_size: int | None = None
-    model_options: dict = field(default_factory=dict)
-    data_dir: str | None = None
-
-    def resolved(self) -> "RunConfig":
-        """A copy with the defaults that depend on the model and data set filled in."""
-        settings = _PAPER_SETTINGS.get(self.model, _DEFAULT_SETTINGS)
-        out = RunConfig(**asdict(self))
-        out.lr = settings["lr"] if self.lr is None else self.lr
-        out.batch_size = settings["batch_size"] if self.batch_size is None else self.batch_size
-        if out.image_size is None and self.dataset in ("fashion-mnist", "mnist"):
-            out.image_size = 32
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict, source="the configuration") -> "RunConfig":
-        """A configuration from its ``asdict`` form (``config.json``); ``ValueError`` naming
-        ``source`` for unknown keys or values of the wrong type."""
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = set(data) - set(known)
-        if unknown:
-            raise BMRSError(f"{source}: unknown configuration keys: {', '.join(sorted(unknown))}")
-        for key, value in data.items():
-            allowed = [_TYPES[t.strip()] for t in str(known[key]).split("|")]
-            if not any(ok(value) for ok in allowed):
-                raise BMRSError(f"{source}: {key} must be {known[key].replace('|', 'or')}, got {value!r}")
-        return cls(**data)
-
-
-def load_metrics(run_dir: str | os.PathLike) -> dict:
-    """The ``metrics.json`` of a complete run."""
-    path = Path(run_dir) / "metrics.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a complete run (no metrics.json)")
-    return check_metrics(read_json(path), path)
 
 
 class _MatchedTarget:
@@ -191,19 +61,15 @@ class _MatchedTarget:
 
 
 def build_criterion(config: RunConfig, train_loader) -> Criterion:
-    """The criterion of ``config.method`` (not ``none``), given what it :attr:`~bmrs.pruning.Criterion.needs`
-    from the run (its training batches, seed, bits), with its threshold override."""
-    cls = criterion_class(config.method)
+    """The criterion of ``config.method`` (not ``none``; ``config`` checked, see
+    :meth:`RunConfig.check`), given what it :attr:`~bmrs.pruning.Criterion.needs` from the run
+    (its training batches, seed, bits), with its threshold override."""
+    cls = criterion_class(config.check().method)
     context = {"data": train_loader, "seed": config.seed, "bits": config.bits}
     options = {key: context[key] for key in cls.needs}
     if config.threshold is not None:
-        if cls.evidence_based:
-            raise BMRSError(f"{config.method} takes no threshold: it prunes where delta F >= its margin")
         options["threshold"] = config.threshold
-    criterion = cls(**options)
-    if criterion.threshold is None and config.target is None and config.match is None:
-        raise BMRSError(f"method {config.method!r} has no threshold: give --target or --match")
-    return criterion
+    return cls(**options)
 
 
 def model_architecture(config: RunConfig, input_shape, num_classes: int) -> dict:
@@ -286,16 +152,12 @@ def train_run(
     ``log`` (``"csv"`` or ``"tensorboard"``) writes live metrics after every epoch, see
     :mod:`bmrs.experiments.live`.
     """
-    if config.method not in methods():
-        raise BMRSError(f"unknown method {config.method!r}; choose from {', '.join(methods())}")
     out = Path(out_dir)
-    config = config.resolved()
+    config = config.check().resolved()
     if (out / "metrics.json").exists() and resume:
         return load_metrics(out)
-    if (out / "config.json").exists() and resume:
-        previous = read_json(out / "config.json")
-        if previous != asdict(config):
-            raise BMRSError(f"{out} holds a run with another configuration; choose another --out")
+    if resume:
+        check_same_options(out, config)
     main = distributed.is_main()
     if main and not resume:
         (out / "checkpoint.pt").unlink(missing_ok=True)
@@ -376,30 +238,6 @@ def train_run(
     return metrics
 
 
-def load_state_file(path: Path):
-    """A model or checkpoint file bmrs wrote, read with ``weights_only=True`` (no code runs);
-    a one-line ``ValueError`` naming the file for anything else."""
-    return read_tensors(path, "a model file written by bmrs")
-
-
-def run_files(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(run directory, state file) of a run directory, its model.pt or its checkpoint.pt."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if path.is_dir():
-        run_dir, state = path, path / "model.pt"
-        if not state.is_file():
-            hint = " (the run is unfinished: pass its checkpoint.pt to use the last epoch)" if (path / "checkpoint.pt").is_file() else ""
-            raise BMRSError(f"{path} has no model.pt{hint}")
-    else:
-        run_dir, state = path.parent, path
-    if not (run_dir / "config.json").is_file():
-        raise BMRSError(f"{run_dir} has no config.json: expected a run directory written by 'bmrs train', "
-                         "or its model.pt or checkpoint.pt")
-    return run_dir, state
-
-
 @dataclass
 class LoadedRun:
     """A run's gated model with its final (or checkpointed) state, and what goes with it."""
@@ -428,9 +266,7 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
         checkpoint = load_state_file(state_file)
         if not (isinstance(checkpoint, dict) and "model" in checkpoint):
             raise BMRSError(f"{state_file} is not a checkpoint written by 'bmrs train'")
-        recorded = checkpoint.pop("checksum", None)
-        if recorded is not None and content_digest(checkpoint) != recorded:
-            raise BMRSError(f"{state_file} is damaged: its contents do not match the checksum written with them")
+        check_checkpoint(checkpoint, state_file)
         state = checkpoint["model"]
         epoch = len(checkpoint.get("history", [])) or None
     else:

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from ..errors import BMRSError
 from ..pruning.criteria import CRITERIA, default_labels, parse_label
-from .runs import PAPER, RunConfig, train_run
+from ..rundir import PAPER, RunConfig
+from .runs import train_run
 from .sweep import sweep_run
 
 __all__ = ["SuiteRun", "SUITES", "suite_runs", "run_suite"]

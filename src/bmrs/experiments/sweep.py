@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .._io import read_json, write_json, write_text
 from ..errors import BMRSError
 from ..pruning.criteria import Criterion, criterion_class, default_labels, parse_label
-from ..pruning.masks import decide, parameter_compression, set_masks, structure_compression
+from ..pruning import decide, parameter_compression, set_masks, structure_compression
 from .runs import load_run
 from ..training import Trainer, adam, seed_everything
 

@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from ..compaction import compact, count_flops, count_parameters
 from ..errors import BMRSError
 from ..gates import gate_layout, gates
-from . import masks as _masks  # masks imports this module: names are looked up at call time
+from ..structures.sites import PRODUCERS
 from .criteria import Criterion, EvidenceCriterion
+from .slots import family_scores, pruned_slots, set_masks
 
 __all__ = ["BUDGET_KINDS", "BudgetResult", "budget_cut", "parse_budget"]
 
@@ -128,8 +129,6 @@ def budget_cut(
     example_input,
     *,
     keep_pruned: bool = False,
-    family_scores: list[Tensor] | None = None,
-    already: list[Tensor] | None = None,
 ) -> BudgetResult:
     """The masks that meet ``budget``, pruning in the order of ``criterion``'s evidence.
 
@@ -149,13 +148,8 @@ def budget_cut(
 
     budget = parse_budget(budget)
     layout = gate_layout(model)
-    if family_scores is None:
-        family_scores = _masks._family_scores(model, criterion)
-    if already is None:
-        current = _masks._current_masks(model)
-        already = [torch.stack([~current[n][idx] for n, idx in f.members]).all(dim=0) for f in layout.families]
-    scores = torch.cat(family_scores)
-    first = torch.cat(already) if keep_pruned else torch.zeros(len(scores), dtype=torch.bool)
+    scores = torch.cat(family_scores(model, criterion))
+    first = torch.cat(pruned_slots(model)) if keep_pruned else torch.zeros(len(scores), dtype=torch.bool)
     order = torch.sort(torch.where(first, -torch.inf, scores), stable=True).indices
     members = torch.cat([torch.full((f.size,), len(f.members)) for f in layout.families])
     sizes = [f.size for f in layout.families]
@@ -239,7 +233,7 @@ class _Measure:
 
         if masks is None:
             masks = {n: torch.ones(g.num_structures, dtype=torch.bool) for n, g in gates(self.net).items()}
-        _masks.set_masks(self.net, masks)
+        set_masks(self.net, masks)
         return self.net
 
     def _layers(self) -> dict[str, tuple[int, int, int, int]] | None:
@@ -249,7 +243,7 @@ class _Measure:
             return None
         found, handles = {}, []
         for name, module in self.net.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if isinstance(module, PRODUCERS):
                 if getattr(module, "groups", 1) != 1:
                     return None
 

@@ -38,19 +38,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import BMRSError
-from ..gates import NoiseGate, gate_layout, gates
+from ..gates import DEFAULT_KL_REDUCTION, NoiseGate, gate_layout, gates
 from ..math.distributions import TruncatedLogNormal
+from ..math.special import HALF_LOG_2PI
 from ..reduction import bmrs_n_prior, bmrs_u_prior, delta_f
-from ..structure import structure_kind
+from ..structures.sites import structure_kind
 
 __all__ = [
     "Criterion", "EvidenceCriterion", "BMRSN", "BMRSNCode", "BMRSNRelative", "BMRSNKassRaftery", "BMRSU",
     "SNR", "ExpectedTheta", "L2", "Taylor", "Random",
     "CRITERIA", "CONTEXT", "register_criterion", "make_criterion", "criterion_class", "parse_label",
-    "criterion_label", "default_labels", "label_order", "load_plugins", "ENTRY_POINT_GROUP",
+    "criterion_label", "default_labels", "label_order", "load_plugins", "ENTRY_POINT_GROUP", "RECOMMENDED", "PAPER",
 ]
 
-HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+#: The settings bmrs uses unless told otherwise (the library's :class:`bmrs.Trainer` and
+#: :func:`bmrs.elbo_loss`, ``bmrs train`` and the Lightning callback), chosen from our
+#: reproduction (docs/pruning.md, "Recommended settings"): bmrs-n-kr breaks the ties of relaxed
+#: gates without a tuned threshold, and a KL weighted per structure does not collapse LeNet5's
+#: convolutions as the paper's per-layer mean does.
+RECOMMENDED = {"method": "bmrs-n-kr", "kl_reduction": DEFAULT_KL_REDUCTION}
+#: The paper's choices for the same settings (BMRS_N as its released code computes it).
+PAPER = {"method": "bmrs-n-code", "kl_reduction": "mean"}
 
 #: What a run can give a criterion's constructor (see :attr:`Criterion.needs`): ``data``,
 #: an iterable of ``(inputs, targets)`` training batches; ``seed``, the run's seed;
@@ -522,9 +530,12 @@ class Taylor(Criterion):
             raise BMRSError("the Taylor criterion got no batches of data")
         scores = {name: s / count for name, s in sums.items()}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for s in scores.values():
-                torch.distributed.all_reduce(s)
-                s /= torch.distributed.get_world_size()
+            # the mean over ranks, reduced where the gates live (NCCL reduces GPU tensors only)
+            world = torch.distributed.get_world_size()
+            for name, s in scores.items():
+                total = s.to(named[name].loc.device)
+                torch.distributed.all_reduce(total)
+                scores[name] = total.cpu() / world
         return scores
 
     def family_score(self, member_scores):

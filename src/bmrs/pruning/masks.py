@@ -5,29 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..distributed import broadcast, unwrap
+from ..distributed import unwrap
 from ..errors import BMRSError
 from ..gates import check_finite_gates, gate_layout, gates, layer_names
-from . import budget as _budget  # budget imports this module: names are looked up at call time
+from .budget import budget_cut
 from .criteria import Criterion
+from .slots import family_scores, pruned_slots, set_masks
 
 __all__ = [
-    "decide", "prune", "set_masks", "kept_structures", "kept_per_layer", "structure_compression",
+    "decide", "prune", "kept_structures", "kept_per_layer", "structure_compression",
     "parameter_compression", "count_trainable_parameters", "removed_parameters",
 ]
-
-
-def _family_scores(model: nn.Module, criterion: Criterion) -> list[Tensor]:
-    layout = gate_layout(model)
-    scores = criterion.structure_scores(model)
-    return [
-        criterion.family_score(torch.stack([scores[name].double().cpu()[idx] for name, idx in fam.members]))
-        for fam in layout.families
-    ]
-
-
-def _current_masks(model: nn.Module) -> dict[str, Tensor]:
-    return {name: gate.mask.detach().cpu() > 0 for name, gate in gates(model).items()}
 
 
 def decide(
@@ -68,28 +56,25 @@ def decide(
         if target is not None:
             raise BMRSError("give a target or a budget, not both")
         check_finite_gates(model, masked=not keep_pruned)
-        return _budget.budget_cut(model, criterion, budget, example_input, keep_pruned=keep_pruned)
+        return budget_cut(model, criterion, budget, example_input, keep_pruned=keep_pruned)
     if target_kind not in ("structures", "params"):
         raise BMRSError(f"target_kind must be 'structures' or 'params', got {target_kind!r}")
     model = unwrap(model)
     layout = gate_layout(model)
     check_finite_gates(model, masked=not keep_pruned)
-    family_scores = _family_scores(model, criterion)
-    current = _current_masks(model)
-    already = [
-        torch.stack([~current[name][idx] for name, idx in fam.members]).all(dim=0) for fam in layout.families
-    ]
+    scores = family_scores(model, criterion)
+    already = pruned_slots(model)
     if target is None:
         if criterion.threshold is None:
             raise BMRSError(f"criterion {criterion.name!r} has no threshold: give a target compression")
         keep_slots = []
-        for score in family_scores:
+        for score in scores:
             # BMRS prunes at delta F >= 0, i.e. keeps -delta F > 0; baselines keep score >= threshold
             keep_slots.append(score > criterion.threshold if criterion.evidence_based else score >= criterion.threshold)
     else:
         if not 0.0 <= float(target) <= 1.0:
             raise BMRSError(f"target compression must lie in [0, 1], got {target}")
-        keep_slots = _rank_and_cut(model, layout, family_scores, already if keep_pruned else None, float(target), target_kind)
+        keep_slots = _rank_and_cut(model, layout, scores, already if keep_pruned else None, float(target), target_kind)
     if keep_pruned:
         keep_slots = [k & ~a for k, a in zip(keep_slots, already)]
     masks = {name: torch.ones(g.num_structures, dtype=torch.bool) for name, g in gates(model).items()}
@@ -99,8 +84,8 @@ def decide(
     return masks
 
 
-def _rank_and_cut(model, layout, family_scores, already, target, target_kind) -> list[Tensor]:
-    scores = torch.cat(family_scores)
+def _rank_and_cut(model, layout, slot_scores, already, target, target_kind) -> list[Tensor]:
+    scores = torch.cat(slot_scores)
     if already is not None:  # pruned structures go first
         scores = torch.where(torch.cat(already), -torch.inf, scores)
     order = torch.sort(scores, stable=True).indices
@@ -127,13 +112,6 @@ def _rank_and_cut(model, layout, family_scores, already, target, target_kind) ->
                 lo = mid + 1
         k = lo
     return [~gone for gone in pruned_by(min(k, len(scores)))]
-
-
-def set_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
-    """Write keep masks into the gates. Under ``torch.distributed``, rank 0's masks are
-    broadcast so that every rank prunes exactly the same structures."""
-    for name, gate in gates(model).items():
-        gate.mask.copy_(broadcast(masks[name].to(device=gate.mask.device, dtype=gate.mask.dtype)))
 
 
 def prune(
@@ -187,15 +165,6 @@ def count_trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _pruned_slots(model: nn.Module) -> list[Tensor]:
-    """Per family, which slots are removed: those whose members are all masked."""
-    current = _current_masks(model)
-    return [
-        torch.stack([~current[name][idx] for name, idx in fam.members]).all(dim=0)
-        for fam in gate_layout(model).families
-    ]
-
-
 def removed_parameters(model: nn.Module, pruned: list[Tensor]) -> int:
     """Trainable parameters removed when the given family slots are removed.
 
@@ -244,4 +213,4 @@ def parameter_compression(model: nn.Module) -> float:
     removed structures counts once. A family slot counts as removed when every member is
     masked.
     """
-    return removed_parameters(model, _pruned_slots(model)) / count_trainable_parameters(model)
+    return removed_parameters(model, pruned_slots(model)) / count_trainable_parameters(model)

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from ..errors import BMRSError
 from ..gates import gate_layout, gates, layer_names
-from . import masks as _masks
 from .criteria import Criterion
+from .slots import current_masks, family_scores
 
 __all__ = ["ROUND_MODES", "RoundResult", "round_width", "round_widths"]
 
@@ -89,8 +89,8 @@ def round_widths(model: nn.Module, criterion: Criterion, multiple: int, *, mode:
     member of its family keeps it, as compaction does.
     """
     layout = gate_layout(model)
-    scores = _masks._family_scores(model, criterion)
-    current = _masks._current_masks(model)
+    scores = family_scores(model, criterion)
+    current = current_masks(model)
     masks = {name: current[name].clone() for name in gates(model)}
     pruned = restored = 0
     change = 0.0

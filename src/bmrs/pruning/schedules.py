@@ -6,7 +6,8 @@ from torch import nn
 
 from ..errors import BMRSError
 from .criteria import Criterion
-from .masks import decide, kept_structures, set_masks
+from .masks import decide, kept_structures
+from .slots import set_masks
 
 __all__ = ["ContinuousPruning"]
 

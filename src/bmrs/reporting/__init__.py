@@ -12,8 +12,9 @@
 * :func:`write_diagnostics` writes the gate diagnostics of trained runs
   (:mod:`bmrs.reporting.diagnostics`), computed by :mod:`bmrs.experiments.analysis`.
 
-Reporting reads result files and the diagnostics handed to it; it never builds a model and
-imports nothing from :mod:`bmrs.experiments`.
+Reporting reads result files (through :mod:`bmrs.rundir`, which knows what a run directory
+holds and upgrades files of earlier versions) and the diagnostics handed to it; it imports
+nothing from :mod:`bmrs.experiments`.
 """
 
 from .collect import Collection, RunResult, SweepResult, collect, method_label

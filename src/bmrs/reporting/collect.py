@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,9 +9,8 @@ from pathlib import Path
 
 from .._io import read_json
 from ..errors import BMRSError
-from ..gates import layer_names
-from ..models import build_model
 from ..pruning.criteria import criterion_label
+from ..rundir import read_run
 
 __all__ = ["RunResult", "SweepResult", "Collection", "collect", "method_label", "base_label", "natural_key"]
 
@@ -102,41 +99,6 @@ class Collection:
     skipped: list[str] = field(default_factory=list)
 
 
-def _named_layers(config: dict, metrics: dict) -> dict:
-    """``metrics`` with the per-layer counts of a run written while the bundled MLP and LeNet5
-    numbered their layers (``"kept": {"2": 15}``, the gate's module number; also in every
-    epoch of ``history``) keyed by the layer each gate prunes (``"fc1"``), as runs written now
-    are, so that runs of both kinds line up."""
-    arch = (metrics.get("compaction") or {}).get("architecture") or {}
-    layers = {**metrics.get("kept", {}), **metrics.get("structures", {})}
-    if config.get("model") not in ("mlp", "lenet5") or not layers or not all(k.isdigit() for k in layers) \
-            or "input_shape" not in arch:
-        return metrics
-    names = _numbered_to_named(config["model"], json.dumps([arch["input_shape"], arch["num_classes"],
-                                                            arch.get("options") or {}], sort_keys=True))
-    if not all(k in names for k in layers):
-        return metrics
-
-    def renamed(counts: dict) -> dict:
-        return {names.get(k, k): v for k, v in counts.items()}
-
-    history = [{**h, "kept": renamed(h["kept"])} if isinstance(h, dict) and isinstance(h.get("kept"), dict) else h
-               for h in metrics.get("history", [])]
-    return {**metrics, "history": history,
-            **{key: renamed(metrics[key]) for key in ("kept", "structures") if key in metrics}}
-
-
-@functools.lru_cache(maxsize=None)
-def _numbered_to_named(model: str, spec: str) -> dict[str, str]:
-    """``{old layer number: layer name}`` of a bundled model's gated layers, built once per
-    architecture (``spec``: input shape, classes and options as JSON)."""
-    input_shape, num_classes, options = json.loads(spec)
-    net = build_model(model, input_shape, num_classes, **options)
-    named = layer_names(net)
-    numbered = {str(i): net.layer_name(str(i)) for i in range(len(net))}  # the networks' own rule
-    return {number: named[child] for number, child in numbered.items() if child in named}
-
-
 def _classify(folder: Path, collection: Collection) -> bool:
     """Add ``folder`` to ``collection`` if it is a run or sweep directory; say whether it was."""
     found = False
@@ -144,13 +106,9 @@ def _classify(folder: Path, collection: Collection) -> bool:
         collection.sweeps.append(SweepResult(folder, read_json(folder / "sweep.json")))
         found = True
     if (folder / "config.json").is_file():
-        if (folder / "metrics.json").is_file():
-            from ..experiments.runs import RunConfig, check_metrics
-
-            config = read_json(folder / "config.json")
-            RunConfig.from_dict(config, folder / "config.json")  # the kinds of its values
-            metrics = check_metrics(read_json(folder / "metrics.json"), folder / "metrics.json", complete=False)
-            collection.runs.append(RunResult(folder, config, _named_layers(config, metrics)))
+        run = read_run(folder)
+        if run is not None:
+            collection.runs.append(RunResult(folder, *run))
         else:
             collection.skipped.append(f"{folder}: unfinished run (no metrics.json), skipped")
         found = True

@@ -5,7 +5,7 @@ Needs Lightning (``pip install "bmrs[lightning]"``); the rest of bmrs never impo
 ::
 
     import lightning as L
-    from bmrs.lightning import BMRSPruning
+    from bmrs.integrations.lightning import BMRSPruning
 
     pruning = BMRSPruning("bmrs-n-kr", kl_reduction="elbo")
     L.Trainer(max_epochs=30, callbacks=[pruning], strategy="ddp").fit(module, loader)
@@ -23,13 +23,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from . import distributed
-from .compaction import compact
-from .errors import BMRSError
-from .gates import attach_gates, gates, model_kl
-from .pruning.criteria import Criterion, make_criterion
-from .pruning.masks import kept_per_layer, parameter_compression, structure_compression
-from .pruning.schedules import ContinuousPruning
+from .. import distributed
+from ..compaction import compact
+from ..errors import BMRSError
+from ..gates import attach_gates, check_kl_reduction, gates, model_kl
+from ..pruning.criteria import RECOMMENDED, Criterion, make_criterion
+from ..pruning.masks import kept_per_layer, parameter_compression, structure_compression
+from ..pruning.schedules import ContinuousPruning
 
 __all__ = ["BMRSPruning"]
 
@@ -57,10 +57,12 @@ class BMRSPruning(Callback):
 
     Args:
         criterion: a criterion name (see :func:`bmrs.make_criterion`) or a
-            :class:`~bmrs.pruning.criteria.Criterion`.
+            :class:`~bmrs.pruning.criteria.Criterion` (default ``"bmrs-n-kr"``, the
+            recommended one, :data:`bmrs.pruning.RECOMMENDED`; the paper's: ``"bmrs-n-code"``).
         every: prune after every ``every``-th training epoch.
-        kl_reduction, dataset_size, kl_weight: the KL term (see :func:`bmrs.model_kl`).
-            For ``"elbo"``, ``dataset_size`` defaults to the length of the training
+        kl_reduction, dataset_size, kl_weight: the KL term (see :func:`bmrs.model_kl`;
+            default ``"structures"``, the recommended one; the paper's: ``"mean"``). For
+            ``"elbo"``, ``dataset_size`` defaults to the length of the training
             dataloader's dataset: the whole training set, also under DDP.
         module: name of the LightningModule's attribute holding the network to gate and
             compact (default: the LightningModule itself).
@@ -75,10 +77,10 @@ class BMRSPruning(Callback):
 
     def __init__(
         self,
-        criterion: str | Criterion = "bmrs-n-kr",
+        criterion: str | Criterion = RECOMMENDED["method"],
         every: int = 1,
         *,
-        kl_reduction: str = "mean",
+        kl_reduction: str = RECOMMENDED["kl_reduction"],
         dataset_size: int | None = None,
         kl_weight: float = 1.0,
         module: str | None = None,
@@ -91,8 +93,7 @@ class BMRSPruning(Callback):
         add_to_loss: bool = True,
         seed: int | None = None,
     ) -> None:
-        if kl_reduction not in ("mean", "structures", "sum", "elbo"):
-            raise BMRSError(f"kl_reduction must be 'mean', 'structures', 'sum' or 'elbo', got {kl_reduction!r}")
+        check_kl_reduction(kl_reduction, "kl_reduction")
         self.criterion = make_criterion(criterion) if isinstance(criterion, str) else criterion
         self.pruning = ContinuousPruning(self.criterion, every, recompute=recompute, target=target, target_kind=target_kind)
         self.kl_reduction, self.dataset_size, self.kl_weight = kl_reduction, dataset_size, kl_weight

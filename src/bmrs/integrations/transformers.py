@@ -1,7 +1,7 @@
 """Hugging Face transformers: attention heads and feed-forward neurons as structures.
 
 Needs the optional extra ``bmrs[transformers]``. bmrs imports this module only when it is
-given a model of the ``transformers`` package (:mod:`bmrs.adapters`); it then handles
+given a model of the ``transformers`` package (:mod:`bmrs.structures.adapters`); it then handles
 :func:`bmrs.attach_gates`, :func:`bmrs.compact`, the L2 criterion and
 :func:`bmrs.save_compact` / :func:`bmrs.load_compact` of that model.
 
@@ -43,10 +43,10 @@ import transformers
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import INPUT_ATTR, InputGroups, register_adapter, remove_input_groups
-from .compaction.storage import register_architecture
-from .errors import BMRSError
-from .structure import Family, GateSite, _matches, call_model
+from ..structures.adapters import INPUT_ATTR, InputGroups, register_adapter, remove_input_groups
+from ..compaction.storage import register_architecture
+from ..errors import BMRSError
+from ..structures.sites import PRODUCERS, Family, GateSite, _matches, call_model
 
 __all__ = ["HEADS", "NEURONS", "layer_widths"]
 
@@ -148,7 +148,7 @@ def _params_per_structure(modules: dict, g: _Group) -> int:
 
 
 class TransformersAdapter:
-    """The adapter of :mod:`bmrs.adapters` for Hugging Face models."""
+    """The adapter of :mod:`bmrs.structures.adapters` for Hugging Face models."""
 
     def handles(self, model: nn.Module) -> bool:
         return isinstance(model, transformers.PreTrainedModel)
@@ -176,13 +176,13 @@ class TransformersAdapter:
                 )
                 continue
             InputGroups.install(modules[g.output], g.groups, g.width)
-            sites.append(GateSite(name=g.site, producer=g.owner, site=g.site, dim=-2, num_structures=g.groups, kind=g.kind))
+            sites.append(GateSite(producer=g.owner, site=g.site, dim=-2, num_structures=g.groups, kind=g.kind))
             per = _params_per_structure(modules, g) + 2  # + the gate's loc and log_scale
             families.append(Family(members=[(g.site, list(range(g.groups)))], slot_params=[per] * g.groups))
         covered = {n for g in groups for n in (*g.inputs, g.output)}
         last = max((seen[0][1] for g in groups for seen in [calls.get(g.output, [])] if seen), default=-1)
         for name, m in modules.items():
-            if name in covered or not isinstance(m, (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if name in covered or not isinstance(m, (*PRODUCERS, Conv1D)):
                 continue
             orders = [order for _, order in calls.get(name, [])]
             if orders and min(orders) > last:
@@ -233,7 +233,7 @@ def _calls(model: nn.Module, example_input) -> dict[str, list[tuple[tuple, int]]
         return pre
 
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if isinstance(m, (*PRODUCERS, Conv1D)):
             handles.append(m.register_forward_pre_hook(hook(name)))
     training = model.training
     model.eval()

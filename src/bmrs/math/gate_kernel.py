@@ -40,9 +40,9 @@ import math
 import torch
 from torch import Tensor
 
-SQRT2 = math.sqrt(2.0)
+from .special import HALF_LOG_2PI_E, SQRT2
+
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
 
 _CONSTANTS: dict = {}
 
@@ -63,7 +63,7 @@ class _Constants:
         self.inv_sqrt_2pi = c(_INV_SQRT_2PI)
         self.two_inv_sqrt_2pi = c(2.0 * _INV_SQRT_2PI)
         # KL = kl_const - log scale - log(2 Z) - T/2; kl_const = log width - H_0 + log 2
-        self.kl_const = c(math.log(log_high - log_low) - _HALF_LOG_2PI_E + math.log(2.0))
+        self.kl_const = c(math.log(log_high - log_low) - HALF_LOG_2PI_E + math.log(2.0))
 
 
 def constants(dtype: torch.dtype, device: torch.device, log_low: float, log_high: float,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import BMRSError
+from ..errors import BMRSError
 
 __all__ = [
     "MultiheadSelfAttention",

@@ -1,8 +1,8 @@
 """Model adapters: how bmrs finds and removes structures in model families whose layers the
-generic analysis of :mod:`bmrs.structure` cannot see (e.g. Hugging Face transformers, whose
+generic analysis of :mod:`bmrs.structures.sites` cannot see (e.g. Hugging Face transformers, whose
 attention keeps its head count in plain attributes).
 
-An adapter is an object with
+An adapter is an object of the :class:`Adapter` protocol:
 
 * ``handles(model) -> bool``;
 * ``layout(model, example_input, *, exclude, heads) -> (sites, families, skipped)``: the
@@ -25,31 +25,64 @@ never imports them: :func:`find_adapter` imports the integration module named in
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .errors import BMRSError
+from ..errors import BMRSError
 
 __all__ = [
-    "ADAPTERS", "INTEGRATIONS", "InputGroups", "find_adapter", "integration_of", "register_adapter", "remove_hooked",
-    "remove_input_groups",
+    "ADAPTERS", "Adapter", "INTEGRATIONS", "InputGroups", "find_adapter", "integration_of", "register_adapter",
+    "remove_hooked", "remove_input_groups",
 ]
 
+
+@runtime_checkable
+class Adapter(Protocol):
+    """What bmrs asks of the adapter of a model family (see the module's docstring)."""
+
+    def handles(self, model: nn.Module) -> bool:
+        """Whether this adapter finds the structures of ``model``."""
+
+    def layout(self, model: nn.Module, example_input, *, exclude: Sequence[nn.Module],
+               heads: bool) -> tuple[list, list, list[tuple[str, str]]]:
+        """The gate sites of ``model`` (:class:`~bmrs.structures.sites.GateSite`), their
+        families (:class:`~bmrs.structures.sites.Family`), and the layers left ungated with why."""
+
+    def compact(self, net: nn.Module, sites: list, masks: dict, scales: dict) -> None:
+        """Delete the masked structures of ``sites`` from ``net`` (a copy, gates detached) in place."""
+
+    def input_weights(self, model: nn.Module, site) -> Tensor:
+        """Each structure's incoming weights at ``site``, one row per structure."""
+
+    def architecture(self, model: nn.Module) -> dict:
+        """What :func:`bmrs.load_compact` rebuilds ``model`` from."""
+
+
 #: Registered adapters, asked in order.
-ADAPTERS: list = []
+ADAPTERS: list[Adapter] = []
 
 #: Integration modules by the top-level package of the models they handle.
-INTEGRATIONS: dict[str, str] = {"transformers": "bmrs.transformers"}
+INTEGRATIONS: dict[str, str] = {"transformers": "bmrs.integrations.transformers"}
 
 
-def register_adapter(adapter) -> None:
-    """Add ``adapter`` (see the module's docstring) unless it is registered already."""
+def register_adapter(adapter: Adapter) -> None:
+    """Add ``adapter`` (an :class:`Adapter`) unless it is registered already.
+
+    Raises:
+        BMRSError: ``adapter`` lacks a method of the protocol.
+    """
+    if not isinstance(adapter, Adapter):
+        missing = [name for name in ("handles", "layout", "compact", "input_weights", "architecture")
+                   if not callable(getattr(adapter, name, None))]
+        raise BMRSError(f"{adapter!r} is not a model adapter: it has no {', '.join(missing)} (see bmrs.structures.adapters.Adapter)")
     if adapter not in ADAPTERS:
         ADAPTERS.append(adapter)
 
 
-def find_adapter(model: nn.Module):
+def find_adapter(model: nn.Module) -> Adapter | None:
     """The adapter that handles ``model``, or None (the generic analysis applies)."""
     package = type(model).__module__.partition(".")[0]
     if package in INTEGRATIONS:

@@ -9,7 +9,7 @@ Two analyses of a plain (ungated) network, both from one forward pass of an exam
 * Torch-Pruning's dependency graph, to find channels coupled across layers (residual
   additions): such channels form a *family* and can only be removed together.
 
-Attention heads (:mod:`bmrs.attention`) are structures too: each attention module gets
+Attention heads (:mod:`bmrs.structures.attention`) are structures too: each attention module gets
 one gate over its heads, coupled to nothing.
 """
 
@@ -26,15 +26,17 @@ from torch import Tensor, nn
 
 from .adapters import INPUT_ATTR, find_adapter
 from .attention import HEAD_MODULES, expose_heads, head_input_weights, params_per_head
-from .errors import BMRSError
+from ..errors import BMRSError
 
 __all__ = [
     "GateSite", "Family", "GateLayout", "StructureKind", "Channels", "Heads", "AdapterKind", "STRUCTURE_KINDS",
     "register_structure_kind", "structure_kind",
 ]
 
+#: The layers whose outputs are gated structures (output neurons and channels).
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: Per-channel normalisation that a gate may follow and compaction folds.
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CHANNELWISE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Tanh, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Identity, nn.Dropout, nn.Dropout1d,
@@ -56,19 +58,17 @@ class GateSite:
     """One gate: the structures it gates and where it sits.
 
     Attributes:
-        name: the gate's key in :func:`bmrs.gates` (the site's module name).
         producer: name of the module whose output channels (or heads) are the structures.
         site: name of the module that holds the gate, the last BatchNorm, activation or
             dropout module that consumes the producer's output alone (the gate's key).
         dim: the gated axis of that output.
         num_structures: number of structures.
         kind: the name of its :class:`StructureKind`: ``"channels"`` or ``"heads"``, or a
-            kind of a model adapter (:mod:`bmrs.adapters`), such as ``"attention-heads"``
+            kind of a model adapter (:mod:`bmrs.structures.adapters`), such as ``"attention-heads"``
             and ``"ffn-neurons"`` of Hugging Face transformers (:func:`structure_kind`
             resolves it).
     """
 
-    name: str
     producer: str
     site: str
     dim: int
@@ -127,7 +127,7 @@ class GateLayout:
                 where = f" (after {s.site}, applied after {s.applied_at})"
             if s.site.endswith(f".{INPUT_ATTR}"):
                 where = f" (at the input of {s.site.removesuffix(f'.{INPUT_ATTR}')})"
-            lines.append(f"  gate {s.name}: {s.num_structures} {s.kind} of {s.producer}{where}")
+            lines.append(f"  gate {s.site}: {s.num_structures} {s.kind} of {s.producer}{where}")
         coupled = [f for f in self.families if len(f.members) > 1]
         for f in coupled:
             lines.append(f"  coupled, pruned together: {', '.join(n for n, _ in f.members)}")
@@ -185,14 +185,14 @@ class Heads(StructureKind):
 
     def family(self, site, modules):
         per_head = params_per_head(modules[site.producer]) + 2  # + the gate's loc and log_scale
-        return Family(members=[(site.name, list(range(site.num_structures)))], slot_params=[per_head] * site.num_structures)
+        return Family(members=[(site.site, list(range(site.num_structures)))], slot_params=[per_head] * site.num_structures)
 
     def input_weights(self, model, site):
         return head_input_weights(model.get_submodule(site.producer))
 
 
 class AdapterKind(StructureKind):
-    """A kind of a model adapter (:mod:`bmrs.adapters`, e.g. ``"attention-heads"`` of Hugging
+    """A kind of a model adapter (:mod:`bmrs.structures.adapters`, e.g. ``"attention-heads"`` of Hugging
     Face transformers): the adapter lays out, weighs and removes its structures."""
 
     removal_order = 1
@@ -236,7 +236,7 @@ def structure_kind(site: GateSite, model: nn.Module | None = None) -> StructureK
         return STRUCTURE_KINDS[site.kind]
     adapter = find_adapter(model) if model is not None else None
     if adapter is None:
-        raise BMRSError(f"gate {site.name!r} has kind {site.kind!r}, which is not registered and no adapter handles this model")
+        raise BMRSError(f"gate {site.site!r} has kind {site.kind!r}, which is not registered and no adapter handles this model")
     return AdapterKind(site.kind, adapter)
 
 
@@ -255,7 +255,7 @@ class Call:
     out_shape: tuple = ()
 
 
-def traces(fn):
+def with_grad_enabled(fn):
     """Run ``fn(model, example_input, ...)`` with autograd on and inference mode off, as tracing
     needs (it follows ``grad_fn``s, and so does Torch-Pruning's dependency graph), so that it
     works when called inside ``torch.no_grad()`` or ``torch.inference_mode()``. Inference-mode
@@ -394,7 +394,7 @@ def find_sites(
     """For every producer (and attention module), its gate site; and what cannot be gated, with why.
 
     With ``heads``, every ``nn.MultiheadAttention`` of ``model`` that is not excluded is
-    first turned in place into a :class:`~bmrs.attention.HeadedMultiheadAttention` (same
+    first turned in place into a :class:`~bmrs.structures.attention.HeadedMultiheadAttention` (same
     parameters and outputs), and each attention module with a ``heads`` site gets a site
     of kind ``"heads"`` on it (``dim=1`` of its ``(N, H, T, D)`` per-head outputs). The
     linear layers inside attention modules are never gated as channels: their outputs are
@@ -457,13 +457,13 @@ def find_sites(
                 # A batch norm the walk cannot pass (called by a module's own forward, as timm's
                 # BatchNormAct2d does): a gate before it would leave a masked channel its shift.
                 if any("BatchNorm" in u.name() for u in users if hasattr(u, "name")) or any(
-                        isinstance(c.module, _NORMS) for c in nxt):
+                        isinstance(c.module, BATCH_NORMS) for c in nxt):
                     reason = "followed by a batch norm the gate cannot be placed after (inside a module's own forward)"
                 break
             m = nxt[0].module
             if sum(c.module is m for c in calls) > 1:
                 break  # a module called twice (e.g. one ReLU reused after a residual addition) cannot host the gate
-            if isinstance(m, _NORMS) and m.num_features == channels or isinstance(m, _CHANNELWISE):
+            if isinstance(m, BATCH_NORMS) and m.num_features == channels or isinstance(m, _CHANNELWISE):
                 site, fn, shape = nxt[0], nxt[0].out_fn, nxt[0].out_shape
                 continue
             if isinstance(m, _CROSS_CHANNEL_NORMS):
@@ -487,7 +487,7 @@ def find_sites(
                     or pool.out_shape[1] != channels:
                 break
             applied = pool
-        sites.append(GateSite(name=site.name, producer=name, site=site.name, dim=dim, num_structures=channels,
+        sites.append(GateSite(producer=name, site=site.name, dim=dim, num_structures=channels,
                               applied_at="" if applied is site else applied.name))
     return sites, skipped
 
@@ -542,7 +542,7 @@ def _head_site(
         skipped[name] = f"per-head output of shape {call.out_shape} is not (N, {module.num_heads}, T, D)"
     else:
         sites.append(GateSite(
-            name=call.name, producer=name, site=call.name, dim=1, num_structures=module.num_heads, kind=Heads.name,
+            producer=name, site=call.name, dim=1, num_structures=module.num_heads, kind=Heads.name,
         ))
 
 
@@ -629,7 +629,7 @@ def couple(model: nn.Module, example_input, sites: list[GateSite]) -> tuple[list
                     break
                 slot_to_idx = dict(zip(item.root_idxs, item.idxs))
                 members[tname] = [slot_to_idx[j] for j in range(site.num_structures)]
-            elif isinstance(target, _NORMS) or (tname is None and _passes_channels_through(target)):
+            elif isinstance(target, BATCH_NORMS) or (tname is None and _passes_channels_through(target)):
                 continue
             elif isinstance(target, nn.Parameter):  # a parameter used outside any module
                 label = next((f"the parameter {n}" for n, q in model.named_parameters() if q is target), "a parameter")
@@ -648,7 +648,7 @@ def couple(model: nn.Module, example_input, sites: list[GateSite]) -> tuple[list
         kept += family_sites
         gate_params = 2 * len(names)  # loc and log_scale of every member's gate
         families.append(Family(
-            members=[(by_producer[n].name, members[n]) for n in names],
+            members=[(by_producer[n].site, members[n]) for n in names],
             slot_params=[p + gate_params for p in slot_params],
             effects=effects,
         ))
@@ -666,6 +666,6 @@ def _params_per_index(module, is_out: bool) -> int:
         if is_out:
             return module.in_channels * kernel + (module.bias is not None)
         return module.out_channels * kernel
-    if isinstance(module, _NORMS):
+    if isinstance(module, BATCH_NORMS):
         return 2 if module.affine else 0
     return 0

@@ -1,0 +1,9 @@
+"""What a gate removes, and where: the core analysis of a network's prunable structures.
+
+* :mod:`~bmrs.structures.sites`: structure kinds (channels, attention heads, an adapter's
+  kinds), finding the gate sites of a plain network and the families of coupled structures;
+* :mod:`~bmrs.structures.attention`: attention heads as structures (the library's
+  self-attention, ``nn.MultiheadAttention`` with its heads exposed, their compaction);
+* :mod:`~bmrs.structures.adapters`: the :class:`~bmrs.structures.adapters.Adapter` protocol
+  for model families the generic analysis cannot see, and the integrations that provide them.
+"""
