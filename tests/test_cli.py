@@ -23,6 +23,7 @@ TINY = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "4
 METRIC_KEYS = {
     "test_accuracy", "test_loss", "val_accuracy", "structure_compression", "parameter_compression", "kept",
     "structures", "best_epoch", "train_seconds", "processes", "history", "compaction", "checksums", "provenance",
+    "calibration",
 }
 
 
@@ -63,7 +64,9 @@ def test_train_writes_a_complete_run(runs, capsys):
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == "random" and config["target"] == 0.4 and config["model_options"] == {"width": 16}
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == METRIC_KEYS
+    assert set(metrics) == METRIC_KEYS  # a baseline's run: no evidence summary
+    assert set(json.loads((runs / "code" / "metrics.json").read_text())) == METRIC_KEYS | {"evidence"}
+    assert set(metrics["calibration"]) == {"unpruned", "gated", "compacted", "predictive"}
     assert 0.5 < metrics["test_accuracy"] <= 1.0  # digits learns fast even when tiny
     assert 0.4 <= metrics["parameter_compression"] < 1.0  # the target was reached
     assert 0.0 < metrics["structure_compression"] < 1.0

@@ -49,6 +49,10 @@ SCRIPT = textwrap.dedent('''
             self.log("data_loss", loss, on_step=False, on_epoch=True)
             return loss
 
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", F.cross_entropy(self(x), y), on_step=False, on_epoch=True, sync_dist=True)
+
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=0.05)
 
@@ -56,14 +60,14 @@ SCRIPT = textwrap.dedent('''
     module = Classifier()
     # a wide initial posterior, so that pruning starts within a few epochs
     bmrs.attach_gates(module.net, data.train.tensors[0][:2], init_log_scale=-1.0)
-    pruning = BMRSPruning("bmrs-n-code", module="net", kl_reduction="mean", prune_until=5)
+    pruning = BMRSPruning("bmrs-n-code", module="net", kl_reduction="mean", prune_until=5, predictive_draws=2)
     trainer = L.Trainer(
         max_epochs=6, accelerator="cpu", devices=devices, strategy=strategy, callbacks=[pruning],
         logger=CSVLogger(out, name="logs", version=0), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
     )
     loader = torch.utils.data.DataLoader(data.train, batch_size=32, shuffle=True)
-    trainer.fit(module, loader)
+    trainer.fit(module, loader, torch.utils.data.DataLoader(data.val, batch_size=64))
 
     x = data.test.tensors[0][:256]
     module.eval()
@@ -105,6 +109,15 @@ def check_run(results, rows):
     assert float(last["bmrs/parameter_compression"]) > 0
     assert all(float(r["bmrs/kl"]) > 0 for r in logged)
     assert float(logged[0]["bmrs/delta_f_max"]) < 0  # nothing pruned after epoch 1: every kept delta F < 0
+    # the evidence summary: the per-layer ambiguous counts add up, and nothing was forced
+    assert float(last["bmrs/ambiguous"]) == sum(float(last[f"bmrs/ambiguous/{n}"]) for n in first["kept"])
+    assert float(last["bmrs/removed_against"]) == 0 and float(last["bmrs/evidence_spent"]) >= 0
+    # calibration after every validation epoch, of the gated model and of its predictive
+    calibrated = [r for r in rows if r.get("bmrs/val_ece")]
+    assert len(calibrated) == 6
+    for r in calibrated:
+        assert 0 <= float(r["bmrs/val_ece"]) <= 1 and float(r["bmrs/val_nll"]) > 0
+        assert 0 <= float(r["bmrs/val_predictive_ece"]) <= 1 and float(r["bmrs/val_predictive_nll"]) > 0
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import os
 import sys
 
 from . import __version__
-from .commands import bench, compact, export, info, report, reproduce, sweep, train
+from .commands import bench, compact, explain, export, info, report, reproduce, sweep, train
 from .commands._common import Formatter, Parser
 from .datasets import ChecksumError
 from .errors import BMRSError
@@ -34,7 +34,7 @@ EXIT_DIVERGED = 3
 
 #: The commands, in the order ``bmrs --help`` lists them: each module's ``add_parser`` adds
 #: its subcommand (and sets ``run`` as what it calls).
-COMMANDS = (train, sweep, report, compact, info, export, bench, reproduce)
+COMMANDS = (train, sweep, report, compact, info, explain, export, bench, reproduce)
 
 
 def _one_line(err: BaseException) -> str:
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Structured pruning of neural networks with Bayesian model reduction (BMRS).\n\n"
         "Train with noise gates and prune continuously (train), prune a trained model at many\n"
         "compression levels (sweep), tabulate and plot results (report), turn a pruned model\n"
-        "into a smaller plain network (compact, info), export and time it (export, bench), or run a\n"
+        "into a smaller plain network (compact, info), say what the evidence says of its decisions\n"
+        "(explain), export and time it (export, bench), or run a\n"
         "whole experiment suite (reproduce).",
         formatter_class=Formatter,
         epilog="Run 'bmrs COMMAND --help' for the options of a command. Exit status: 0 success, 2 a usage error or a\n"

@@ -112,6 +112,15 @@ def _print_run_summary(out: Path, config: dict, metrics: dict) -> None:
              f"{info['flops_before']:,} -> {info['flops_after']:,} FLOPs per example ({out / info['file']})")
     elif "error" in info:
         say(f"  compacted          not possible: {info['error']}")
+    evidence, calibrated = metrics.get("evidence"), metrics.get("calibration") or {}
+    if evidence:
+        say(f"  evidence           {evidence['ambiguous']} of {sum(e['total'] for e in evidence['layers'].values())} "
+            f"decisions within {evidence['ambiguity_nats']:g} nat of the margin; most over-parameterised: "
+            f"{evidence['most_overparameterised']} (bmrs explain {out})")
+    if "gated" in calibrated:
+        parts = [f"{label} {percent(calibrated[key]['ece'])}" for key, label in
+                 (("unpruned", "unpruned"), ("gated", "pruned"), ("predictive", "predictive")) if key in calibrated]
+        say(f"  calibration (ECE)  {', '.join(parts)}")
     processes = metrics.get("processes", 1)
     say(f"  training time      {metrics['train_seconds']:.1f} s" + (f" ({processes} processes)" if processes > 1 else ""))
     say(f"  results            {out / 'metrics.json'}")

@@ -7,6 +7,10 @@
   several runs (noting the ones it cannot rebuild) and writes them with
   :func:`bmrs.reporting.diagnostics.write_diagnostics`.
 
+* :func:`explain_run` gives the evidence behind a run's decisions (optionally after a
+  budget) and the calibration of its unpruned, gated and compacted models and of the gates'
+  Monte Carlo predictive (``bmrs explain``).
+
 The knees of accuracy-vs-compression curves need sweep records only and live with the
 reports (:mod:`bmrs.reporting.knees`).
 """
@@ -21,14 +25,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..calibration import DEFAULT_DRAWS, model_calibration
+from ..errors import BMRSError
 from ..gates import gates, layer_names
-from ..pruning.criteria import Criterion, default_labels, make_criterion, parse_label
+from ..pruning import RECOMMENDED, explain, parse_budget, prune
+from ..pruning.criteria import Criterion, criterion_class, default_labels, make_criterion, parse_label
 from ..pruning.masks import decide
 from ..reporting.collect import RunResult, method_label
 from ..reporting.diagnostics import RELAXED_LOG_SIGMA, RunDiagnostics, diagnostic_criteria, write_diagnostics
 from .runs import load_run, run_files
 
-__all__ = ["gate_diagnostics", "run_diagnostics", "diagnose_runs"]
+__all__ = ["gate_diagnostics", "run_diagnostics", "diagnose_runs", "explain_run", "evidence_criterion"]
 
 
 def gate_diagnostics(model: nn.Module, criteria: dict[str, Criterion] | None = None) -> list[dict]:
@@ -119,3 +126,47 @@ def diagnose_runs(runs: Iterable, out_dir: str | os.PathLike, *, relaxed_at: flo
             notes.append(f"diagnostics: {path} skipped ({' '.join(str(err).split())[:200]})")
     files = write_diagnostics(diagnostics, out_dir, plots=plots)
     return diagnostics, files, notes
+
+
+def evidence_criterion(config, name: str | None = None) -> Criterion:
+    """The evidence criterion that explains a run: ``name`` (a label such as ``bmrs-u8``),
+    else the run's method when it is an evidence criterion, else the recommended one."""
+    if name is None:
+        method = config.method
+        if method == "bmrs-u":
+            name = f"bmrs-u{config.bits:g}"
+        elif method != "none" and criterion_class(method).evidence_based:
+            name = method
+        else:
+            name = RECOMMENDED["method"]
+    base, options = parse_label(name)
+    criterion = make_criterion(base, **options)
+    if not criterion.evidence_based:
+        raise BMRSError(f"{name} is not an evidence criterion: only BMRS criteria have a delta F to explain")
+    return criterion
+
+
+def explain_run(path: str | os.PathLike, *, criterion: str | None = None, budget: str | None = None,
+                draws: int = DEFAULT_DRAWS, split: str = "test", data_dir=None) -> dict:
+    """The evidence report of a run (``bmrs explain``): per layer, the evidence of its
+    decisions under ``criterion`` (:func:`evidence_criterion`); with ``budget``
+    (``"flops=0.5"``), first pruned further until the budget holds, in the order of the
+    evidence, and what that cost; and the calibration of :func:`model_calibration` on the
+    ``split`` set. A dict of plain values (what ``explain.json`` holds) plus ``"table"``."""
+    loaded = load_run(path, data_dir, need_data=True)
+    run_dir, _ = run_files(path)
+    model, data = loaded.model, loaded.data
+    chosen = evidence_criterion(loaded.config, criterion)
+    result = {"run": str(run_dir), "split": split, "criterion": repr(chosen)}
+    if budget is not None:
+        outcome = prune(model, chosen, budget=parse_budget(budget), example_input=loaded.example[:1], keep_pruned=True)
+        result["budget"] = {"budget": outcome.budget, "summary": outcome.summary(), "evidence_pruned": outcome.evidence_pruned,
+                            "budget_pruned": outcome.budget_pruned, "pruned": outcome.pruned, "kept": outcome.kept}
+    report = explain(model, chosen)
+    result["evidence"] = report.summary()
+    result["table"] = report.table()
+    result["layers"] = [asdict(e) for e in report.layers]
+    dataset = data.test if split == "test" else data.val
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1000)
+    result["calibration"] = model_calibration(model, loader, loaded.example, draws=draws)
+    return result

@@ -18,9 +18,11 @@ from torch import nn
 
 from .. import distributed
 from .._io import read_json, read_tensors, state_checksum, write_json
+from ..calibration import model_calibration
 from ..compaction import compact, count_flops, count_parameters, save_compact
 from ..errors import BMRSError
 from ..gates import gates, layer_names
+from ..pruning import explain
 from ..pruning.criteria import CRITERIA, Criterion, criterion_class
 from ..pruning.masks import kept_per_layer, parameter_compression, structure_compression
 from ..pruning.schedules import ContinuousPruning
@@ -129,6 +131,22 @@ def _compaction(model: nn.Module, config: RunConfig, data, out: Path) -> dict:
         return {"error": f"{type(err).__name__}: {err}", "architecture": architecture}
 
 
+def _evidence_and_calibration(model: nn.Module, criterion, loader, example: torch.Tensor) -> dict:
+    """What ``metrics.json`` records beside the accuracy: the evidence summary of the final
+    masks (:func:`bmrs.pruning.explain`; for an evidence criterion only) and the calibration
+    of the unpruned, gated and compacted models and the gates' predictive, without the bins
+    (``bmrs explain`` has those)."""
+    found = {}
+    if criterion is not None and criterion.evidence_based:
+        found["evidence"] = explain(model, criterion).summary()
+    try:
+        calibrated = model_calibration(model, loader, example)
+    except (ValueError, RuntimeError) as err:  # a model compaction cannot handle: see _compaction
+        return {**found, "calibration": {"error": f"{type(err).__name__}: {err}"}}
+    found["calibration"] = {name: {k: v for k, v in c.items() if k != "bins"} for name, c in calibrated.items()}
+    return found
+
+
 def train_run(
     config: RunConfig, out_dir: str | os.PathLike, *, progress: bool = True, resume: bool = True,
     device: str | torch.device = "cpu", log: str | None = None,
@@ -224,6 +242,7 @@ def train_run(
         "history": [asdict(r) for r in trainer.history],
     }
     if main:
+        metrics.update(_evidence_and_calibration(model, criterion, test_loader, data.test.tensors[0][:64]))
         state = model.state_dict()
         atomic_save(state, out / "model.pt")
         metrics["checksums"] = {"model.pt": state_checksum(state)}

@@ -26,8 +26,10 @@ from torch import Tensor, nn
 from .. import distributed
 from ..compaction import compact
 from ..errors import BMRSError
+from ..calibration import calibration, predict
 from ..gates import attach_gates, check_kl_reduction, gates, model_kl
 from ..pruning.criteria import RECOMMENDED, Criterion, make_criterion
+from ..pruning.evidence import explain
 from ..pruning.masks import kept_per_layer, parameter_compression, structure_compression
 from ..pruning.schedules import ContinuousPruning
 
@@ -51,7 +53,16 @@ class BMRSPruning(Callback):
       are broadcast), and logs ``bmrs/structure_compression``,
       ``bmrs/parameter_compression``, ``bmrs/kept/<gate>`` and, for the BMRS criteria,
       ``bmrs/delta_f_min|median|max``: the delta F of the kept structures (the criterion
-      prunes where delta F reaches its margin: 0 for ``bmrs-n``, -1 for ``bmrs-n-kr``, ...).
+      prunes where delta F reaches its margin: 0 for ``bmrs-n``, -1 for ``bmrs-n-kr``, ...)
+      and the evidence summary of :func:`bmrs.pruning.explain`: ``bmrs/ambiguous`` (decisions
+      within 1 nat of the margin), ``bmrs/evidence_removes``, ``bmrs/removed_against``,
+      ``bmrs/kept_beyond``, ``bmrs/evidence_spent`` and ``bmrs/ambiguous/<layer>``.
+    * At the end of every validation epoch (``calibration=True``): the calibration of the
+      gated model on the (first) validation dataloader, whose batches must be
+      ``(inputs, targets)``: ``bmrs/val_nll`` and ``bmrs/val_ece`` (:mod:`bmrs.calibration`;
+      under DDP each rank measures its shard and the logged values are their means), and with
+      ``predictive_draws=N`` also the gates' Monte Carlo predictive, ``bmrs/val_predictive_nll``
+      and ``bmrs/val_predictive_ece``.
     * ``on_fit_end``: :attr:`compacted` holds the compacted network (see
       :func:`bmrs.compact`), on every rank.
 
@@ -73,6 +84,9 @@ class BMRSPruning(Callback):
         add_to_loss: add the KL term to ``training_step``'s loss (see above).
         seed: under DDP, each rank's noise is seeded from this and the rank at the start
             of training (default: the seed of ``lightning.seed_everything``, else 0).
+        calibration: log the calibration of the gated model after each validation epoch.
+        predictive_draws: draws of the Monte Carlo predictive logged beside it (0: none; each
+            draw is one more pass over the validation data).
     """
 
     def __init__(
@@ -92,6 +106,8 @@ class BMRSPruning(Callback):
         prune_until: int | None = None,
         add_to_loss: bool = True,
         seed: int | None = None,
+        calibration: bool = True,
+        predictive_draws: int = 0,
     ) -> None:
         check_kl_reduction(kl_reduction, "kl_reduction")
         self.criterion = make_criterion(criterion) if isinstance(criterion, str) else criterion
@@ -99,6 +115,9 @@ class BMRSPruning(Callback):
         self.kl_reduction, self.dataset_size, self.kl_weight = kl_reduction, dataset_size, kl_weight
         self.module, self.example_input, self.exclude = module, example_input, exclude
         self.prune_until, self.add_to_loss, self.seed = prune_until, add_to_loss, seed
+        if predictive_draws < 0:
+            raise BMRSError(f"predictive_draws must be >= 0, got {predictive_draws}")
+        self.calibration, self.predictive_draws = calibration, predictive_draws
         self.compacted: nn.Module | None = None
         self._patched = None
 
@@ -187,8 +206,30 @@ class BMRSPruning(Callback):
                     "bmrs/delta_f_min": float(delta_f.min()), "bmrs/delta_f_median": float(delta_f.median()),
                     "bmrs/delta_f_max": float(delta_f.max()),
                 })
+            evidence = explain(net, self.criterion).summary()
+            summary.update({f"bmrs/{key}": float(evidence[key]) for key in
+                            ("ambiguous", "evidence_removes", "removed_against", "kept_beyond", "evidence_spent")})
+            summary.update({f"bmrs/ambiguous/{layer}": float(e["ambiguous"]) for layer, e in evidence["layers"].items()})
         for name, value in summary.items():
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)  # equal on every rank
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self.calibration or trainer.sanity_checking:
+            return
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        if loader is None:
+            return
+        net = self.network(pl_module)
+        device = next(net.parameters()).device
+        batches = ((inputs, targets) for inputs, targets in loader)  # (inputs, targets) batches only
+        found = {"val": calibration(*predict(net, batches, device=device))}
+        if self.predictive_draws:
+            batches = ((inputs, targets) for inputs, targets in loader)
+            found["val_predictive"] = calibration(*predict(net, batches, draws=self.predictive_draws, device=device))
+        for prefix, c in found.items():
+            for key in ("nll", "ece"):
+                pl_module.log(f"bmrs/{prefix}_{key}", c[key], on_step=False, on_epoch=True, sync_dist=True)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         net = self.network(pl_module)
