@@ -130,7 +130,11 @@ class GateLayout:
             lines.append(f"  gate {s.name}: {s.num_structures} {s.kind} of {s.producer}{where}")
         coupled = [f for f in self.families if len(f.members) > 1]
         for f in coupled:
-            lines.append(f"  coupled, pruned together: {', '.join(n for n, _ in f.members)}")
+            names = list(dict.fromkeys(n for n, _ in f.members))  # a gate may be a member several times
+            if len(names) == 1:  # structures of one gate removed in slots (a key/value head's query heads)
+                lines.append(f"  pruned {len(f.members)} at a time: {names[0]}")
+            else:
+                lines.append(f"  coupled, pruned together: {', '.join(names)}")
         for name, why in self.skipped.items():
             lines.append(f"  not gated: {name}: {why}")
         return "\n".join(lines)

@@ -11,10 +11,14 @@ What is gated, in every transformer block it recognises:
   viewed as ``(N, T, H, D)``): whatever attention function the model runs (eager, sdpa,
   ...), the heads are merged there. Recognised: BERT-style (``query``/``key``/``value``
   and ``output.dense``), Llama/ViT-style (``q_proj``/``k_proj``/``v_proj``/``o_proj``)
-  and GPT-2 (packed ``c_attn`` and ``c_proj``, both ``Conv1D``) attention;
+  and GPT-2 (packed ``c_attn`` and ``c_proj``, both ``Conv1D``) attention; grouped-query
+  attention (Llama, Qwen2, Mistral, Gemma: ``num_key_value_groups`` query heads share one
+  key/value head) gates the query heads, and each key/value head with its query heads is
+  one family, kept or removed as a whole;
 * **feed-forward neurons**, at the input of the block's second layer: BERT
-  (``intermediate.dense``/``output.dense``), ViT/CLIP (``fc1``/``fc2``) and GPT-2
-  (``c_fc``/``c_proj``).
+  (``intermediate.dense``/``output.dense``), ViT/CLIP (``fc1``/``fc2``), GPT-2
+  (``c_fc``/``c_proj``) and gated FFNs (``gate_proj``/``up_proj``/``down_proj``, SwiGLU
+  and GeGLU: a neuron leaves all three).
 
 One theta per (example, structure), broadcast over tokens (and the head's D features).
 The hidden width of the residual stream (embeddings, outputs of the output projections,
@@ -29,7 +33,8 @@ Face configurations hold one head count and one feed-forward width for all layer
 compacted model's ``config`` keeps them (they also fix the head dimension,
 ``hidden_size // num_attention_heads``) and gains two lists, one entry per block:
 ``layer_num_attention_heads`` and ``layer_intermediate_size``, the widths each block has
-now. :func:`bmrs.load_compact` builds the model from that configuration and shrinks each
+now (and ``layer_num_key_value_heads`` for grouped-query attention, whose modules'
+``num_key_value_groups`` follow). :func:`bmrs.load_compact` builds the model from that configuration and shrinks each
 block to them before loading the weights.
 """
 
@@ -55,6 +60,8 @@ NEURONS = "ffn-neurons"
 ARCHITECTURE = "transformers"
 _HEADS_ATTRS = ("num_attention_heads", "num_heads")
 _CONFIG_LISTS = {HEADS: "layer_num_attention_heads", NEURONS: "layer_intermediate_size"}
+#: The per-block list of key/value heads, recorded for grouped-query attention only.
+KV_HEADS_LIST = "layer_num_key_value_heads"
 
 
 @dataclass
@@ -71,6 +78,14 @@ class _Group:
     groups: int
     width: int
     layer: int | None
+    #: Grouped-query attention (``inputs`` = q, k, v): the number of key/value heads, each
+    #: shared by ``groups // kv_heads`` consecutive query heads; 0 for every other block.
+    kv_heads: int = 0
+
+    @property
+    def per_kv(self) -> int:
+        """Query heads per key/value head (grouped-query attention)."""
+        return self.groups // self.kv_heads
 
     @property
     def site(self) -> str:
@@ -107,6 +122,15 @@ def _recognise(model: nn.Module) -> tuple[list[_Group], dict[str, str]]:
             heads, width = attn.num_attention_heads, attn.attention_head_size
             found.append(_Group(HEADS, name, f"{p}self", [f"{p}self.query", f"{p}self.key", f"{p}self.value"], 1,
                                 f"{p}output.dense", heads, width, layer))
+        elif all(_is_layer(kids.get(a)) for a in ("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(m, "head_dim") \
+                and hasattr(m, "num_key_value_groups"):
+            grouped = _grouped_query(name, m, kids)
+            if isinstance(grouped, str):
+                problems[name] = grouped
+                continue
+            heads, kv_heads = grouped
+            found.append(_Group(HEADS, name, name, [f"{p}q_proj", f"{p}k_proj", f"{p}v_proj"], 1, f"{p}o_proj",
+                                heads, m.head_dim, layer, kv_heads=kv_heads))
         elif all(_is_layer(kids.get(a)) for a in ("q_proj", "k_proj", "v_proj", "o_proj")) and hasattr(m, "head_dim"):
             heads = next((getattr(m, a) for a in _HEADS_ATTRS if hasattr(m, a)), None)
             if heads is None:
@@ -125,11 +149,33 @@ def _recognise(model: nn.Module) -> tuple[list[_Group], dict[str, str]]:
                 and hasattr(kids["intermediate"], "intermediate_act_fn"):
             width = _out_features(kids["intermediate"].dense)
             found.append(_Group(NEURONS, name, "", [f"{p}intermediate.dense"], 1, f"{p}output.dense", width, 1, layer))
+        elif all(isinstance(kids.get(a), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")) and hasattr(m, "act_fn"):
+            # gated FFN (SwiGLU, GeGLU): down_proj(act(gate_proj(x)) * up_proj(x)); neuron i is row i
+            # of gate_proj and of up_proj and column i of down_proj
+            width = _out_features(kids["gate_proj"])
+            if _out_features(kids["up_proj"]) != width or _in_features(kids["down_proj"]) != width:
+                problems[name] = "gate_proj, up_proj and down_proj do not share one hidden width"
+                continue
+            found.append(_Group(NEURONS, name, "", [f"{p}gate_proj", f"{p}up_proj"], 1, f"{p}down_proj", width, 1, layer))
         elif _is_layer(kids.get("fc1")) and _is_layer(kids.get("fc2")) and hasattr(m, "activation_fn"):
             found.append(_Group(NEURONS, name, "", [f"{p}fc1"], 1, f"{p}fc2", _out_features(kids["fc1"]), 1, layer))
         elif isinstance(kids.get("c_fc"), Conv1D) and isinstance(kids.get("c_proj"), Conv1D) and hasattr(m, "act"):
             found.append(_Group(NEURONS, name, "", [f"{p}c_fc"], 1, f"{p}c_proj", _out_features(kids["c_fc"]), 1, layer))
     return found, problems
+
+
+def _grouped_query(name: str, m: nn.Module, kids: dict) -> tuple[int, int] | str:
+    """(query heads, key/value heads) of a Llama-style attention module, whose forward infers
+    both counts from the projections' widths and repeats each key/value head for
+    ``num_key_value_groups`` consecutive query heads; or why its shape is not understood."""
+    d, per = m.head_dim, m.num_key_value_groups
+    q, k, v = (_out_features(kids[a]) for a in ("q_proj", "k_proj", "v_proj"))
+    if not (isinstance(d, int) and isinstance(per, int) and d > 0 and per > 0):
+        return "head_dim and num_key_value_groups are not positive integers"
+    if q % d or k % d or v != k or _in_features(kids["o_proj"]) != q or q // d != (k // d) * per:
+        return (f"q_proj ({q}), k_proj ({k}), v_proj ({v}) and o_proj ({_in_features(kids['o_proj'])} inputs) "
+                f"are not {per} query heads per key/value head of width {d}")
+    return q // d, k // d
 
 
 def _find(net: nn.Module, owner: str) -> _Group:
@@ -140,6 +186,13 @@ def _find(net: nn.Module, owner: str) -> _Group:
 
 
 def _params_per_structure(modules: dict, g: _Group) -> int:
+    """Parameters one structure of ``g`` holds: for grouped-query attention, one key/value
+    head with its query heads (the slot of a family)."""
+    if g.kv_heads:
+        q, k, v = (modules[n] for n in g.inputs)
+        per_q = g.width * (_in_features(q) + (q.bias is not None)) + g.width * _out_features(modules[g.output])
+        per_kv = sum(g.width * (_in_features(x) + (x.bias is not None)) for x in (k, v))
+        return g.per_kv * per_q + per_kv
     count = 0
     for name in g.inputs:
         layer = modules[name]
@@ -177,8 +230,7 @@ class TransformersAdapter:
                 continue
             InputGroups.install(modules[g.output], g.groups, g.width)
             sites.append(GateSite(name=g.site, producer=g.owner, site=g.site, dim=-2, num_structures=g.groups, kind=g.kind))
-            per = _params_per_structure(modules, g) + 2  # + the gate's loc and log_scale
-            families.append(Family(members=[(g.site, list(range(g.groups)))], slot_params=[per] * g.groups))
+            families.append(_family(modules, g))
         covered = {n for g in groups for n in (*g.inputs, g.output)}
         last = max((seen[0][1] for g in groups for seen in [calls.get(g.output, [])] if seen), default=-1)
         for name, m in modules.items():
@@ -201,6 +253,10 @@ class TransformersAdapter:
     def input_weights(self, model, site) -> Tensor:
         modules = dict(model.named_modules())
         g = _find(model, site.producer)
+        if g.kv_heads:  # a query head's rows of q, and those of the key/value head it reads
+            q, k, v = (modules[n].weight for n in g.inputs)
+            shared = [x.reshape(g.kv_heads, -1).repeat_interleave(g.per_kv, 0) for x in (k, v)]
+            return torch.cat([q.reshape(g.groups, -1), *shared], dim=1)
         rows = []
         for name in g.inputs:
             layer = modules[name]
@@ -217,6 +273,21 @@ class TransformersAdapter:
             "name": ARCHITECTURE, "input_shape": [], "num_classes": 0,
             "options": {"class": cls.__name__, "config": json.loads(model.config.to_json_string(use_diff=False))},
         }
+
+
+def _family(modules: dict, g: _Group) -> Family:
+    """The family of a block's gate. Heads and neurons: each structure alone. Grouped-query
+    attention: one slot per key/value head, holding its query heads (member ``r`` is the
+    ``r``-th query head of every group), so a key/value head is kept or removed with its
+    whole group, by the group's summed evidence, and every block keeps the same number of
+    query heads per key/value head, as its attention code requires."""
+    if g.kv_heads:
+        per = g.per_kv
+        members = [(g.site, [j * per + r for j in range(g.kv_heads)]) for r in range(per)]
+        slot = _params_per_structure(modules, g) + 2 * per  # + the gates' loc and log_scale
+        return Family(members=members, slot_params=[slot] * g.kv_heads)
+    per = _params_per_structure(modules, g) + 2  # + the gate's loc and log_scale
+    return Family(members=[(g.site, list(range(g.groups)))], slot_params=[per] * g.groups)
 
 
 def _calls(model: nn.Module, example_input) -> dict[str, list[tuple[tuple, int]]]:
@@ -251,6 +322,9 @@ def _shrink(net, modules, g: _Group, keep: Tensor, scale: Tensor) -> None:
     """Keep the groups ``keep`` of ``g`` (one silent group if none), folding ``scale`` into the output layer."""
     keep = keep.detach().cpu().bool()
     scale = scale.detach().cpu().double()
+    if g.kv_heads:
+        _shrink_grouped(net, modules, g, keep, scale)
+        return
     kept = keep.nonzero().flatten()
     scale = scale[kept]
     if len(kept) == 0:  # a block cannot have width 0: keep one group whose output columns are zero
@@ -263,6 +337,8 @@ def _shrink(net, modules, g: _Group, keep: Tensor, scale: Tensor) -> None:
             _keep_outputs(modules[name], packed)
         _keep_inputs(modules[g.output], idx, scale.repeat_interleave(g.width))
     count = len(kept)
+    if g.kind == NEURONS and isinstance(getattr(net.get_submodule(g.owner), "intermediate_size", None), int):
+        net.get_submodule(g.owner).intermediate_size = count
     if g.kind == HEADS:
         owner = net.get_submodule(g.attrs)
         for attr in _HEADS_ATTRS:
@@ -271,6 +347,47 @@ def _shrink(net, modules, g: _Group, keep: Tensor, scale: Tensor) -> None:
         for attr in ("all_head_size", "split_size"):
             if hasattr(owner, attr):
                 setattr(owner, attr, count * g.width)
+
+
+def _grouped_selection(keep: Tensor, kv_heads: int, per_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Which heads a grouped-query attention block keeps, given the query heads ``keep``
+    leaves unmasked: (kept key/value heads, kept query heads in order, whether each kept
+    query head is live).
+
+    A key/value head goes when every query head of its group is masked. Each remaining group
+    keeps the same number of query heads, the largest number of live ones in any group (the
+    attention code repeats every key/value head equally often): a group with fewer live
+    query heads also keeps some masked ones, which stay silent (their output columns are
+    zero). With every query head masked, one group of one silent head stays."""
+    live = keep.view(kv_heads, per_kv)
+    groups = live.any(dim=1).nonzero().flatten()
+    if len(groups) == 0:
+        return torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool)
+    width = int(live[groups].sum(dim=1).max())
+    queries, alive = [], []
+    for j in groups.tolist():
+        order = torch.argsort((~live[j]).to(torch.int8), stable=True)[:width]  # live heads first
+        chosen = order.sort().values
+        queries += (j * per_kv + chosen).tolist()
+        alive += live[j, chosen].tolist()
+    return groups, torch.tensor(queries), torch.tensor(alive)
+
+
+def _shrink_grouped(net, modules, g: _Group, keep: Tensor, scale: Tensor) -> None:
+    """:func:`_shrink` for grouped-query attention: rows of the kept query heads in q, of the
+    kept key/value heads in k and v, the kept query heads' columns of the output projection
+    times ``scale`` (0 for a silent head); the module's ``num_key_value_groups`` follows."""
+    groups, queries, alive = _grouped_selection(keep, g.kv_heads, g.per_kv)
+    d = g.width
+    span = lambda heads: (heads[:, None] * d + torch.arange(d)).flatten()  # noqa: E731
+    factor = torch.where(alive, scale[queries], torch.zeros((), dtype=torch.float64))
+    q, k, v = (modules[n] for n in g.inputs)
+    with torch.no_grad():
+        _keep_outputs(q, span(queries))
+        for layer in (k, v):
+            _keep_outputs(layer, span(groups))
+        _keep_inputs(modules[g.output], span(queries), factor.repeat_interleave(d))
+    net.get_submodule(g.attrs).num_key_value_groups = len(queries) // len(groups)
 
 
 def _keep_outputs(layer: nn.Module, idx: Tensor) -> None:
@@ -297,13 +414,19 @@ def _keep_inputs(layer: nn.Module, idx: Tensor, scale: Tensor) -> None:
 
 def layer_widths(model: nn.Module) -> dict[str, list[int]]:
     """Per block, the number of attention heads and of feed-forward neurons ``model`` has
-    now: ``{"layer_num_attention_heads": [...], "layer_intermediate_size": [...]}``."""
+    now: ``{"layer_num_attention_heads": [...], "layer_intermediate_size": [...]}``, and for
+    grouped-query attention the key/value heads, ``"layer_num_key_value_heads"``."""
     config = model.config
     widths = {attr: [None] * config.num_hidden_layers for attr in _CONFIG_LISTS.values()}
-    for g in _recognise(model)[0]:
+    groups = _recognise(model)[0]
+    if any(g.kv_heads for g in groups):
+        widths[KV_HEADS_LIST] = [None] * config.num_hidden_layers
+    for g in groups:
         if g.layer is None or g.layer >= config.num_hidden_layers:
             raise BMRSError(f"{g.owner!r} is not in a numbered block of the model; its width cannot be recorded")
         widths[_CONFIG_LISTS[g.kind]][g.layer] = g.groups
+        if g.kv_heads:
+            widths[KV_HEADS_LIST][g.layer] = g.kv_heads
     return widths
 
 
@@ -325,6 +448,14 @@ def _build(input_shape, num_classes, *, config: dict, **options) -> nn.Module:
         values = getattr(cfg, _CONFIG_LISTS[g.kind], None)
         target = values[g.layer] if values and g.layer is not None and values[g.layer] is not None else g.groups
         keep = torch.arange(g.groups) < target
+        kv_values = getattr(cfg, KV_HEADS_LIST, None)
+        if g.kv_heads and kv_values and g.layer is not None and kv_values[g.layer] is not None:
+            kv = kv_values[g.layer]
+            if not (isinstance(kv, int) and isinstance(target, int) and 0 < kv <= g.kv_heads
+                    and target % kv == 0 and 0 < target // kv <= g.per_kv):
+                raise BMRSError(f"{g.owner}: {target} query heads over {kv} key/value heads do not fit "
+                                f"{g.kv_heads} key/value heads of {g.per_kv} query heads each")
+            keep = ((torch.arange(g.kv_heads)[:, None] < kv) & (torch.arange(g.per_kv)[None, :] < target // kv)).flatten()
         _shrink(model, modules, g, keep, torch.ones(g.groups))
     return model.eval()
 
