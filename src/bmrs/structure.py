@@ -30,7 +30,7 @@ from .errors import BMRSError
 
 __all__ = [
     "GateSite", "Family", "GateLayout", "StructureKind", "Channels", "Heads", "AdapterKind", "STRUCTURE_KINDS",
-    "register_structure_kind", "structure_kind",
+    "register_structure_kind", "structure_kind", "is_depthwise",
 ]
 
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -388,6 +388,15 @@ def _matches(module: nn.Module, name: str, exclude: Sequence) -> bool:
     return False
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution: one group per channel, ``out_channels == in_channels ==
+    groups``, so output channel ``c`` reads input channel ``c`` alone. Its channels are tied
+    one to one to those of the layer producing its input, and are removed with them (one
+    family: Torch-Pruning's dependency graph ties them)."""
+    return (isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
+
+
 def _channels(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
@@ -449,8 +458,8 @@ def find_sites(
         if counts[name] > 1:
             skipped[name] = _SHARED
             continue
-        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups != 1:
-            skipped[name] = "grouped or depthwise convolution"
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups != 1 and not is_depthwise(module):
+            skipped[name] = "grouped convolution (other than depthwise)"
             continue
         channels = _channels(module)
         site, fn, shape, reason = call, call.out_fn, call.out_shape, None
@@ -624,6 +633,10 @@ def couple(model: nn.Module, example_input, sites: list[GateSite]) -> tuple[list
                 for j, i in zip(item.root_idxs, item.idxs):
                     per_slot[j].append(int(i))
                 effects.append((name_of[target], "out" if is_out else "in", per_slot))
+            if isinstance(target, nn.Conv1d | nn.Conv2d | nn.Conv3d) and target.groups > 1 and not is_depthwise(target):
+                # removing some of its input channels would leave its groups unequal
+                problem = f"its channels are read by the grouped convolution {name_of.get(target)}, which cannot be gated"
+                break
             if not is_out:
                 continue
             tname = name_of.get(target)
@@ -643,6 +656,9 @@ def couple(model: nn.Module, example_input, sites: list[GateSite]) -> tuple[list
                 label = tname or type(target).__name__.strip("_")
                 problem = f"its channels are tied to {label}, which cannot be gated"
                 break
+        if problem is None and all(is_depthwise(modules[n]) for n in members):
+            # nothing but depthwise convolutions: their channels are channels of the network's input
+            problem = "a depthwise convolution whose input channels no gated layer produces"
         names = sorted(members) if problem is None else [site.producer]
         done.update(names)
         if problem is not None:
@@ -663,13 +679,13 @@ def _params_per_index(module, is_out: bool) -> int:
     """Trainable parameters one pruned index removes from ``module`` (in or out side)."""
     if isinstance(module, nn.Linear):
         return module.in_features + (module.bias is not None) if is_out else module.out_features
-    if isinstance(module, PRODUCERS):  # convolutions with groups == 1
+    if isinstance(module, PRODUCERS):  # convolutions with groups == 1, or depthwise
         kernel = 1
         for k in module.kernel_size:
             kernel *= k
-        if is_out:
-            return module.in_channels * kernel + (module.bias is not None)
-        return module.out_channels * kernel
+        if is_out:  # a filter reads in_channels / groups channels (one for a depthwise convolution)
+            return module.in_channels // module.groups * kernel + (module.bias is not None)
+        return module.out_channels // module.groups * kernel
     if isinstance(module, _NORMS):
         return 2 if module.affine else 0
     return 0

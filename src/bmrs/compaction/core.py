@@ -16,7 +16,7 @@ from ..errors import BMRSError
 from ..gates import check_finite_gates, detach_gates, gate_layout, gates
 from ..structure import (
     AdapterKind, Call, Channels, Family, GateSite, Heads, StructureKind, build_dependency_graph, call_model, module_names,
-    output_tensors, structure_kind, trace, traces,
+    is_depthwise, output_tensors, structure_kind, trace, traces,
 )
 
 __all__ = ["compact", "remove_structures"]
@@ -214,7 +214,8 @@ class _Trace:
                     continue
                 if len(call.in_fns) != 1:
                     return found, f"{call.name} ({type(call.module).__name__}) with several inputs"
-                if isinstance(call.module, _PRODUCERS) and getattr(call.module, "groups", 1) == 1:
+                if isinstance(call.module, _PRODUCERS) and (getattr(call.module, "groups", 1) == 1
+                                                            or is_depthwise(call.module)):
                     found.add(call.name)
                 elif isinstance(call.module, _COMMUTING + _RESHAPING):
                     if call.out_fn is not fn:
@@ -253,12 +254,17 @@ class _Fold:
 
     target: nn.Module | None = None
     columns: list[tuple[nn.Module, Tensor, Tensor]] = field(default_factory=list)  # (module, idxs, root idxs)
+    #: depthwise convolutions reading the gated channels: filter c reads channel c alone, so
+    #: the scale of channel c goes into filter c (not its bias)
+    kernels: list[nn.Module] = field(default_factory=list)
 
     def apply(self, scale: Tensor) -> None:
         if self.target is not None:
             _scale_rows(self.target, scale)
         for module, idxs, roots in self.columns:
             _scale_columns(module, idxs, scale[roots])
+        for module in self.kernels:
+            _scale_kernels(module, scale)
 
 
 def _plan_fold(site: GateSite, coupled_to: list[str], trace: _Trace, graph, modules: dict, names: dict) -> _Fold:
@@ -267,26 +273,37 @@ def _plan_fold(site: GateSite, coupled_to: list[str], trace: _Trace, graph, modu
     target, reason = _backward_target(site, call, trace)
     if target is not None:
         return _Fold(target=modules[target])
-    if coupled_to:
+    found, blocker = trace.consumers(call)
+    if blocker is not None and coupled_to:
         raise BMRSError(
             f"gate {site.name!r} is tied to {', '.join(coupled_to)} by a residual addition, so it must fold "
             f"into the layer before it, but {reason}; folding it forward through the addition would be wrong"
         )
-    found, blocker = trace.consumers(call)
     if blocker is not None:
         raise BMRSError(
             f"gate {site.name!r} cannot be folded into the weights exactly: {reason}, "
             f"and its output reaches {blocker}"
         )
+    # A gate whose output reaches its consumers through commuting operations alone (no
+    # addition) folds into them even when its channels are tied to others: the tie is then a
+    # depthwise convolution (which reads the channels one to one), not a sum.
+    depthwise = sorted(n for n in found if is_depthwise(modules[n]))
+    wrong = [n for n in depthwise if modules[n].in_channels != site.num_structures]
+    if wrong:
+        raise BMRSError(f"gate {site.name!r} cannot be folded into the depthwise convolution {wrong[0]}, "
+                        f"which reads {modules[wrong[0]].in_channels} channels, not {site.num_structures}")
+    plain = found - set(depthwise)
     group = _out_channel_group(graph, modules[site.producer], list(range(site.num_structures)))
     columns = _input_columns(graph, group, names)
-    if {names[m] for m, _, _ in columns} != found:
+    if coupled_to:  # the group also holds the consumers of the tied layers: keep this gate's own
+        columns = [c for c in columns if names[c[0]] in plain]
+    if {names[m] for m, _, _ in columns} != plain:
         raise BMRSError(
             f"gate {site.name!r} cannot be folded into the weights exactly: {reason}, and Torch-Pruning's "
             f"consumers of {site.producer} ({sorted(names[m] for m, _, _ in columns)}) are not "
-            f"those the trace found ({sorted(found)})"
+            f"those the trace found ({sorted(plain)})"
         )
-    return _Fold(columns=columns)
+    return _Fold(columns=columns, kernels=[modules[n] for n in depthwise])
 
 
 def _plain_norm(module: nn.Module) -> bool:
@@ -321,7 +338,8 @@ def _input_columns(graph, group, names: dict) -> list[tuple[nn.Module, Tensor, T
     found: dict[nn.Module, dict[int, int]] = {}
     for item in group:
         target = item.dep.target.module
-        if graph.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(target, _PRODUCERS):
+        if graph.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(target, _PRODUCERS) \
+                or is_depthwise(target):  # a depthwise convolution's inputs are its outputs' channels
             continue
         mapping = found.setdefault(target, {})
         for idx, root in zip(item.idxs, item.root_idxs):
@@ -337,6 +355,14 @@ def _scale_rows(module: nn.Module, scale: Tensor) -> None:
     weight.copy_((weight.double() * scale.double().view(shape)).to(weight.dtype))
     if module.bias is not None:
         module.bias.copy_((module.bias.double() * scale.double()).to(module.bias.dtype))
+
+
+def _scale_kernels(module: nn.Module, scale: Tensor) -> None:
+    """Multiply filter c of a depthwise convolution by scale[c], its bias unchanged (in place):
+    the same as multiplying its input channel c by scale[c]."""
+    weight = module.weight
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    weight.copy_((weight.double() * scale.double().view(shape)).to(weight.dtype))
 
 
 def _scale_columns(module: nn.Module, idxs: Tensor, scale: Tensor) -> None:
