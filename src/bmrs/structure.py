@@ -15,6 +15,7 @@ one gate over its heads, coupled to nothing.
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from collections.abc import Iterable, Sequence
@@ -24,12 +25,16 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .adapters import INPUT_ATTR, find_adapter
-from .attention import HEAD_MODULES, expose_heads, head_input_weights, params_per_head
+from .adapters import INPUT_ATTR, InputGroups, find_adapter
+from .attention import (
+    HEAD_MODULES, compact_packed_attention, expose_heads, head_input_weights, is_packed_attention,
+    packed_attention_problem, packed_head_input_weights, params_per_head, params_per_packed_head,
+)
 from .errors import BMRSError
 
 __all__ = [
-    "GateSite", "Family", "GateLayout", "StructureKind", "Channels", "Heads", "AdapterKind", "STRUCTURE_KINDS",
+    "GateSite", "Family", "GateLayout", "StructureKind", "Channels", "Heads", "PackedHeads", "AdapterKind",
+    "STRUCTURE_KINDS",
     "register_structure_kind", "structure_kind", "is_depthwise",
 ]
 
@@ -195,6 +200,23 @@ class Heads(StructureKind):
         return head_input_weights(model.get_submodule(site.producer))
 
 
+class PackedHeads(StructureKind):
+    """Attention heads of a packed-qkv attention module (timm's ``Attention``: ``qkv``,
+    ``proj``, ``num_heads``, ``head_dim``; see :func:`bmrs.attention.is_packed_attention`),
+    gated at the input of ``proj``. Each head is a family of its own, whose slot removes its
+    rows in the q, k and v parts of ``qkv``, its ``proj`` columns and its gate's two
+    parameters."""
+
+    name = "packed-heads"
+
+    def family(self, site, modules):
+        per_head = params_per_packed_head(modules[site.producer]) + 2  # + the gate's loc and log_scale
+        return Family(members=[(site.name, list(range(site.num_structures)))], slot_params=[per_head] * site.num_structures)
+
+    def input_weights(self, model, site):
+        return packed_head_input_weights(model.get_submodule(site.producer))
+
+
 class AdapterKind(StructureKind):
     """A kind of a model adapter (:mod:`bmrs.adapters`, e.g. ``"attention-heads"`` of Hugging
     Face transformers): the adapter lays out, weighs and removes its structures."""
@@ -231,6 +253,7 @@ def register_structure_kind(kind: StructureKind) -> StructureKind:
 
 register_structure_kind(Channels())
 register_structure_kind(Heads())
+register_structure_kind(PackedHeads())
 
 
 def structure_kind(site: GateSite, model: nn.Module | None = None) -> StructureKind:
@@ -416,7 +439,16 @@ def find_sites(
     skipped: dict[str, str] = {}
     if heads:
         _expose_attention_heads(model, exclude, skipped)
-    calls, consumers, outputs = trace(model, example_input)
+    packed = {
+        name: m for name, m in model.named_modules() if is_packed_attention(m) and not _matches(m, name, exclude)
+    } if heads else {}
+    seen_inputs: dict[str, list] = {}
+    handles = [m.register_forward_pre_hook(_recorder(seen_inputs, name), with_kwargs=True) for name, m in packed.items()]
+    try:
+        calls, consumers, outputs = trace(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
     by_in_fn: dict = {}
     for call in calls:
         for fn in call.in_fns:
@@ -424,6 +456,9 @@ def find_sites(
     attention = {
         name: m for name, m in model.named_modules() if isinstance(m, (*HEAD_MODULES, nn.MultiheadAttention))
     }
+    packed_sites = [site for name, m in packed.items()
+                    if (site := _packed_site(name, m, calls, seen_inputs.get(name, []), skipped)) is not None]
+    attention.update({site.producer: packed[site.producer] for site in packed_sites})
     head_hosts = {
         f"{name}.heads" if name else "heads": name
         for name, m in attention.items() if heads and isinstance(m, HEAD_MODULES)
@@ -441,7 +476,7 @@ def find_sites(
     for c in all_producer_calls:
         upstream_of_some_producer |= _upstream(c.in_fns)
 
-    sites = []
+    sites = list(packed_sites)
     for call in calls:
         if call.name in head_hosts:
             _head_site(call, head_hosts[call.name], attention, counts, exclude, sites, skipped)
@@ -506,6 +541,46 @@ def find_sites(
 
 
 _SHARED = "called more than once in a forward pass (shared weights)"
+
+
+def _recorder(seen: dict, name: str):
+    """A forward pre-hook recording the inputs of each call of module ``name`` (detached)."""
+    def hook(module, args, kwargs):
+        detach = lambda x: x.detach() if isinstance(x, Tensor) else x  # noqa: E731
+        seen.setdefault(name, []).append((tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}))
+    return hook
+
+
+def _packed_site(name: str, module: nn.Module, calls: list[Call], inputs: list, skipped: dict[str, str]) -> GateSite | None:
+    """The head site of a packed-qkv attention module (a site module on the input of its
+    ``proj``, installed in place), or None with the reason in ``skipped``.
+
+    Before installing it, the module's forward is run once on a copy with one head fewer
+    (on the input it had in the trace): a forward that takes the merged width from anything
+    but ``num_heads`` and ``head_dim`` (an older timm reshapes to the input width) would
+    break after compaction, so such a module is left ungated."""
+    problem = packed_attention_problem(module)
+    counts = [sum(c.module is m for c in calls) for m in (module.qkv, module.proj)]
+    if problem is None and (len(inputs) != 1 or counts != [1, 1]):
+        problem = _SHARED if len(inputs) > 1 or max(counts) > 1 else "qkv and proj are not called once each"
+    if problem is None:
+        probe = copy.deepcopy(module).eval()
+        keep = torch.arange(module.num_heads) < module.num_heads - 1
+        compact_packed_attention(probe, keep, keep.double())
+        args, kwargs = inputs[0]
+        try:
+            with torch.no_grad():
+                probe(*args, **kwargs)
+        except Exception as error:  # any failure of the user's forward means: not prunable this way
+            problem = (f"its forward does not run with fewer heads ({type(error).__name__}: "
+                       f"{' '.join(str(error).split())[:120]}); it must split and merge heads by num_heads and head_dim")
+    if problem is not None:
+        skipped[name] = f"heads not gated: {problem}"
+        return None
+    InputGroups.install(module.proj, module.num_heads, module.head_dim)
+    where = f"{name}.proj.{INPUT_ATTR}" if name else f"proj.{INPUT_ATTR}"
+    return GateSite(name=where, producer=name, site=where, dim=-2, num_structures=module.num_heads,
+                    kind=PackedHeads.name)
 
 
 def _sole_consumer(call: Call, consumers: dict, by_in_fn: dict, calls: list[Call]) -> Call | None:

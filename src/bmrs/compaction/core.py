@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..attention import compact_attention
+from ..attention import compact_attention, compact_packed_attention
 from ..distributed import unwrap
 from ..errors import BMRSError
 from ..gates import check_finite_gates, detach_gates, gate_layout, gates
 from ..structure import (
-    AdapterKind, Call, Channels, Family, GateSite, Heads, StructureKind, build_dependency_graph, call_model, module_names,
-    is_depthwise, output_tensors, structure_kind, trace, traces,
+    AdapterKind, Call, Channels, Family, GateSite, Heads, PackedHeads, StructureKind, build_dependency_graph, call_model,
+    is_depthwise, module_names, output_tensors, structure_kind, trace, traces,
 )
 
 __all__ = ["compact", "remove_structures"]
@@ -131,6 +131,13 @@ def _remove_heads(kind: Heads, net, sites, masks, scales, example_input, layout)
     with torch.no_grad():  # whole heads leave their attention modules
         for name, site in sites.items():
             _replace(net, site.producer, compact_attention(net.get_submodule(site.producer), masks[name] > 0, scales[name]))
+
+
+@remove_structures.register
+def _remove_packed_heads(kind: PackedHeads, net, sites, masks, scales, example_input, layout) -> None:
+    with torch.no_grad():  # in place: the module keeps its class, with fewer heads
+        for name, site in sites.items():
+            compact_packed_attention(net.get_submodule(site.producer), masks[name] > 0, scales[name])
 
 
 @remove_structures.register
