@@ -25,7 +25,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .adapters import INPUT_ATTR, InputGroups, find_adapter
+from .adapters import BRANCH_ATTR, INPUT_ATTR, BranchSite, InputGroups, find_adapter
 from .attention import (
     HEAD_MODULES, compact_packed_attention, expose_heads, head_input_weights, is_packed_attention,
     packed_attention_problem, packed_head_input_weights, params_per_head, params_per_packed_head,
@@ -33,7 +33,7 @@ from .attention import (
 from .errors import BMRSError
 
 __all__ = [
-    "GateSite", "Family", "GateLayout", "StructureKind", "Channels", "Heads", "PackedHeads", "AdapterKind",
+    "GateSite", "Family", "GateLayout", "StructureKind", "Channels", "Heads", "PackedHeads", "Blocks", "AdapterKind",
     "STRUCTURE_KINDS",
     "register_structure_kind", "structure_kind", "is_depthwise",
 ]
@@ -132,6 +132,8 @@ class GateLayout:
                 where = f" (after {s.site}, applied after {s.applied_at})"
             if s.site.endswith(f".{INPUT_ATTR}"):
                 where = f" (at the input of {s.site.removesuffix(f'.{INPUT_ATTR}')})"
+            if s.site.endswith(f".{BRANCH_ATTR}"):
+                where = f" (on its branch, at the output of {s.site.removesuffix(f'.{BRANCH_ATTR}')})"
             lines.append(f"  gate {s.name}: {s.num_structures} {s.kind} of {s.producer}{where}")
         coupled = [f for f in self.families if len(f.members) > 1]
         for f in coupled:
@@ -217,6 +219,25 @@ class PackedHeads(StructureKind):
         return packed_head_input_weights(model.get_submodule(site.producer))
 
 
+class Blocks(StructureKind):
+    """Whole residual blocks ``y = x + f(x)``: one structure per block, gated on the branch
+    ``f`` (one theta per example). Each block is a family of its own, whose slot removes
+    every parameter of the block (:attr:`GateSite.producer` is the block) and its gate's
+    two."""
+
+    name = "blocks"
+    removal_order = -1  # before anything inside the block
+
+    def family(self, site, modules):
+        block = modules[site.producer]
+        params = sum(p.numel() for p in block.parameters() if p.requires_grad)
+        return Family(members=[(site.name, [0])], slot_params=[params + 2])
+
+    def input_weights(self, model, site):
+        last = model.get_submodule(site.site.removesuffix(f".{BRANCH_ATTR}"))
+        return last.weight.detach().reshape(1, -1)
+
+
 class AdapterKind(StructureKind):
     """A kind of a model adapter (:mod:`bmrs.adapters`, e.g. ``"attention-heads"`` of Hugging
     Face transformers): the adapter lays out, weighs and removes its structures."""
@@ -254,6 +275,7 @@ def register_structure_kind(kind: StructureKind) -> StructureKind:
 register_structure_kind(Channels())
 register_structure_kind(Heads())
 register_structure_kind(PackedHeads())
+register_structure_kind(Blocks())
 
 
 def structure_kind(site: GateSite, model: nn.Module | None = None) -> StructureKind:
@@ -425,7 +447,7 @@ def _channels(module: nn.Module) -> int:
 
 
 def find_sites(
-    model: nn.Module, example_input, exclude: Sequence = (), heads: bool = True,
+    model: nn.Module, example_input, exclude: Sequence = (), heads: bool = True, blocks: bool = False,
 ) -> tuple[list[GateSite], dict[str, str]]:
     """For every producer (and attention module), its gate site; and what cannot be gated, with why.
 
@@ -444,6 +466,11 @@ def find_sites(
     } if heads else {}
     seen_inputs: dict[str, list] = {}
     handles = [m.register_forward_pre_hook(_recorder(seen_inputs, name), with_kwargs=True) for name, m in packed.items()]
+    block_calls: dict[str, list] = {}
+    if blocks:
+        for name, m in model.named_modules():
+            if name and next(m.children(), None) is not None and not _matches(m, name, exclude):
+                handles += _block_hooks(m, name, block_calls)
     try:
         calls, consumers, outputs = trace(model, example_input)
     finally:
@@ -477,6 +504,8 @@ def find_sites(
         upstream_of_some_producer |= _upstream(c.in_fns)
 
     sites = list(packed_sites)
+    if blocks:
+        sites += _block_sites(model, calls, block_calls, skipped)
     for call in calls:
         if call.name in head_hosts:
             _head_site(call, head_hosts[call.name], attention, counts, exclude, sites, skipped)
@@ -541,6 +570,63 @@ def find_sites(
 
 
 _SHARED = "called more than once in a forward pass (shared weights)"
+
+
+def _block_hooks(module: nn.Module, name: str, seen: dict) -> list:
+    """Hooks recording, for each call of a (non-leaf) module, the grad_fn of its first input
+    and of its output."""
+    def pre(m, args):
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        seen.setdefault(name, []).append([None if first is None else first.grad_fn, None])
+
+    def post(m, args, output):
+        if seen.get(name) and isinstance(output, Tensor):
+            seen[name][-1][1] = output.grad_fn
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+# The last layer of a residual branch the branch's gate folds into: its output is affine per
+# channel, so multiplying its weight and bias by the gate's factor multiplies the branch.
+def _branch_end_ok(module: nn.Module) -> bool:
+    if isinstance(module, PRODUCERS):
+        return True
+    if isinstance(module, _NORMS):
+        return module.affine and type(module).forward is nn.BatchNorm2d.forward
+    return isinstance(module, nn.LayerNorm) and module.elementwise_affine
+
+
+def _block_sites(model: nn.Module, calls: list[Call], seen: dict, skipped: dict[str, str]) -> list[GateSite]:
+    """Sites of the residual blocks: modules called once whose output is an addition of their
+    input and of the output of one of their own layers (the branch's last layer), which then
+    gets a :class:`~bmrs.adapters.BranchSite` (installed in place). Outer blocks come first;
+    a block inside a gated block is gated too."""
+    found = []
+    for name, records in seen.items():
+        if len(records) != 1:
+            continue
+        in_fn, out_fn = records[0]
+        if in_fn is None or out_fn is None or not type(out_fn).__name__.startswith("AddBackward"):
+            continue
+        parts = [f for f, _ in out_fn.next_functions]
+        if len(parts) != 2 or in_fn not in parts:
+            continue
+        other = parts[1] if parts[0] is in_fn else parts[0]
+        ends = [c for c in calls if c.out_fn is other and c.name.startswith(name + ".")]
+        if len(ends) != 1:
+            skipped[name] = "residual block whose branch does not end in one of its layers: not gated as a block"
+            continue
+        end = ends[0]
+        if sum(c.module is end.module for c in calls) > 1:
+            skipped[name] = f"residual block whose last layer {end.name} is called more than once: not gated as a block"
+            continue
+        if not _branch_end_ok(end.module):
+            skipped[name] = (f"residual block whose branch ends in {end.name} ({type(end.module).__name__}), "
+                             "which a factor cannot be folded into: not gated as a block")
+            continue
+        BranchSite.install(end.module)
+        where = f"{end.name}.{BRANCH_ATTR}"
+        found.append(GateSite(name=where, producer=name, site=where, dim=1, num_structures=1, kind=Blocks.name))
+    return found
 
 
 def _recorder(seen: dict, name: str):

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..adapters import BRANCH_ATTR
 from ..attention import compact_attention, compact_packed_attention
 from ..distributed import unwrap
 from ..errors import BMRSError
 from ..gates import check_finite_gates, detach_gates, gate_layout, gates
 from ..structure import (
-    AdapterKind, Call, Channels, Family, GateSite, Heads, PackedHeads, StructureKind, build_dependency_graph, call_model,
+    AdapterKind, Blocks, Call, Channels, Family, GateLayout, GateSite, Heads, PackedHeads, StructureKind, build_dependency_graph, call_model,
     is_depthwise, module_names, output_tensors, structure_kind, trace, traces,
 )
 
@@ -104,7 +105,11 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
     masks = {name: gate.mask.detach().clone() for name, gate in gates(net).items()}
     detach_gates(net)
     for kind in sorted(by_kind, key=lambda k: k.removal_order):
-        remove_structures(kind, net, by_kind[kind], masks, scales, example_input, layout)
+        # structures inside a deleted block (a masked "blocks" gate) left with it
+        present = dict(net.named_modules())
+        live = {n: s for n, s in by_kind[kind].items() if s.producer in present}
+        if live:
+            remove_structures(kind, net, live, masks, scales, example_input, _surviving(layout, present))
     if check:
         with torch.no_grad():
             _check_outputs(reference, call_model(net, example_input))
@@ -131,6 +136,29 @@ def _remove_heads(kind: Heads, net, sites, masks, scales, example_input, layout)
     with torch.no_grad():  # whole heads leave their attention modules
         for name, site in sites.items():
             _replace(net, site.producer, compact_attention(net.get_submodule(site.producer), masks[name] > 0, scales[name]))
+
+
+@remove_structures.register
+def _remove_blocks(kind: Blocks, net, sites, masks, scales, example_input, layout) -> None:
+    with torch.no_grad():
+        for name, site in sorted(sites.items(), key=lambda item: item[1].producer.count(".")):  # outer blocks first
+            if site.producer not in dict(net.named_modules()):
+                continue  # inside a block deleted already
+            if not bool(masks[name][0] > 0):  # y = x + 0 * f(x): the block is the identity
+                _replace(net, site.producer, nn.Identity())
+            else:  # the branch's factor goes into its last layer's weight and bias
+                _scale_rows(net.get_submodule(site.site.removesuffix(f".{BRANCH_ATTR}")), scales[name])
+
+
+def _surviving(layout: GateLayout, present: dict) -> GateLayout:
+    """``layout`` without the gates whose producer is no longer in the network."""
+    live = {n for n, s in layout.sites.items() if s.producer in present}
+    families = []
+    for f in layout.families:
+        members = [(n, idx) for n, idx in f.members if n in live]
+        if members:
+            families.append(Family(members=members, slot_params=f.slot_params, effects=f.effects))
+    return GateLayout(sites={n: s for n, s in layout.sites.items() if n in live}, families=families, skipped=layout.skipped)
 
 
 @remove_structures.register

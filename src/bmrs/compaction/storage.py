@@ -111,7 +111,9 @@ def save_compact(model: nn.Module, path, *, architecture: dict | None = None) ->
                 layers[name] = {"type": type(module).__name__} | {a: _plain(getattr(module, a)) for a in attrs}
                 break
         else:
-            if is_packed_attention(module):  # timm-style attention: its head count, and inner width if it has one
+            if isinstance(module, nn.Identity) and name:  # e.g. a residual block compaction deleted
+                layers[name] = {"type": "Identity"}
+            elif is_packed_attention(module):  # timm-style attention: its head count, and inner width if it has one
                 attrs = [a for a in ("num_heads", "attn_dim") if isinstance(getattr(module, a, None), int)]
                 layers[name] = {"type": type(module).__name__} | {a: getattr(module, a) for a in attrs}
     metadata = {"format": _FORMAT, "version": _VERSION, "layers": layers, "architecture": architecture}
@@ -220,6 +222,10 @@ def _expected_widths(widths: dict, weight) -> dict:
 
 def _resize(net: nn.Module, state: dict, layers: dict) -> None:
     _compact_attention_modules(net, layers)
+    for name, widths in layers.items():  # modules compaction replaced by the identity (deleted blocks)
+        if widths["type"] == "Identity" and not isinstance(net.get_submodule(name), nn.Identity):
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
     modules = dict(net.named_modules())
     for key, tensor in state.items():
         owner, _, attr = key.rpartition(".")
