@@ -219,3 +219,31 @@ def test_l2_scores_a_query_head_with_the_key_value_head_it_reads():
         torch.cat([rows(q, h), rows(k, h // PER_KV), rows(v, h // PER_KV)]).norm() for h in range(HEADS_PER_LAYER)
     ])
     torch.testing.assert_close(scores[site.name], expected)
+
+
+def test_phi3_gates_its_packed_gate_up_neurons_and_says_why_its_heads_are_not_gated(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS_PER_LAYER, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0,
+    )
+    model = transformers.Phi3ForCausalLM(config)
+    with pytest.warns(UserWarning, match="left these layers ungated"):
+        layout = bmrs.attach_gates(model, _text())
+    assert [(s.kind, s.num_structures) for s in layout.sites.values()] == [(NEURONS, FFN)] * LAYERS
+    attention = [f"model.layers.{i}.self_attn" for i in range(LAYERS)]
+    assert set(layout.skipped) == {"lm_head", *attention}
+    assert all("configuration shared by all layers" in layout.skipped[n] for n in attention)
+    _randomise(model, seed=2)
+    compacted = bmrs.compact(model, _text())
+    _close(model, compacted)
+    kept = [max(int(g.mask.sum()), 1) for g in bmrs.gates(model).values()]
+    for layer, width in zip(compacted.model.layers, kept):  # both halves of gate_up_proj shrink
+        assert layer.mlp.gate_up_proj.out_features == 2 * width == 2 * layer.mlp.down_proj.in_features
+    assert compacted.config.layer_intermediate_size == kept
+    path = tmp_path / "phi3.pt"
+    bmrs.save_compact(compacted, path)
+    inputs = _text(seed=8)
+    with torch.no_grad():
+        assert torch.equal(bmrs.load_compact(path)(**inputs).logits, compacted(**inputs).logits)

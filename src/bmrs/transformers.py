@@ -18,7 +18,7 @@ What is gated, in every transformer block it recognises:
 * **feed-forward neurons**, at the input of the block's second layer: BERT
   (``intermediate.dense``/``output.dense``), ViT/CLIP (``fc1``/``fc2``), GPT-2
   (``c_fc``/``c_proj``) and gated FFNs (``gate_proj``/``up_proj``/``down_proj``, SwiGLU
-  and GeGLU: a neuron leaves all three).
+  and GeGLU: a neuron leaves all three; Phi-3's packed ``gate_up_proj``: both halves).
 
 One theta per (example, structure), broadcast over tokens (and the head's D features).
 The hidden width of the residual stream (embeddings, outputs of the output projections,
@@ -157,6 +157,17 @@ def _recognise(model: nn.Module) -> tuple[list[_Group], dict[str, str]]:
                 problems[name] = "gate_proj, up_proj and down_proj do not share one hidden width"
                 continue
             found.append(_Group(NEURONS, name, "", [f"{p}gate_proj", f"{p}up_proj"], 1, f"{p}down_proj", width, 1, layer))
+        elif isinstance(kids.get("gate_up_proj"), nn.Linear) and isinstance(kids.get("down_proj"), nn.Linear) \
+                and hasattr(m, "activation_fn"):
+            # Phi-3: gate and up packed in one layer, split in halves by chunk(2)
+            width = _in_features(kids["down_proj"])
+            if _out_features(kids["gate_up_proj"]) != 2 * width:
+                problems[name] = "gate_up_proj is not twice the width of down_proj's input"
+                continue
+            found.append(_Group(NEURONS, name, "", [f"{p}gate_up_proj"], 2, f"{p}down_proj", width, 1, layer))
+        elif _is_layer(kids.get("qkv_proj")) and _is_layer(kids.get("o_proj")):
+            problems[name] = ("packed qkv_proj whose forward reads the query width from the configuration shared by "
+                              "all layers, so heads cannot be removed per layer: not supported")
         elif _is_layer(kids.get("fc1")) and _is_layer(kids.get("fc2")) and hasattr(m, "activation_fn"):
             found.append(_Group(NEURONS, name, "", [f"{p}fc1"], 1, f"{p}fc2", _out_features(kids["fc1"]), 1, layer))
         elif isinstance(kids.get("c_fc"), Conv1D) and isinstance(kids.get("c_proj"), Conv1D) and hasattr(m, "act"):
@@ -208,6 +219,7 @@ class TransformersAdapter:
 
     def layout(self, model, example_input, *, exclude=(), heads=True):
         groups, skipped = _recognise(model)
+        unsupported = list(skipped)  # blocks of a known shape left out: their layers are listed under them
         modules = dict(model.named_modules())
         chosen = []
         for g in groups:
@@ -235,6 +247,8 @@ class TransformersAdapter:
         last = max((seen[0][1] for g in groups for seen in [calls.get(g.output, [])] if seen), default=-1)
         for name, m in modules.items():
             if name in covered or not isinstance(m, (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                continue
+            if any(name.startswith(f"{owner}.") for owner in unsupported):
                 continue
             orders = [order for _, order in calls.get(name, [])]
             if orders and min(orders) > last:
@@ -337,10 +351,11 @@ def _shrink(net, modules, g: _Group, keep: Tensor, scale: Tensor) -> None:
             _keep_outputs(modules[name], packed)
         _keep_inputs(modules[g.output], idx, scale.repeat_interleave(g.width))
     count = len(kept)
-    if g.kind == NEURONS and isinstance(getattr(net.get_submodule(g.owner), "intermediate_size", None), int):
-        net.get_submodule(g.owner).intermediate_size = count
+    owner = net.get_submodule(g.owner)
+    if g.kind == NEURONS and hasattr(owner, "down_proj") and isinstance(getattr(owner, "intermediate_size", None), int):
+        owner.intermediate_size = count  # gated FFNs keep their width
     if g.kind == HEADS:
-        owner = net.get_submodule(g.attrs)
+        owner = net.get_submodule(g.attrs)  # the module holding the head counts
         for attr in _HEADS_ATTRS:
             if hasattr(owner, attr):
                 setattr(owner, attr, count)
