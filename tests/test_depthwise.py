@@ -182,3 +182,53 @@ def test_grouped_and_input_reading_depthwise_convolutions_are_left_ungated():
     assert layout.skipped["4"] == "grouped convolution (other than depthwise)"
     assert "read by the grouped convolution 4" in layout.skipped["2"]
     assert not layout.sites
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels, act):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.reduce, self.act, self.expand = nn.Conv2d(channels, 4, 1), act(), nn.Conv2d(4, channels, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.gate(self.expand(self.act(self.reduce(self.pool(x)))))
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: expand, depthwise, squeeze-and-excitation, project."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(3, 12, 1, bias=False), nn.BatchNorm2d(12), act())
+        self.depthwise = nn.Sequential(nn.Conv2d(12, 12, 3, 1, 1, groups=12, bias=False), nn.BatchNorm2d(12), act())
+        self.se = SqueezeExcite(12, act)
+        self.project = nn.Sequential(nn.Conv2d(12, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.project(self.se(self.depthwise(self.expand(x)))).mean(dim=(2, 3)))
+
+
+def test_a_depthwise_convolution_before_squeeze_and_excitation():
+    x = torch.randn(2, 3, 8, 8)
+    # after SiLU its gate can fold neither backward nor into one reader: left ungated, with why
+    torch.manual_seed(0)
+    model = MBConv(nn.SiLU)
+    with pytest.warns(UserWarning, match="left these layers ungated"):
+        layout = bmrs.attach_gates(model, x)
+    assert "can be folded neither" in layout.skipped["depthwise.0"]
+    assert "tied to those of depthwise.0" in layout.skipped["expand.0"]
+    randomize(model, bmrs.gates(model))
+    _random_masks(model)
+    _check(model, bmrs.compact(model, x), x)
+    # after ReLU it could fold into its BatchNorm, but the excitation's multiplication ties its
+    # channels to the sigmoid's layer, which is not gated
+    torch.manual_seed(0)
+    model = MBConv(nn.ReLU)
+    with pytest.warns(UserWarning, match="left these layers ungated"):
+        layout = bmrs.attach_gates(model, x)
+    assert "tied to those of se.expand" in layout.skipped["depthwise.0"]
+    randomize(model, bmrs.gates(model))
+    _random_masks(model)
+    _check(model, bmrs.compact(model, x), x)

@@ -527,6 +527,7 @@ def find_sites(
             continue
         channels = _channels(module)
         site, fn, shape, reason = call, call.out_fn, call.out_shape, None
+        passed: list[nn.Module] = []  # the modules between the producer and the gate
         while True:
             users = consumers.get(fn, [])
             nxt = [c for c in by_in_fn.get(fn, []) if c is not site]
@@ -542,6 +543,7 @@ def find_sites(
                 break  # a module called twice (e.g. one ReLU reused after a residual addition) cannot host the gate
             if isinstance(m, _NORMS) and m.num_features == channels or isinstance(m, _CHANNELWISE):
                 site, fn, shape = nxt[0], nxt[0].out_fn, nxt[0].out_shape
+                passed.append(m)
                 continue
             if isinstance(m, _CROSS_CHANNEL_NORMS):
                 reason = f"followed by {type(m).__name__}, which normalises across the channels"
@@ -564,6 +566,14 @@ def find_sites(
                     or pool.out_shape[1] != channels:
                 break
             applied = pool
+        if is_depthwise(module) and not _folds_backward(passed):
+            reader = _sole_consumer(applied, consumers, by_in_fn, calls)
+            read_alone = reader is not None and isinstance(reader.module, PRODUCERS) and (
+                getattr(reader.module, "groups", 1) == 1 or is_depthwise(reader.module))
+            if not read_alone:  # e.g. a squeeze-and-excitation multiplies it (EfficientNet, MobileNetV3)
+                skipped[name] = (f"depthwise convolution whose gate, after {type(passed[-1]).__name__}, can be folded "
+                                 "neither into its BatchNorm nor into one next layer reading it alone")
+                continue
         sites.append(GateSite(name=site.name, producer=name, site=site.name, dim=dim, num_structures=channels,
                               applied_at="" if applied is site else applied.name))
     return sites, skipped
@@ -667,6 +677,22 @@ def _packed_site(name: str, module: nn.Module, calls: list[Call], inputs: list, 
     where = f"{name}.proj.{INPUT_ATTR}" if name else f"proj.{INPUT_ATTR}"
     return GateSite(name=where, producer=name, site=where, dim=-2, num_structures=module.num_heads,
                     kind=PackedHeads.name)
+
+
+# What compaction's backward fold passes between the affine layer and the gate (it commutes
+# with a positive per-channel factor).
+_BACKWARD_COMMUTING = (
+    nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+
+
+def _folds_backward(passed: list[nn.Module]) -> bool:
+    """Whether a gate after ``passed`` (the modules after its producer) folds into the producer
+    or its last affine BatchNorm: only modules that commute with a positive scale follow it."""
+    last = max((i for i, m in enumerate(passed) if isinstance(m, _NORMS)), default=-1)
+    if last >= 0 and not (passed[last].affine and type(passed[last]).forward is nn.BatchNorm2d.forward):
+        return False
+    return all(isinstance(m, _BACKWARD_COMMUTING) for m in passed[last + 1:])
 
 
 def _sole_consumer(call: Call, consumers: dict, by_in_fn: dict, calls: list[Call]) -> Call | None:
