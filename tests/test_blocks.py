@@ -182,3 +182,23 @@ def test_a_model_with_a_deleted_block_saves_and_loads(tmp_path):
     assert isinstance(loaded.blocks[0], nn.Identity)
     with torch.no_grad():
         assert torch.equal(loaded(_inputs(seed=6)), compacted(_inputs(seed=6)))
+
+
+def test_a_deleted_block_leaves_the_residual_family_to_the_layers_outside_it():
+    model, layout = _gated(ends=("linear", "linear", "linear"))
+    stream = next(f for f in layout.families if len(f.members) > 1)  # embed and every block's fc2
+    assert sorted(layout.sites[n].producer for n, _ in stream.members) == ["blocks.0.fc2", "blocks.1.fc2",
+                                                                           "blocks.2.fc2", "embed"]
+    g = torch.Generator().manual_seed(2)
+    for gate in bmrs.gates(model).values():
+        with torch.no_grad():
+            gate.loc.uniform_(-2, 0, generator=g)
+    # slot 3 of the stream: masked everywhere but in block 1, which is deleted -> slot 3 goes
+    for name, idx in stream.members:
+        if layout.sites[name].producer != "blocks.1.fc2":
+            bmrs.gates(model)[name].mask[idx[3]] = 0
+    _block_gates(model, layout)["blocks.1"].mask.zero_()
+    compacted = bmrs.compact(model, _inputs())
+    _close(model, compacted)
+    assert isinstance(compacted.blocks[1], nn.Identity)
+    assert compacted.embed.out_features == WIDTH - 1 == compacted.blocks[0].fc2.out_features

@@ -456,7 +456,12 @@ def find_sites(
     parameters and outputs), and each attention module with a ``heads`` site gets a site
     of kind ``"heads"`` on it (``dim=1`` of its ``(N, H, T, D)`` per-head outputs). The
     linear layers inside attention modules are never gated as channels: their outputs are
-    head dimensions, which are removed together with their head.
+    head dimensions, which are removed together with their head. A packed-qkv attention
+    module (:func:`~bmrs.attention.is_packed_attention`) gets a site of kind
+    ``"packed-heads"`` at the input of its ``proj``, if a copy of it runs with one head fewer.
+
+    With ``blocks``, every module whose output is its input plus the output of one of its
+    layers (``x + f(x)``) gets a site of kind ``"blocks"`` on that layer's output.
     """
     skipped: dict[str, str] = {}
     if heads:
