@@ -11,16 +11,16 @@ transformers = pytest.importorskip("transformers")
 import bmrs  # noqa: E402
 from bmrs.compaction import count_parameters  # noqa: E402
 from bmrs.pruning import count_trainable_parameters, decide, parameter_compression, set_masks  # noqa: E402
-from bmrs.transformers import HEADS, NEURONS  # noqa: E402
+from bmrs.transformers import HEADS, HIDDEN, NEURONS  # noqa: E402
 
-LAYERS, HEADS_PER_LAYER, KV_HEADS, HEAD_DIM, HIDDEN, FFN, VOCAB = 2, 8, 2, 8, 64, 48, 50
+LAYERS, HEADS_PER_LAYER, KV_HEADS, HEAD_DIM, HIDDEN_SIZE, FFN, VOCAB = 2, 8, 2, 8, 64, 48, 50
 PER_KV = HEADS_PER_LAYER // KV_HEADS
 FAMILIES = ("Llama", "Qwen2", "Mistral", "Gemma")
 
 
 def _decoder(family):
     config = getattr(transformers, f"{family}Config")(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+        vocab_size=VOCAB, hidden_size=HIDDEN_SIZE, intermediate_size=FFN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS_PER_LAYER, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
         max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0,
     )
@@ -123,7 +123,7 @@ def test_a_key_value_head_goes_with_its_group_and_groups_stay_equal():
     original = model.model.layers[0].self_attn
     torch.testing.assert_close(a0.k_proj.weight, original.k_proj.weight[HEAD_DIM:])
     # the silent query heads of layer 1 (group 0's two masked ones) have zero output columns
-    columns = a1.o_proj.weight.view(HIDDEN, 2 * 4, HEAD_DIM)
+    columns = a1.o_proj.weight.view(HIDDEN_SIZE, 2 * 4, HEAD_DIM)
     assert [bool(columns[:, h].abs().sum() == 0) for h in range(8)] == [False, True, True, False] + [False] * 4
 
 
@@ -158,7 +158,7 @@ def test_decisions_prune_whole_groups_and_count_the_parameters_compaction_delete
     placeholders = 0  # a layer that lost everything keeps one structure
     for gate, site in ((bmrs.gates(model)[n], s) for n, s in layout.sites.items()):
         if int(gate.mask.sum()) == 0:
-            placeholders += (HEAD_DIM * (HIDDEN * 4) if site.kind == HEADS else 3 * HIDDEN)
+            placeholders += (HEAD_DIM * (HIDDEN_SIZE * 4) if site.kind == HEADS else 3 * HIDDEN_SIZE)
     assert round(parameter_compression(model) * count_trainable_parameters(model)) == deleted + gate_params + placeholders
 
 
@@ -224,7 +224,7 @@ def test_l2_scores_a_query_head_with_the_key_value_head_it_reads():
 def test_phi3_gates_its_packed_gate_up_neurons_and_says_why_its_heads_are_not_gated(tmp_path):
     torch.manual_seed(0)
     config = transformers.Phi3Config(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+        vocab_size=VOCAB, hidden_size=HIDDEN_SIZE, intermediate_size=FFN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS_PER_LAYER, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
         pad_token_id=0, bos_token_id=0, eos_token_id=0,
     )
@@ -247,3 +247,94 @@ def test_phi3_gates_its_packed_gate_up_neurons_and_says_why_its_heads_are_not_ga
     inputs = _text(seed=8)
     with torch.no_grad():
         assert torch.equal(bmrs.load_compact(path)(**inputs).logits, compacted(**inputs).logits)
+
+
+# --- the hidden width (attach_gates(..., hidden_width=True)) ------------------------------------
+
+WRITERS = 1 + 2 * LAYERS  # the token embedding, and each block's o_proj and down_proj
+
+
+def _hidden(family="Llama", seed=0):
+    torch.manual_seed(seed)
+    model = _decoder(family)
+    layout = bmrs.attach_gates(model, _text(), hidden_width=True)
+    return model, layout
+
+
+def _stream_family(layout):
+    return next(f for f in layout.families if layout.sites[f.members[0][0]].kind == HIDDEN)
+
+
+def _mask_stream(model, layout, drop):
+    for name, idx in _stream_family(layout).members:
+        bmrs.gates(model)[name].mask[torch.tensor(idx)[drop]] = 0
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Mistral"])
+def test_hidden_width_gated_at_every_writer_and_removed_everywhere(family, tmp_path):
+    model, layout = _hidden(family)
+    assert layout.skipped == {}  # the language-model head reads the stream: it loses channels too
+    stream = _stream_family(layout)
+    writers = sorted(layout.sites[n].producer for n, _ in stream.members)
+    expected = ["model.embed_tokens"] + [f"model.layers.{i}.{p}" for i in range(LAYERS)
+                                         for p in ("mlp.down_proj", "self_attn.o_proj")]
+    assert writers == sorted(expected) and stream.size == HIDDEN_SIZE
+    _randomise(model, seed=5, keep=0.7)  # heads and neurons, and writers' own masks
+    for gate in (bmrs.gates(model)[n] for n, _ in stream.members):
+        gate.mask.fill_(1)
+    drop = torch.rand(HIDDEN_SIZE, generator=torch.Generator().manual_seed(6)) < 0.4
+    _mask_stream(model, layout, drop)
+    eps = model.model.norm.variance_epsilon
+    compacted = bmrs.compact(model, _text())
+    _close(model, compacted)
+    kept = HIDDEN_SIZE - int(drop.sum())
+    assert compacted.config.compact_hidden_size == kept and compacted.config.hidden_size == HIDDEN_SIZE
+    assert compacted.model.embed_tokens.weight.shape == (VOCAB, kept) and compacted.lm_head.in_features == kept
+    for layer in compacted.model.layers:
+        assert layer.self_attn.q_proj.in_features == layer.mlp.up_proj.in_features == kept
+        assert layer.self_attn.o_proj.out_features == layer.mlp.down_proj.out_features == kept
+        assert layer.input_layernorm.weight.shape == (kept,)
+    assert compacted.model.norm.variance_epsilon == pytest.approx(eps * HIDDEN_SIZE / kept)
+    prompt = _text(batch=1, length=4, seed=5)["input_ids"]
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(compacted.generate(prompt, **kwargs), model.generate(prompt, **kwargs))
+    path = tmp_path / "narrow.pt"
+    bmrs.save_compact(compacted, path)
+    loaded = bmrs.load_compact(path)
+    assert loaded.model.norm.variance_epsilon == compacted.model.norm.variance_epsilon
+    inputs = _text(seed=9)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, compacted(**inputs).logits)
+
+
+def test_hidden_width_counts_what_compaction_deletes():
+    model, layout = _hidden()
+    drop = torch.rand(HIDDEN_SIZE, generator=torch.Generator().manual_seed(1)) < 0.3
+    _mask_stream(model, layout, drop)
+    compacted = bmrs.compact(model, _text())
+    _close(model, compacted)
+    deleted = count_parameters(model) - count_parameters(compacted)
+    counted = round(parameter_compression(model) * count_trainable_parameters(model))
+    assert counted == deleted + 2 * WRITERS * int(drop.sum())
+
+
+def test_a_stream_with_every_channel_masked_keeps_one_silent_channel():
+    model, layout = _hidden("Qwen2")
+    _mask_stream(model, layout, torch.ones(HIDDEN_SIZE, dtype=torch.bool))
+    compacted = bmrs.compact(model, _text())
+    assert compacted.config.compact_hidden_size == 1
+    _close(model, compacted)
+
+
+def test_hidden_width_is_left_ungated_where_it_cannot_be_removed_exactly():
+    torch.manual_seed(0)
+    model = _decoder("Gemma")  # its language-model head is the token embedding (tied)
+    with pytest.warns(UserWarning, match="hidden width"):
+        layout = bmrs.attach_gates(model, _text(), hidden_width=True)
+    assert "tied embeddings" in layout.skipped["hidden width"]
+    assert not any(s.kind == HIDDEN for s in layout.sites.values())
+    with pytest.raises(bmrs.BMRSError, match="hidden_width"):
+        bmrs.attach_gates(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)),
+                          torch.randn(2, 3), hidden_width=True)

@@ -320,6 +320,7 @@ def attach_gates(
     exclude: Sequence = (),
     heads: bool = True,
     blocks: bool = False,
+    hidden_width: bool = False,
     log_low: float = -20.0,
     log_high: float = 0.0,
     init_loc: float = 0.0,
@@ -360,6 +361,12 @@ def attach_gates(
             branch (one theta per example, kind ``"blocks"``); a masked block is deleted by
             :func:`~bmrs.compaction.compact` (replaced by ``nn.Identity``). Not for models
             handled by an adapter.
+        hidden_width: also gate the residual stream's channels of a Hugging Face decoder
+            (Llama, Qwen2, Mistral): one gate on the output of every layer writing it (token
+            embedding, attention and FFN output projections), all in one family, so a channel
+            goes from the embedding, every projection reading or writing it, the RMS norms
+            and the language-model head when every writer masks it. Only where bmrs knows
+            every such layer (else ``layout.skipped["hidden width"]`` says why).
         log_low, log_high, init_loc, init_log_scale: see :class:`NoiseGate`.
 
     Returns:
@@ -375,8 +382,11 @@ def attach_gates(
     adapter = find_adapter(model)
     if adapter is not None and blocks:
         raise BMRSError(f"blocks=True is not supported for {type(model).__name__}, whose structures a model adapter finds")
+    if adapter is None and hidden_width:
+        raise BMRSError("hidden_width=True is supported for Hugging Face decoders only (bmrs.transformers)")
     if adapter is not None:  # a model family with its own structures (e.g. Hugging Face transformers)
-        sites, families, skipped = adapter.layout(model, example_input, exclude=exclude, heads=heads)
+        options = {"hidden_width": True} if hidden_width else {}
+        sites, families, skipped = adapter.layout(model, example_input, exclude=exclude, heads=heads, **options)
     else:
         sites, skipped = find_sites(model, example_input, exclude, heads=heads, blocks=blocks)
         sites, families, coupled_skips = couple(model, example_input, sites)

@@ -22,8 +22,10 @@ What is gated, in every transformer block it recognises:
 
 One theta per (example, structure), broadcast over tokens (and the head's D features).
 The hidden width of the residual stream (embeddings, outputs of the output projections,
-LayerNorm) is tied through every block and is not gated; nor are the layers after the last
-block (pooler, classifier, language-model head).
+norms) is tied through every block and is gated only with ``hidden_width=True``, for
+decoders whose every layer is known (Llama, Qwen2, Mistral: a gate on each writer of the
+stream, all in one family); the layers after the last block (pooler, classifier,
+language-model head) are not gated.
 
 :func:`bmrs.compact` deletes a removed head's rows of q, k and v (its columns of the packed
 ``c_attn``) and its columns of the output projection, folding the gate's factor into the
@@ -41,6 +43,7 @@ block to them before loading the weights.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +56,13 @@ from .compaction.storage import register_architecture
 from .errors import BMRSError
 from .structure import Family, GateSite, _matches, call_model
 
-__all__ = ["HEADS", "NEURONS", "layer_widths"]
+__all__ = ["HEADS", "NEURONS", "HIDDEN", "layer_widths"]
 
 HEADS = "attention-heads"
 NEURONS = "ffn-neurons"
+HIDDEN = "hidden-width"
+#: The configuration entry of a compacted model whose hidden width was pruned.
+HIDDEN_CONFIG = "compact_hidden_size"
 ARCHITECTURE = "transformers"
 _HEADS_ATTRS = ("num_attention_heads", "num_heads")
 _CONFIG_LISTS = {HEADS: "layer_num_attention_heads", NEURONS: "layer_intermediate_size"}
@@ -217,7 +223,7 @@ class TransformersAdapter:
     def handles(self, model: nn.Module) -> bool:
         return isinstance(model, transformers.PreTrainedModel)
 
-    def layout(self, model, example_input, *, exclude=(), heads=True):
+    def layout(self, model, example_input, *, exclude=(), heads=True, hidden_width=False):
         groups, skipped = _recognise(model)
         unsupported = list(skipped)  # blocks of a known shape left out: their layers are listed under them
         modules = dict(model.named_modules())
@@ -244,6 +250,15 @@ class TransformersAdapter:
             sites.append(GateSite(name=g.site, producer=g.owner, site=g.site, dim=-2, num_structures=g.groups, kind=g.kind))
             families.append(_family(modules, g))
         covered = {n for g in groups for n in (*g.inputs, g.output)}
+        if hidden_width:
+            stream = _stream(model, groups, skipped, exclude)
+            if isinstance(stream, str):
+                skipped["hidden width"] = stream
+            else:
+                hidden_sites, family = _hidden_layout(model, stream, calls)
+                sites += hidden_sites
+                families.append(family)
+                covered |= {name for name, _ in stream.readers} | set(stream.writers)
         last = max((seen[0][1] for g in groups for seen in [calls.get(g.output, [])] if seen), default=-1)
         for name, m in modules.items():
             if name in covered or not isinstance(m, (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -261,11 +276,18 @@ class TransformersAdapter:
         modules = dict(net.named_modules())
         remove_input_groups(net)
         for name, site in sites.items():
-            _shrink(net, modules, _find(net, site.producer), masks[name] > 0, scales[name])
+            if site.kind != HIDDEN:
+                _shrink(net, modules, _find(net, site.producer), masks[name] > 0, scales[name])
+        hidden = {name: site for name, site in sites.items() if site.kind == HIDDEN}
+        if hidden:  # after the blocks: they read their stream modules from the recognised groups
+            _shrink_hidden(net, hidden, masks, scales)
         _record_widths(net)
 
     def input_weights(self, model, site) -> Tensor:
         modules = dict(model.named_modules())
+        if site.kind == HIDDEN:  # a writer's rows (the embedding's columns)
+            layer = modules[site.producer]
+            return layer.weight.t() if isinstance(layer, nn.Embedding) else layer.weight
         g = _find(model, site.producer)
         if g.kv_heads:  # a query head's rows of q, and those of the key/value head it reads
             q, k, v = (modules[n].weight for n in g.inputs)
@@ -302,6 +324,135 @@ def _family(modules: dict, g: _Group) -> Family:
         return Family(members=members, slot_params=[slot] * g.kv_heads)
     per = _params_per_structure(modules, g) + 2  # + the gate's loc and log_scale
     return Family(members=[(g.site, list(range(g.groups)))], slot_params=[per] * g.groups)
+
+
+@dataclass
+class _Stream:
+    """The residual stream of a decoder: the layers writing it (token embedding, each block's
+    output projections), those reading it (each block's input projections, the language-model
+    head: ``(name, out_features)``) and its RMS norms."""
+
+    width: int
+    writers: list[str]
+    readers: list[tuple[str, int]]
+    norms: list[str]
+
+
+def _is_rms_norm(m: nn.Module, width: int) -> bool:
+    """A Llama-style RMSNorm over ``width`` channels: ``weight * x / sqrt(mean(x^2) + variance_epsilon)``."""
+    weight = getattr(m, "weight", None)
+    return (isinstance(getattr(m, "variance_epsilon", None), float) and isinstance(weight, nn.Parameter)
+            and tuple(weight.shape) == (width,) and getattr(m, "bias", None) is None
+            and not any(True for _ in m.children()))
+
+
+def _stream(model: nn.Module, groups: list[_Group], skipped: dict, exclude) -> _Stream | str:
+    """The residual stream of ``model`` if bmrs knows every layer that reads or writes it, else why not."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {m: n for n, m in model.named_modules()}
+    if not isinstance(embedding, nn.Embedding):
+        return "not gated: the token embedding is not an nn.Embedding"
+    width = embedding.embedding_dim
+    if head is not None and head.weight is embedding.weight:
+        return "not gated: the language-model head shares the token embedding's weight (tied embeddings)"
+    if any(g.owner in skipped for g in groups) or any(k for k in skipped if k != "hidden width"):
+        left = next(k for k in skipped if k != "hidden width")
+        return f"not gated: {left} is left out ({skipped[left]}), and it reads or writes the hidden width"
+    writers = [names[embedding]] + [g.output for g in groups]
+    readers = [(n, _out_features(model.get_submodule(n))) for g in groups for n in g.inputs]
+    if head is not None:
+        readers.append((names[head], _out_features(head)))
+    known = set(writers) | {n for n, _ in readers}
+    for name, m in model.named_modules():
+        if _matches(m, name, exclude) and name in known:
+            return f"not gated: {name} is excluded, and it reads or writes the hidden width"
+        if isinstance(m, (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) and name not in known:
+            return f"not gated: {name} ({type(m).__name__}) is no layer of a block bmrs recognises"
+        if name in known and not isinstance(m, (nn.Linear, nn.Embedding)):
+            return f"not gated: {name} is a {type(m).__name__}, not an nn.Linear"
+    for name in writers[1:]:
+        if _out_features(model.get_submodule(name)) != width:
+            return f"not gated: {name} does not write {width} channels"
+    for name, _ in readers:
+        if _in_features(model.get_submodule(name)) != width:
+            return f"not gated: {name} does not read {width} channels"
+    norms = []
+    for name, m in model.named_modules():
+        if "norm" in type(m).__name__.lower() and name:
+            if not _is_rms_norm(m, width):
+                return (f"not gated: {name} ({type(m).__name__}) is not an RMSNorm weight * x / sqrt(mean(x^2) + eps) "
+                        f"over the {width} channels, so removing channels would change its output")
+            norms.append(name)
+    return _Stream(width, writers, readers, norms)
+
+
+def _hidden_layout(model: nn.Module, stream: _Stream, calls: dict) -> tuple[list[GateSite], Family]:
+    """One gate per writer of the stream, on its output (one theta per example and channel),
+    all in one family: channel ``c`` is removed only when every writer masks it."""
+    sites = [GateSite(name=w, producer=w, site=w, dim=-1, num_structures=stream.width, kind=HIDDEN)
+             for w in stream.writers]
+    effects = []
+    for w in stream.writers:
+        layer = model.get_submodule(w)
+        effects.append((w, "in" if isinstance(layer, nn.Embedding) else "out", [[c] for c in range(stream.width)]))
+    effects += [(r, "in", [[c] for c in range(stream.width)]) for r, _ in stream.readers]
+    effects += [(n, "out", [[c] for c in range(stream.width)]) for n in stream.norms]
+    per_channel = 2 * len(stream.writers)  # the gates' loc and log_scale
+    for w in stream.writers:
+        layer = model.get_submodule(w)
+        per_channel += layer.num_embeddings if isinstance(layer, nn.Embedding) else _in_features(layer) + (layer.bias is not None)
+    per_channel += sum(out for _, out in stream.readers) + len(stream.norms)
+    family = Family(members=[(w, list(range(stream.width))) for w in stream.writers],
+                    slot_params=[per_channel] * stream.width, effects=effects)
+    return sites, family
+
+
+def _shrink_hidden(net: nn.Module, sites: dict, masks: dict, scales: dict) -> None:
+    """Fold each writer's gate into its rows (the embedding's columns), keep the channels some
+    writer keeps (one silent channel if none), and remove the others from every writer, reader
+    and norm.
+
+    A removed channel is 0 everywhere in the gated model, so the norms' mean of squares over
+    ``d`` channels is ``d'/d`` times that over the ``d'`` kept ones: each norm gets
+    ``variance_epsilon * d / d'`` and its weight times ``sqrt(d / d')``, which gives exactly
+    its former output."""
+    groups = _recognise(net)[0]
+    stream = _stream(net, groups, {}, ())
+    if isinstance(stream, str):
+        raise BMRSError(f"the hidden width can no longer be removed: {stream}")
+    keep = torch.zeros(stream.width, dtype=torch.bool)
+    for name, site in sites.items():
+        layer = net.get_submodule(site.producer)
+        scale = scales[name].detach().cpu().double()
+        keep |= masks[name].detach().cpu() > 0
+        w = layer.weight
+        if isinstance(layer, nn.Embedding):
+            w.copy_((w.double() * scale.to(w.device)[None, :]).to(w.dtype))
+        else:
+            w.copy_((w.double() * scale.to(w.device)[:, None]).to(w.dtype))
+            if layer.bias is not None:
+                layer.bias.copy_((layer.bias.double() * scale.to(w.device)).to(layer.bias.dtype))
+    kept = keep.nonzero().flatten()
+    if len(kept) == 0:  # a stream of width 0 cannot run: one channel, 0 everywhere, stays
+        kept = torch.zeros(1, dtype=torch.long)
+    d, d_kept = stream.width, len(kept)
+    for w in stream.writers:
+        layer = net.get_submodule(w)
+        if isinstance(layer, nn.Embedding):
+            layer.weight = nn.Parameter(layer.weight[:, kept.to(layer.weight.device)].clone(),
+                                        requires_grad=layer.weight.requires_grad)
+            layer.embedding_dim = d_kept
+        else:
+            _keep_outputs(layer, kept)
+    for r, _ in stream.readers:
+        _keep_inputs(net.get_submodule(r), kept, torch.ones(d_kept, dtype=torch.float64))
+    for n in stream.norms:
+        norm = net.get_submodule(n)
+        w = norm.weight
+        new = (w[kept.to(w.device)].double() * math.sqrt(d / d_kept)).to(w.dtype)
+        norm.weight = nn.Parameter(new, requires_grad=w.requires_grad)
+        norm.variance_epsilon = norm.variance_epsilon * d / d_kept
+    setattr(net.config, HIDDEN_CONFIG, d_kept)
 
 
 def _calls(model: nn.Module, example_input) -> dict[str, list[tuple[tuple, int]]]:
@@ -459,6 +610,15 @@ def _build(input_shape, num_classes, *, config: dict, **options) -> nn.Module:
     cfg = cls.config_class.from_dict(config)
     model = cls(cfg)
     modules = dict(model.named_modules())
+    kept = getattr(cfg, HIDDEN_CONFIG, None)
+    if kept is not None:  # a pruned hidden width: the norms' epsilon follows (the weights come from the file)
+        width = model.get_input_embeddings().embedding_dim
+        if not (isinstance(kept, int) and 0 < kept <= width):
+            raise BMRSError(f"{HIDDEN_CONFIG} {kept!r} is not a width between 1 and {width}")
+        for m in model.modules():
+            if _is_rms_norm(m, width):
+                m.variance_epsilon = m.variance_epsilon * width / kept
+        model.get_input_embeddings().embedding_dim = kept
     for g in _recognise(model)[0]:
         values = getattr(cfg, _CONFIG_LISTS[g.kind], None)
         target = values[g.layer] if values and g.layer is not None and values[g.layer] is not None else g.groups
