@@ -338,3 +338,19 @@ def test_hidden_width_is_left_ungated_where_it_cannot_be_removed_exactly():
     with pytest.raises(bmrs.BMRSError, match="hidden_width"):
         bmrs.attach_gates(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)),
                           torch.randn(2, 3), hidden_width=True)
+
+
+def test_hidden_width_with_heads_and_neurons_counts_each_weight_once():
+    model, layout = _hidden("Mistral")
+    g = torch.Generator().manual_seed(3)
+    for family in layout.families:  # whole slots, as decisions remove them, some of every family
+        drop = torch.rand(family.size, generator=g) < 0.4
+        drop[0] = False  # no layer loses everything (no placeholder)
+        drop[-1] = True
+        for name, idx in family.members:
+            bmrs.gates(model)[name].mask[torch.tensor(idx)[drop]] = 0
+    compacted = bmrs.compact(model, _text())
+    _close(model, compacted)
+    deleted = count_parameters(model) - count_parameters(compacted)
+    gate_params = 2 * sum(int((gate.mask == 0).sum()) for gate in bmrs.gates(model).values())
+    assert round(parameter_compression(model) * count_trainable_parameters(model)) == deleted + gate_params

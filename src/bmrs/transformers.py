@@ -317,13 +317,33 @@ def _family(modules: dict, g: _Group) -> Family:
     ``r``-th query head of every group), so a key/value head is kept or removed with its
     whole group, by the group's summed evidence, and every block keeps the same number of
     query heads per key/value head, as its attention code requires."""
+    effects = _effects(modules, g)
     if g.kv_heads:
         per = g.per_kv
         members = [(g.site, [j * per + r for j in range(g.kv_heads)]) for r in range(per)]
         slot = _params_per_structure(modules, g) + 2 * per  # + the gates' loc and log_scale
-        return Family(members=members, slot_params=[slot] * g.kv_heads)
+        return Family(members=members, slot_params=[slot] * g.kv_heads, effects=effects)
     per = _params_per_structure(modules, g) + 2  # + the gate's loc and log_scale
-    return Family(members=[(g.site, list(range(g.groups)))], slot_params=[per] * g.groups)
+    return Family(members=[(g.site, list(range(g.groups)))], slot_params=[per] * g.groups, effects=effects)
+
+
+def _effects(modules: dict, g: _Group) -> list:
+    """What each slot of ``g``'s family removes, per layer (``Family.effects``: rows ``"out"``,
+    columns ``"in"``), so that counts of removed parameters overlap correctly with other
+    families touching the same layers (the hidden width). Only for ``nn.Linear`` layers
+    (GPT-2's ``Conv1D`` keeps its weight transposed): ``[]`` otherwise."""
+    if not all(isinstance(modules[n], nn.Linear) for n in (*g.inputs, g.output)):
+        return []
+    span = lambda heads: [h * g.width + i for h in heads for i in range(g.width)]  # noqa: E731
+    if g.kv_heads:
+        queries = [list(range(j * g.per_kv, (j + 1) * g.per_kv)) for j in range(g.kv_heads)]
+        q, k, v = g.inputs
+        return ([(q, "out", [span(qs) for qs in queries])]
+                + [(n, "out", [span([j]) for j in range(g.kv_heads)]) for n in (k, v)]
+                + [(g.output, "in", [span(qs) for qs in queries])])
+    full = g.groups * g.width
+    rows = [[i + c * full for c in range(g.packed) for i in span([h])] for h in range(g.groups)]
+    return [(n, "out", rows) for n in g.inputs] + [(g.output, "in", [span([h]) for h in range(g.groups)])]
 
 
 @dataclass
