@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .structures.adapters import find_adapter, remove_hooked, remove_input_groups
+from .structures.adapters import find_adapter, remove_branch_sites, remove_hooked, remove_input_groups
 from .distributed import unwrap
 from .errors import BMRSError
 from .math import gate_kernel
@@ -339,6 +339,8 @@ def attach_gates(
     *,
     exclude: Sequence = (),
     heads: bool = True,
+    blocks: bool = False,
+    hidden_width: bool = False,
     log_low: float = -20.0,
     log_high: float = 0.0,
     init_loc: float = 0.0,
@@ -373,6 +375,18 @@ def attach_gates(
         exclude: modules to leave ungated, by qualified name (a prefix matches submodules),
             instance or class.
         heads: gate attention heads (``False`` leaves them ungated).
+        blocks: also gate whole residual blocks: every module (called once) whose output is
+            its input plus a branch, ``x + f(x)``, where ``f`` ends in a Linear, Conv,
+            affine BatchNorm or affine LayerNorm, gets a gate with one structure on the
+            branch (one theta per example, kind ``"blocks"``); a masked block is deleted by
+            :func:`~bmrs.compaction.compact` (replaced by ``nn.Identity``). Not for models
+            handled by an adapter.
+        hidden_width: also gate the residual stream's channels of a Hugging Face decoder
+            (Llama, Qwen2, Mistral): one gate on the output of every layer writing it (token
+            embedding, attention and FFN output projections), all in one family, so a channel
+            goes from the embedding, every projection reading or writing it, the RMS norms
+            and the language-model head when every writer masks it. Only where bmrs knows
+            every such layer (else ``layout.skipped["hidden width"]`` says why).
         log_low, log_high, init_loc, init_log_scale: see :class:`NoiseGate`.
 
     Returns:
@@ -386,10 +400,15 @@ def attach_gates(
     if gates(model):
         raise BMRSError("the model already has gates; call bmrs.detach_gates(model) first")
     adapter = find_adapter(model)
+    if adapter is not None and blocks:
+        raise BMRSError(f"blocks=True is not supported for {type(model).__name__}, whose structures a model adapter finds")
+    if adapter is None and hidden_width:
+        raise BMRSError("hidden_width=True is supported for Hugging Face decoders only (bmrs.integrations.transformers)")
     if adapter is not None:  # a model family with its own structures (e.g. Hugging Face transformers)
-        sites, families, skipped = adapter.layout(model, example_input, exclude=exclude, heads=heads)
+        options = {"hidden_width": True} if hidden_width else {}
+        sites, families, skipped = adapter.layout(model, example_input, exclude=exclude, heads=heads, **options)
     else:
-        sites, skipped = find_sites(model, example_input, exclude, heads=heads)
+        sites, skipped = find_sites(model, example_input, exclude, heads=heads, blocks=blocks)
         sites, families, coupled_skips = couple(model, example_input, sites)
         skipped.update(coupled_skips)
     modules = dict(model.named_modules())
@@ -469,6 +488,7 @@ def detach_gates(model: nn.Module) -> None:
     model = unwrap(model)
     remove_hooked(model, GATE_ATTR, NoiseGate)
     remove_input_groups(model)
+    remove_branch_sites(model)
     if hasattr(model, _LAYOUT_ATTR):
         delattr(model, _LAYOUT_ATTR)
 

@@ -10,13 +10,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..structures.attention import compact_attention
+from ..structures.adapters import BRANCH_ATTR
+from ..structures.attention import compact_attention, compact_packed_attention
 from ..distributed import unwrap
 from ..errors import BMRSError
 from ..gates import check_finite_gates, detach_gates, gate_layout, gates
 from ..structures.sites import (
-    BATCH_NORMS, PRODUCERS, AdapterKind, Call, Channels, Family, GateSite, Heads, StructureKind, build_dependency_graph,
-    call_model, module_names, output_tensors, structure_kind, trace, with_grad_enabled,
+    BATCH_NORMS, PRODUCERS, AdapterKind, Blocks, Call, Channels, Family, GateLayout, GateSite, Heads, PackedHeads,
+    StructureKind, build_dependency_graph, call_model, is_depthwise, module_names, output_tensors, structure_kind, trace,
+    with_grad_enabled,
 )
 
 __all__ = ["compact", "remove_structures"]
@@ -102,7 +104,11 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
     masks = {name: gate.mask.detach().clone() for name, gate in gates(net).items()}
     detach_gates(net)
     for kind in sorted(by_kind, key=lambda k: k.removal_order):
-        remove_structures(kind, net, by_kind[kind], masks, scales, example_input, layout)
+        # structures inside a deleted block (a masked "blocks" gate) left with it
+        present = dict(net.named_modules())
+        live = {n: s for n, s in by_kind[kind].items() if s.producer in present}
+        if live:
+            remove_structures(kind, net, live, masks, scales, example_input, _surviving(layout, present))
     if check:
         with torch.no_grad():
             _check_outputs(reference, call_model(net, example_input))
@@ -129,6 +135,36 @@ def _remove_heads(kind: Heads, net, sites, masks, scales, example_input, layout)
     with torch.no_grad():  # whole heads leave their attention modules
         for name, site in sites.items():
             _replace(net, site.producer, compact_attention(net.get_submodule(site.producer), masks[name] > 0, scales[name]))
+
+
+@remove_structures.register
+def _remove_blocks(kind: Blocks, net, sites, masks, scales, example_input, layout) -> None:
+    with torch.no_grad():
+        for name, site in sorted(sites.items(), key=lambda item: item[1].producer.count(".")):  # outer blocks first
+            if site.producer not in dict(net.named_modules()):
+                continue  # inside a block deleted already
+            if not bool(masks[name][0] > 0):  # y = x + 0 * f(x): the block is the identity
+                _replace(net, site.producer, nn.Identity())
+            else:  # the branch's factor goes into its last layer's weight and bias
+                _scale_rows(net.get_submodule(site.site.removesuffix(f".{BRANCH_ATTR}")), scales[name])
+
+
+def _surviving(layout: GateLayout, present: dict) -> GateLayout:
+    """``layout`` without the gates whose producer is no longer in the network."""
+    live = {n for n, s in layout.sites.items() if s.producer in present}
+    families = []
+    for f in layout.families:
+        members = [(n, idx) for n, idx in f.members if n in live]
+        if members:
+            families.append(Family(members=members, slot_params=f.slot_params, effects=f.effects))
+    return GateLayout(sites={n: s for n, s in layout.sites.items() if n in live}, families=families, skipped=layout.skipped)
+
+
+@remove_structures.register
+def _remove_packed_heads(kind: PackedHeads, net, sites, masks, scales, example_input, layout) -> None:
+    with torch.no_grad():  # in place: the module keeps its class, with fewer heads
+        for name, site in sites.items():
+            compact_packed_attention(net.get_submodule(site.producer), masks[name] > 0, scales[name])
 
 
 @remove_structures.register
@@ -212,7 +248,8 @@ class _Trace:
                     continue
                 if len(call.in_fns) != 1:
                     return found, f"{call.name} ({type(call.module).__name__}) with several inputs"
-                if isinstance(call.module, PRODUCERS) and getattr(call.module, "groups", 1) == 1:
+                if isinstance(call.module, PRODUCERS) and (getattr(call.module, "groups", 1) == 1
+                                                           or is_depthwise(call.module)):
                     found.add(call.name)
                 elif isinstance(call.module, _COMMUTING + _RESHAPING):
                     if call.out_fn is not fn:
@@ -251,12 +288,17 @@ class _Fold:
 
     target: nn.Module | None = None
     columns: list[tuple[nn.Module, Tensor, Tensor]] = field(default_factory=list)  # (module, idxs, root idxs)
+    #: depthwise convolutions reading the gated channels: filter c reads channel c alone, so
+    #: the scale of channel c goes into filter c (not its bias)
+    kernels: list[nn.Module] = field(default_factory=list)
 
     def apply(self, scale: Tensor) -> None:
         if self.target is not None:
             _scale_rows(self.target, scale)
         for module, idxs, roots in self.columns:
             _scale_columns(module, idxs, scale[roots])
+        for module in self.kernels:
+            _scale_kernels(module, scale)
 
 
 def _plan_fold(site: GateSite, coupled_to: list[str], trace: _Trace, graph, modules: dict, names: dict) -> _Fold:
@@ -265,26 +307,37 @@ def _plan_fold(site: GateSite, coupled_to: list[str], trace: _Trace, graph, modu
     target, reason = _backward_target(site, call, trace)
     if target is not None:
         return _Fold(target=modules[target])
-    if coupled_to:
+    found, blocker = trace.consumers(call)
+    if blocker is not None and coupled_to:
         raise BMRSError(
             f"gate {site.site!r} is tied to {', '.join(coupled_to)} by a residual addition, so it must fold "
             f"into the layer before it, but {reason}; folding it forward through the addition would be wrong"
         )
-    found, blocker = trace.consumers(call)
     if blocker is not None:
         raise BMRSError(
             f"gate {site.site!r} cannot be folded into the weights exactly: {reason}, "
             f"and its output reaches {blocker}"
         )
+    # A gate whose output reaches its consumers through commuting operations alone (no
+    # addition) folds into them even when its channels are tied to others: the tie is then a
+    # depthwise convolution (which reads the channels one to one), not a sum.
+    depthwise = sorted(n for n in found if is_depthwise(modules[n]))
+    wrong = [n for n in depthwise if modules[n].in_channels != site.num_structures]
+    if wrong:
+        raise BMRSError(f"gate {site.site!r} cannot be folded into the depthwise convolution {wrong[0]}, "
+                        f"which reads {modules[wrong[0]].in_channels} channels, not {site.num_structures}")
+    plain = found - set(depthwise)
     group = _out_channel_group(graph, modules[site.producer], list(range(site.num_structures)))
     columns = _input_columns(graph, group, names)
-    if {names[m] for m, _, _ in columns} != found:
+    if coupled_to:  # the group also holds the consumers of the tied layers: keep this gate's own
+        columns = [c for c in columns if names[c[0]] in plain]
+    if {names[m] for m, _, _ in columns} != plain:
         raise BMRSError(
             f"gate {site.site!r} cannot be folded into the weights exactly: {reason}, and Torch-Pruning's "
             f"consumers of {site.producer} ({sorted(names[m] for m, _, _ in columns)}) are not "
-            f"those the trace found ({sorted(found)})"
+            f"those the trace found ({sorted(plain)})"
         )
-    return _Fold(columns=columns)
+    return _Fold(columns=columns, kernels=[modules[n] for n in depthwise])
 
 
 def _plain_norm(module: nn.Module) -> bool:
@@ -319,7 +372,8 @@ def _input_columns(graph, group, names: dict) -> list[tuple[nn.Module, Tensor, T
     found: dict[nn.Module, dict[int, int]] = {}
     for item in group:
         target = item.dep.target.module
-        if graph.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(target, PRODUCERS):
+        if graph.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(target, PRODUCERS) \
+                or is_depthwise(target):  # a depthwise convolution's inputs are its outputs' channels
             continue
         mapping = found.setdefault(target, {})
         for idx, root in zip(item.idxs, item.root_idxs):
@@ -335,6 +389,14 @@ def _scale_rows(module: nn.Module, scale: Tensor) -> None:
     weight.copy_((weight.double() * scale.double().view(shape)).to(weight.dtype))
     if module.bias is not None:
         module.bias.copy_((module.bias.double() * scale.double()).to(module.bias.dtype))
+
+
+def _scale_kernels(module: nn.Module, scale: Tensor) -> None:
+    """Multiply filter c of a depthwise convolution by scale[c], its bias unchanged (in place):
+    the same as multiplying its input channel c by scale[c]."""
+    weight = module.weight
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    weight.copy_((weight.double() * scale.double().view(shape)).to(weight.dtype))
 
 
 def _scale_columns(module: nn.Module, idxs: Tensor, scale: Tensor) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .._io import read_tensors, write_atomic
 from ..structures.adapters import find_adapter, integration_of
-from ..structures.attention import CompactMultiheadAttention, MultiheadSelfAttention, compact_attention
+from ..structures.attention import CompactMultiheadAttention, MultiheadSelfAttention, compact_attention, is_packed_attention
 from ..errors import BMRSError
 from ..gates import gates
 
@@ -102,6 +102,12 @@ def save_compact(model: nn.Module, path, *, architecture: dict | None = None) ->
             if isinstance(module, kind):
                 layers[name] = {"type": type(module).__name__} | {a: _plain(getattr(module, a)) for a in attrs}
                 break
+        else:
+            if isinstance(module, nn.Identity) and name:  # e.g. a residual block compaction deleted
+                layers[name] = {"type": "Identity"}
+            elif is_packed_attention(module):  # timm-style attention: its head count, and inner width if it has one
+                attrs = [a for a in ("num_heads", "attn_dim") if isinstance(getattr(module, a, None), int)]
+                layers[name] = {"type": type(module).__name__} | {a: getattr(module, a) for a in attrs}
     metadata = {"format": _FORMAT, "version": _VERSION, "layers": layers, "architecture": architecture}
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     write_atomic(path, lambda tmp: torch.save({"state_dict": state, "metadata": json.dumps(metadata)}, tmp))
@@ -208,6 +214,10 @@ def _expected_widths(widths: dict, weight) -> dict:
 
 def _resize(net: nn.Module, state: dict, layers: dict) -> None:
     _compact_attention_modules(net, layers)
+    for name, widths in layers.items():  # modules compaction replaced by the identity (deleted blocks)
+        if widths["type"] == "Identity" and not isinstance(net.get_submodule(name), nn.Identity):
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
     modules = dict(net.named_modules())
     for key, tensor in state.items():
         owner, _, attr = key.rpartition(".")
@@ -228,6 +238,10 @@ def _resize(net: nn.Module, state: dict, layers: dict) -> None:
         for attr, value in widths.items():
             if attr != "type":
                 setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+    for name, widths in layers.items():  # a packed-qkv attention's head count fits its resized layers
+        module = modules[name]
+        if "num_heads" in widths and hasattr(module, "qkv") and not is_packed_attention(module):
+            raise BMRSError(f"the saved attention {name!r} has {widths['num_heads']} heads, which its qkv and proj do not fit")
 
 
 def _compact_attention_modules(net: nn.Module, layers: dict) -> None:

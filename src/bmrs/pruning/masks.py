@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from ..distributed import unwrap
 from ..errors import BMRSError
 from ..gates import check_finite_gates, gate_layout, gates, layer_names
+from ..structures.sites import Blocks
 from .budget import budget_cut
 from .criteria import Criterion
 from .slots import family_scores, pruned_slots, set_masks
@@ -169,20 +170,41 @@ def removed_parameters(model: nn.Module, pruned: list[Tensor]) -> int:
     """Trainable parameters removed when the given family slots are removed.
 
     Counted per parameter tensor from the surviving rows and columns, so a weight between
-    two removed units is removed once; plus the removed structures' gate parameters.
+    two removed units is removed once; plus the removed structures' gate parameters. A
+    removed residual block (kind ``"blocks"``) counts every parameter in it, gates
+    included, and nothing inside it is counted again; a family slot tied to layers both
+    inside and outside it counts as removed only when all its members are masked (compaction
+    may remove more: the members left outside decide there).
     """
     model = unwrap(model)
     layout = gate_layout(model)
     modules = dict(model.named_modules())
     cut: dict[tuple[str, str], set[int]] = {}
     removed = 0
+    # whole residual blocks removed: their parameters, and the gates inside them, go with them
+    deleted = [layout.sites[fam.members[0][0]].producer for fam, gone in zip(layout.families, pruned)
+               if layout.sites[fam.members[0][0]].kind == Blocks.name and bool(gone.any())]
+
+    def inside(name: str, *, strictly: bool = False) -> bool:
+        return any(name.startswith(b + ".") or (name == b and not strictly) for b in deleted)
+
     for fam, gone in zip(layout.families, pruned):
         slots = torch.nonzero(gone).flatten().tolist()
-        if not fam.effects:  # disjoint per-slot parameters (attention heads)
-            removed += sum(fam.slot_params[j] for j in slots)
+        first = layout.sites[fam.members[0][0]]
+        if first.kind == Blocks.name:
+            if slots and not inside(first.producer, strictly=True):
+                inner = sum(2 * s.num_structures for s in layout.sites.values() if inside(s.producer) and s is not first)
+                removed += fam.slot_params[0] + inner
             continue
-        removed += 2 * len(fam.members) * len(slots)  # the gates' loc and log_scale
+        if not fam.effects:  # disjoint per-slot parameters (attention heads)
+            if not inside(first.producer):
+                removed += sum(fam.slot_params[j] for j in slots)
+            continue
+        outside = sum(not inside(layout.sites[n].producer) for n, _ in fam.members)
+        removed += 2 * outside * len(slots)  # the gates' loc and log_scale
         for name, side, per_slot in fam.effects:
+            if inside(name):
+                continue
             indices = cut.setdefault((name, side), set())
             for j in slots:
                 indices.update(per_slot[j])

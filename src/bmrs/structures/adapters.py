@@ -34,8 +34,8 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import BMRSError
 
 __all__ = [
-    "ADAPTERS", "Adapter", "INTEGRATIONS", "InputGroups", "find_adapter", "integration_of", "register_adapter",
-    "remove_hooked", "remove_input_groups",
+    "ADAPTERS", "Adapter", "BranchSite", "INTEGRATIONS", "InputGroups", "find_adapter", "integration_of",
+    "register_adapter", "remove_branch_sites", "remove_hooked", "remove_input_groups",
 ]
 
 
@@ -146,6 +146,44 @@ INPUT_ATTR = "bmrs_input"
 def remove_input_groups(model: nn.Module) -> None:
     """Remove every :class:`InputGroups` site and its pre-hook from ``model`` (in place)."""
     remove_hooked(model, INPUT_ATTR, InputGroups)
+
+
+class BranchSite(nn.Module):
+    """A gate site on the output of the last layer of a residual branch (``y = x + f(x)``):
+    the whole output, one structure per example.
+
+    Installed on that layer (a child ``bmrs_branch``) with a forward hook, it hands the
+    layer's output ``(N, ...)`` to its own forward as ``(N, 1, ...)`` and squeezes the result
+    back, so a :class:`~bmrs.NoiseGate` on it with one structure (``dim=1``) multiplies each
+    example's branch by one theta. Without a gate it changes nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The handle of the hook on its layer (set by :meth:`install`).
+        self.hook_handle: RemovableHandle | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        return self(output.unsqueeze(1)).squeeze(1)
+
+    @classmethod
+    def install(cls, layer: nn.Module) -> BranchSite:
+        """Put a site on ``layer``'s output (in place) and return it."""
+        site = cls()
+        layer.add_module(BRANCH_ATTR, site)
+        site.hook_handle = layer.register_forward_hook(site._hook)
+        return site
+
+
+BRANCH_ATTR = "bmrs_branch"
+
+
+def remove_branch_sites(model: nn.Module) -> None:
+    """Remove every :class:`BranchSite` and its hook from ``model`` (in place)."""
+    remove_hooked(model, BRANCH_ATTR, BranchSite)
 
 
 def remove_hooked(model: nn.Module, attr: str, kind: type) -> None:

@@ -37,6 +37,11 @@ __all__ = [
     "compact_attention",
     "head_input_weights",
     "params_per_head",
+    "is_packed_attention",
+    "packed_attention_problem",
+    "packed_head_input_weights",
+    "params_per_packed_head",
+    "compact_packed_attention",
 ]
 
 
@@ -525,3 +530,89 @@ def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
     if bias is not None:
         layer.bias.copy_(bias)
     return layer
+
+
+# --- packed-qkv attention (timm style) --------------------------------------------------------
+#
+# A module with ``qkv = nn.Linear(E, 3 * H * D)`` (rows ordered q | k | v, head by head within
+# each), ``proj = nn.Linear(H * D, E')`` and integer ``num_heads`` = H and ``head_dim`` = D,
+# whose forward splits the packed output into heads from those attributes, as timm's
+# ``Attention`` does. Its heads are gated at the input of ``proj`` (where they are merged),
+# removed from the three parts of ``qkv`` and from ``proj``'s columns, and ``num_heads`` (and
+# ``attn_dim``, the inner width, where the module has it) follow.
+
+
+def is_packed_attention(module: nn.Module) -> bool:
+    """Whether ``module`` has the packed-qkv attention shape described above."""
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    heads, d = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)):
+        return False
+    if not (isinstance(heads, int) and isinstance(d, int) and heads > 0 and d > 0):
+        return False
+    return qkv.out_features == 3 * heads * d and proj.in_features == heads * d
+
+
+def packed_attention_problem(module: nn.Module) -> str | None:
+    """Why the heads of a packed-qkv attention module cannot be removed exactly, or None."""
+    norm = getattr(module, "norm", None)
+    if norm is not None and not isinstance(norm, nn.Identity):
+        return f"its heads are normalised together ({type(norm).__name__} over the merged heads) before proj"
+    attn_dim = getattr(module, "attn_dim", None)
+    if attn_dim is not None and attn_dim != module.num_heads * module.head_dim:
+        return f"attn_dim {attn_dim} is not num_heads x head_dim"
+    if module.num_heads < 2:
+        return "a single head"
+    return None
+
+
+def packed_head_input_weights(module: nn.Module) -> Tensor:
+    """Each head's rows of the packed ``qkv`` (its q, k and v parts), shape ``(H, -1)``."""
+    h, d = module.num_heads, module.head_dim
+    w = module.qkv.weight.view(3, h, d, -1)
+    return w.transpose(0, 1).reshape(h, -1)
+
+
+def params_per_packed_head(module: nn.Module) -> int:
+    """Parameters removing one head deletes: its 3 x D rows of ``qkv`` (with biases) and its
+    D columns of ``proj``."""
+    qkv, proj = module.qkv, module.proj
+    return module.head_dim * (3 * (qkv.in_features + (qkv.bias is not None)) + proj.out_features)
+
+
+def compact_packed_attention(module: nn.Module, keep: Tensor, scale: Tensor) -> nn.Module:
+    """Keep the heads ``keep`` of a packed-qkv attention module, in place, and return it.
+
+    The kept heads' rows stay in each of the q, k and v parts of ``qkv``; their columns of
+    ``proj`` are multiplied by ``scale`` (the gate's eval factor, ``(H,)``), the others
+    deleted. With no head kept, one head stays with zero ``proj`` columns (the module then
+    outputs ``proj``'s bias, as the gated module does). ``num_heads`` and ``attn_dim``
+    follow; ``head_dim`` (and any per-head normalisation of q and k) is untouched.
+    """
+    h, d = module.num_heads, module.head_dim
+    keep = torch.as_tensor(keep).detach().cpu()
+    if keep.dtype != torch.bool or keep.shape != (h,):
+        raise BMRSError(f"keep must be a bool tensor of shape ({h},), got {keep.dtype} of shape {tuple(keep.shape)}")
+    scale = torch.as_tensor(scale).detach().cpu().to(torch.float64)
+    if scale.shape != (h,):
+        raise BMRSError(f"scale must have shape ({h},), got {tuple(scale.shape)}")
+    kept = keep.nonzero().flatten()
+    factor = scale[kept]
+    if len(kept) == 0:
+        kept, factor = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64)
+    cols = (kept[:, None] * d + torch.arange(d)).flatten()
+    rows = torch.cat([cols + part * h * d for part in range(3)])
+    qkv, proj = module.qkv, module.proj
+    with torch.no_grad():
+        w = proj.weight
+        folded = (w[:, cols.to(w.device)].double() * factor.repeat_interleave(d).to(w.device)).to(w.dtype)
+        proj.weight = nn.Parameter(folded.contiguous(), requires_grad=w.requires_grad)
+        proj.in_features = len(cols)
+        qkv.weight = nn.Parameter(qkv.weight[rows.to(qkv.weight.device)].clone(), requires_grad=qkv.weight.requires_grad)
+        if qkv.bias is not None:
+            qkv.bias = nn.Parameter(qkv.bias[rows.to(qkv.bias.device)].clone(), requires_grad=qkv.bias.requires_grad)
+        qkv.out_features = len(rows)
+    module.num_heads = len(kept)
+    if hasattr(module, "attn_dim"):
+        module.attn_dim = len(cols)
+    return module

@@ -15,6 +15,7 @@ one gate over its heads, coupled to nothing.
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from collections.abc import Iterable, Sequence
@@ -24,13 +25,17 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from .adapters import INPUT_ATTR, find_adapter
-from .attention import HEAD_MODULES, expose_heads, head_input_weights, params_per_head
+from .adapters import BRANCH_ATTR, INPUT_ATTR, BranchSite, InputGroups, find_adapter
+from .attention import (
+    HEAD_MODULES, compact_packed_attention, expose_heads, head_input_weights, is_packed_attention,
+    packed_attention_problem, packed_head_input_weights, params_per_head, params_per_packed_head,
+)
 from ..errors import BMRSError
 
 __all__ = [
-    "GateSite", "Family", "GateLayout", "StructureKind", "Channels", "Heads", "AdapterKind", "STRUCTURE_KINDS",
-    "register_structure_kind", "structure_kind",
+    "GateSite", "Family", "GateLayout", "StructureKind", "Channels", "Heads", "PackedHeads", "Blocks", "AdapterKind",
+    "STRUCTURE_KINDS",
+    "register_structure_kind", "structure_kind", "is_depthwise",
 ]
 
 #: The layers whose outputs are gated structures (output neurons and channels).
@@ -127,10 +132,16 @@ class GateLayout:
                 where = f" (after {s.site}, applied after {s.applied_at})"
             if s.site.endswith(f".{INPUT_ATTR}"):
                 where = f" (at the input of {s.site.removesuffix(f'.{INPUT_ATTR}')})"
+            if s.site.endswith(f".{BRANCH_ATTR}"):
+                where = f" (on its branch, at the output of {s.site.removesuffix(f'.{BRANCH_ATTR}')})"
             lines.append(f"  gate {s.site}: {s.num_structures} {s.kind} of {s.producer}{where}")
         coupled = [f for f in self.families if len(f.members) > 1]
         for f in coupled:
-            lines.append(f"  coupled, pruned together: {', '.join(n for n, _ in f.members)}")
+            names = list(dict.fromkeys(n for n, _ in f.members))  # a gate may be a member several times
+            if len(names) == 1:  # structures of one gate removed in slots (a key/value head's query heads)
+                lines.append(f"  pruned {len(f.members)} at a time: {names[0]}")
+            else:
+                lines.append(f"  coupled, pruned together: {', '.join(names)}")
         for name, why in self.skipped.items():
             lines.append(f"  not gated: {name}: {why}")
         return "\n".join(lines)
@@ -191,6 +202,42 @@ class Heads(StructureKind):
         return head_input_weights(model.get_submodule(site.producer))
 
 
+class PackedHeads(StructureKind):
+    """Attention heads of a packed-qkv attention module (timm's ``Attention``: ``qkv``,
+    ``proj``, ``num_heads``, ``head_dim``; see :func:`bmrs.structures.attention.is_packed_attention`),
+    gated at the input of ``proj``. Each head is a family of its own, whose slot removes its
+    rows in the q, k and v parts of ``qkv``, its ``proj`` columns and its gate's two
+    parameters."""
+
+    name = "packed-heads"
+
+    def family(self, site, modules):
+        per_head = params_per_packed_head(modules[site.producer]) + 2  # + the gate's loc and log_scale
+        return Family(members=[(site.site, list(range(site.num_structures)))], slot_params=[per_head] * site.num_structures)
+
+    def input_weights(self, model, site):
+        return packed_head_input_weights(model.get_submodule(site.producer))
+
+
+class Blocks(StructureKind):
+    """Whole residual blocks ``y = x + f(x)``: one structure per block, gated on the branch
+    ``f`` (one theta per example). Each block is a family of its own, whose slot removes
+    every parameter of the block (:attr:`GateSite.producer` is the block) and its gate's
+    two."""
+
+    name = "blocks"
+    removal_order = -1  # before anything inside the block
+
+    def family(self, site, modules):
+        block = modules[site.producer]
+        params = sum(p.numel() for p in block.parameters() if p.requires_grad)
+        return Family(members=[(site.site, [0])], slot_params=[params + 2])
+
+    def input_weights(self, model, site):
+        last = model.get_submodule(site.site.removesuffix(f".{BRANCH_ATTR}"))
+        return last.weight.detach().reshape(1, -1)
+
+
 class AdapterKind(StructureKind):
     """A kind of a model adapter (:mod:`bmrs.structures.adapters`, e.g. ``"attention-heads"`` of Hugging
     Face transformers): the adapter lays out, weighs and removes its structures."""
@@ -227,6 +274,8 @@ def register_structure_kind(kind: StructureKind) -> StructureKind:
 
 register_structure_kind(Channels())
 register_structure_kind(Heads())
+register_structure_kind(PackedHeads())
+register_structure_kind(Blocks())
 
 
 def structure_kind(site: GateSite, model: nn.Module | None = None) -> StructureKind:
@@ -384,12 +433,21 @@ def _matches(module: nn.Module, name: str, exclude: Sequence) -> bool:
     return False
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution: one group per channel, ``out_channels == in_channels ==
+    groups``, so output channel ``c`` reads input channel ``c`` alone. Its channels are tied
+    one to one to those of the layer producing its input, and are removed with them (one
+    family: Torch-Pruning's dependency graph ties them)."""
+    return (isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
+
+
 def _channels(module: nn.Module) -> int:
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def find_sites(
-    model: nn.Module, example_input, exclude: Sequence = (), heads: bool = True,
+    model: nn.Module, example_input, exclude: Sequence = (), heads: bool = True, blocks: bool = False,
 ) -> tuple[list[GateSite], dict[str, str]]:
     """For every producer (and attention module), its gate site; and what cannot be gated, with why.
 
@@ -398,12 +456,31 @@ def find_sites(
     parameters and outputs), and each attention module with a ``heads`` site gets a site
     of kind ``"heads"`` on it (``dim=1`` of its ``(N, H, T, D)`` per-head outputs). The
     linear layers inside attention modules are never gated as channels: their outputs are
-    head dimensions, which are removed together with their head.
+    head dimensions, which are removed together with their head. A packed-qkv attention
+    module (:func:`~bmrs.structures.attention.is_packed_attention`) gets a site of kind
+    ``"packed-heads"`` at the input of its ``proj``, if a copy of it runs with one head fewer.
+
+    With ``blocks``, every module whose output is its input plus the output of one of its
+    layers (``x + f(x)``) gets a site of kind ``"blocks"`` on that layer's output.
     """
     skipped: dict[str, str] = {}
     if heads:
         _expose_attention_heads(model, exclude, skipped)
-    calls, consumers, outputs = trace(model, example_input)
+    packed = {
+        name: m for name, m in model.named_modules() if is_packed_attention(m) and not _matches(m, name, exclude)
+    } if heads else {}
+    seen_inputs: dict[str, list] = {}
+    handles = [m.register_forward_pre_hook(_recorder(seen_inputs, name), with_kwargs=True) for name, m in packed.items()]
+    block_calls: dict[str, list] = {}
+    if blocks:
+        for name, m in model.named_modules():
+            if name and next(m.children(), None) is not None and not _matches(m, name, exclude):
+                handles += _block_hooks(m, name, block_calls)
+    try:
+        calls, consumers, outputs = trace(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
     by_in_fn: dict = {}
     for call in calls:
         for fn in call.in_fns:
@@ -411,6 +488,9 @@ def find_sites(
     attention = {
         name: m for name, m in model.named_modules() if isinstance(m, (*HEAD_MODULES, nn.MultiheadAttention))
     }
+    packed_sites = [site for name, m in packed.items()
+                    if (site := _packed_site(name, m, calls, seen_inputs.get(name, []), skipped)) is not None]
+    attention.update({site.producer: packed[site.producer] for site in packed_sites})
     head_hosts = {
         f"{name}.heads" if name else "heads": name
         for name, m in attention.items() if heads and isinstance(m, HEAD_MODULES)
@@ -428,7 +508,9 @@ def find_sites(
     for c in all_producer_calls:
         upstream_of_some_producer |= _upstream(c.in_fns)
 
-    sites = []
+    sites = list(packed_sites)
+    if blocks:
+        sites += _block_sites(model, calls, block_calls, skipped)
     for call in calls:
         if call.name in head_hosts:
             _head_site(call, head_hosts[call.name], attention, counts, exclude, sites, skipped)
@@ -445,11 +527,12 @@ def find_sites(
         if counts[name] > 1:
             skipped[name] = _SHARED
             continue
-        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups != 1:
-            skipped[name] = "grouped or depthwise convolution"
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups != 1 and not is_depthwise(module):
+            skipped[name] = "grouped convolution (other than depthwise)"
             continue
         channels = _channels(module)
         site, fn, shape, reason = call, call.out_fn, call.out_shape, None
+        passed: list[nn.Module] = []  # the modules between the producer and the gate
         while True:
             users = consumers.get(fn, [])
             nxt = [c for c in by_in_fn.get(fn, []) if c is not site]
@@ -465,6 +548,7 @@ def find_sites(
                 break  # a module called twice (e.g. one ReLU reused after a residual addition) cannot host the gate
             if isinstance(m, BATCH_NORMS) and m.num_features == channels or isinstance(m, _CHANNELWISE):
                 site, fn, shape = nxt[0], nxt[0].out_fn, nxt[0].out_shape
+                passed.append(m)
                 continue
             if isinstance(m, _CROSS_CHANNEL_NORMS):
                 reason = f"followed by {type(m).__name__}, which normalises across the channels"
@@ -487,12 +571,133 @@ def find_sites(
                     or pool.out_shape[1] != channels:
                 break
             applied = pool
+        if is_depthwise(module) and not _folds_backward(passed):
+            reader = _sole_consumer(applied, consumers, by_in_fn, calls)
+            read_alone = reader is not None and isinstance(reader.module, PRODUCERS) and (
+                getattr(reader.module, "groups", 1) == 1 or is_depthwise(reader.module))
+            if not read_alone:  # e.g. a squeeze-and-excitation multiplies it (EfficientNet, MobileNetV3)
+                skipped[name] = (f"depthwise convolution whose gate, after {type(passed[-1]).__name__}, can be folded "
+                                 "neither into its BatchNorm nor into one next layer reading it alone")
+                continue
         sites.append(GateSite(producer=name, site=site.name, dim=dim, num_structures=channels,
                               applied_at="" if applied is site else applied.name))
     return sites, skipped
 
 
 _SHARED = "called more than once in a forward pass (shared weights)"
+
+
+def _block_hooks(module: nn.Module, name: str, seen: dict) -> list:
+    """Hooks recording, for each call of a (non-leaf) module, the grad_fn of its first input
+    and of its output."""
+    def pre(m, args):
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        seen.setdefault(name, []).append([None if first is None else first.grad_fn, None])
+
+    def post(m, args, output):
+        if seen.get(name) and isinstance(output, Tensor):
+            seen[name][-1][1] = output.grad_fn
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+# The last layer of a residual branch the branch's gate folds into: its output is affine per
+# channel, so multiplying its weight and bias by the gate's factor multiplies the branch.
+def _branch_end_ok(module: nn.Module) -> bool:
+    if isinstance(module, PRODUCERS):
+        return True
+    if isinstance(module, BATCH_NORMS):
+        return module.affine and type(module).forward is nn.BatchNorm2d.forward
+    return isinstance(module, nn.LayerNorm) and module.elementwise_affine
+
+
+def _block_sites(model: nn.Module, calls: list[Call], seen: dict, skipped: dict[str, str]) -> list[GateSite]:
+    """Sites of the residual blocks: modules called once whose output is an addition of their
+    input and of the output of one of their own layers (the branch's last layer), which then
+    gets a :class:`~bmrs.structures.adapters.BranchSite` (installed in place). Outer blocks come first;
+    a block inside a gated block is gated too."""
+    found = []
+    for name, records in seen.items():
+        if len(records) != 1:
+            continue
+        in_fn, out_fn = records[0]
+        if in_fn is None or out_fn is None or not type(out_fn).__name__.startswith("AddBackward"):
+            continue
+        parts = [f for f, _ in out_fn.next_functions]
+        if len(parts) != 2 or in_fn not in parts:
+            continue
+        other = parts[1] if parts[0] is in_fn else parts[0]
+        ends = [c for c in calls if c.out_fn is other and c.name.startswith(name + ".")]
+        if len(ends) != 1:
+            skipped[name] = "residual block whose branch does not end in one of its layers: not gated as a block"
+            continue
+        end = ends[0]
+        if sum(c.module is end.module for c in calls) > 1:
+            skipped[name] = f"residual block whose last layer {end.name} is called more than once: not gated as a block"
+            continue
+        if not _branch_end_ok(end.module):
+            skipped[name] = (f"residual block whose branch ends in {end.name} ({type(end.module).__name__}), "
+                             "which a factor cannot be folded into: not gated as a block")
+            continue
+        BranchSite.install(end.module)
+        where = f"{end.name}.{BRANCH_ATTR}"
+        found.append(GateSite(producer=name, site=where, dim=1, num_structures=1, kind=Blocks.name))
+    return found
+
+
+def _recorder(seen: dict, name: str):
+    """A forward pre-hook recording the inputs of each call of module ``name`` (detached)."""
+    def hook(module, args, kwargs):
+        detach = lambda x: x.detach() if isinstance(x, Tensor) else x  # noqa: E731
+        seen.setdefault(name, []).append((tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}))
+    return hook
+
+
+def _packed_site(name: str, module: nn.Module, calls: list[Call], inputs: list, skipped: dict[str, str]) -> GateSite | None:
+    """The head site of a packed-qkv attention module (a site module on the input of its
+    ``proj``, installed in place), or None with the reason in ``skipped``.
+
+    Before installing it, the module's forward is run once on a copy with one head fewer
+    (on the input it had in the trace): a forward that takes the merged width from anything
+    but ``num_heads`` and ``head_dim`` (an older timm reshapes to the input width) would
+    break after compaction, so such a module is left ungated."""
+    problem = packed_attention_problem(module)
+    counts = [sum(c.module is m for c in calls) for m in (module.qkv, module.proj)]
+    if problem is None and (len(inputs) != 1 or counts != [1, 1]):
+        problem = _SHARED if len(inputs) > 1 or max(counts) > 1 else "qkv and proj are not called once each"
+    if problem is None:
+        probe = copy.deepcopy(module).eval()
+        keep = torch.arange(module.num_heads) < module.num_heads - 1
+        compact_packed_attention(probe, keep, keep.double())
+        args, kwargs = inputs[0]
+        try:
+            with torch.no_grad():
+                probe(*args, **kwargs)
+        except Exception as error:  # any failure of the user's forward means: not prunable this way
+            problem = (f"its forward does not run with fewer heads ({type(error).__name__}: "
+                       f"{' '.join(str(error).split())[:120]}); it must split and merge heads by num_heads and head_dim")
+    if problem is not None:
+        skipped[name] = f"heads not gated: {problem}"
+        return None
+    InputGroups.install(module.proj, module.num_heads, module.head_dim)
+    where = f"{name}.proj.{INPUT_ATTR}" if name else f"proj.{INPUT_ATTR}"
+    return GateSite(producer=name, site=where, dim=-2, num_structures=module.num_heads,
+                    kind=PackedHeads.name)
+
+
+# What compaction's backward fold passes between the affine layer and the gate (it commutes
+# with a positive per-channel factor).
+_BACKWARD_COMMUTING = (
+    nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+
+
+def _folds_backward(passed: list[nn.Module]) -> bool:
+    """Whether a gate after ``passed`` (the modules after its producer) folds into the producer
+    or its last affine BatchNorm: only modules that commute with a positive scale follow it."""
+    last = max((i for i, m in enumerate(passed) if isinstance(m, BATCH_NORMS)), default=-1)
+    if last >= 0 and not (passed[last].affine and type(passed[last]).forward is nn.BatchNorm2d.forward):
+        return False
+    return all(isinstance(m, _BACKWARD_COMMUTING) for m in passed[last + 1:])
 
 
 def _sole_consumer(call: Call, consumers: dict, by_in_fn: dict, calls: list[Call]) -> Call | None:
@@ -620,6 +825,10 @@ def couple(model: nn.Module, example_input, sites: list[GateSite]) -> tuple[list
                 for j, i in zip(item.root_idxs, item.idxs):
                     per_slot[j].append(int(i))
                 effects.append((name_of[target], "out" if is_out else "in", per_slot))
+            if isinstance(target, nn.Conv1d | nn.Conv2d | nn.Conv3d) and target.groups > 1 and not is_depthwise(target):
+                # removing some of its input channels would leave its groups unequal
+                problem = f"its channels are read by the grouped convolution {name_of.get(target)}, which cannot be gated"
+                break
             if not is_out:
                 continue
             tname = name_of.get(target)
@@ -639,6 +848,9 @@ def couple(model: nn.Module, example_input, sites: list[GateSite]) -> tuple[list
                 label = tname or type(target).__name__.strip("_")
                 problem = f"its channels are tied to {label}, which cannot be gated"
                 break
+        if problem is None and all(is_depthwise(modules[n]) for n in members):
+            # nothing but depthwise convolutions: their channels are channels of the network's input
+            problem = "a depthwise convolution whose input channels no gated layer produces"
         names = sorted(members) if problem is None else [site.producer]
         done.update(names)
         if problem is not None:
@@ -659,13 +871,13 @@ def _params_per_index(module, is_out: bool) -> int:
     """Trainable parameters one pruned index removes from ``module`` (in or out side)."""
     if isinstance(module, nn.Linear):
         return module.in_features + (module.bias is not None) if is_out else module.out_features
-    if isinstance(module, PRODUCERS):  # convolutions with groups == 1
+    if isinstance(module, PRODUCERS):  # convolutions with groups == 1, or depthwise
         kernel = 1
         for k in module.kernel_size:
             kernel *= k
-        if is_out:
-            return module.in_channels * kernel + (module.bias is not None)
-        return module.out_channels * kernel
+        if is_out:  # a filter reads in_channels / groups channels (one for a depthwise convolution)
+            return module.in_channels // module.groups * kernel + (module.bias is not None)
+        return module.out_channels // module.groups * kernel
     if isinstance(module, BATCH_NORMS):
         return 2 if module.affine else 0
     return 0
