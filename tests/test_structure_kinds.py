@@ -1,4 +1,4 @@
-"""Structure kinds are classes with one interface (bmrs.structures.sites.StructureKind), resolved by
+"""Structure kinds are classes with one interface (bmrs.structures.kinds.StructureKind), resolved by
 name from a registry, and compaction removes each kind through a dispatch on its class."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from bmrs import BMRSError, gate_layout
 from bmrs.compaction import compact
 from bmrs.models import build_model
 from bmrs.pruning import make_criterion, prune
-from bmrs.structures.sites import STRUCTURE_KINDS, Channels, Heads, StructureKind, register_structure_kind, structure_kind
+from bmrs.structures.kinds import (
+    STRUCTURE_KINDS, Channels, Heads, StructureKind, register_structure_kind, structure_kind,
+)
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from .distributed import unwrap
 from .errors import BMRSError
 from .math import gate_kernel
 from .math.distributions import LogUniform, TruncatedLogNormal
-from .structures.sites import GateLayout, couple, find_sites, with_grad_enabled
+from .structures.sites import couple, find_sites, with_grad_enabled
+from .structures.kinds import GateLayout
 
 __all__ = [
     "DEFAULT_KL_REDUCTION", "KL_REDUCTIONS", "NoiseGate", "attach_gates", "check_finite_gates", "check_kl_reduction",
@@ -390,7 +391,7 @@ def attach_gates(
         log_low, log_high, init_loc, init_log_scale: see :class:`NoiseGate`.
 
     Returns:
-        The :class:`~bmrs.structures.sites.GateLayout`: the gates, their coupled families, and
+        The :class:`~bmrs.structures.kinds.GateLayout`: the gates, their coupled families, and
         every layer left ungated with the reason. A warning lists layers that could not be
         gated for a reason other than being final or excluded.
     """
@@ -453,7 +454,7 @@ def gates(model: nn.Module) -> dict[str, NoiseGate]:
 
 
 def gate_layout(model: nn.Module) -> GateLayout:
-    """The :class:`~bmrs.structures.sites.GateLayout` recorded by :func:`attach_gates`."""
+    """The :class:`~bmrs.structures.kinds.GateLayout` recorded by :func:`attach_gates`."""
     layout = getattr(unwrap(model), _LAYOUT_ATTR, None)
     if layout is None:
         raise BMRSError("the model has no gates attached by bmrs.attach_gates")

@@ -5,7 +5,7 @@
 * :func:`save_compact` / :func:`load_compact` store and rebuild a compacted model from
   tensors and JSON metadata (no pickled Python objects).
 * :func:`remove_structures` removes one kind of structure (channels, heads, an adapter's
-  kinds); a new :class:`~bmrs.structures.sites.StructureKind` registers its removal there.
+  kinds); a new :class:`~bmrs.structures.kinds.StructureKind` registers its removal there.
 * :func:`count_parameters` and :func:`count_flops` measure a model before and after.
 """
 

@@ -16,9 +16,10 @@ from ..distributed import unwrap
 from ..errors import BMRSError
 from ..gates import check_finite_gates, detach_gates, gate_layout, gates
 from ..structures.sites import (
-    BATCH_NORMS, PRODUCERS, AdapterKind, Blocks, Call, Channels, Family, GateLayout, GateSite, Heads, PackedHeads,
-    StructureKind, build_dependency_graph, call_model, is_depthwise, module_names, output_tensors, structure_kind, trace,
-    with_grad_enabled,
+    BATCH_NORMS, PRODUCERS, Call, build_dependency_graph, call_model, is_depthwise, module_names, output_tensors, trace, with_grad_enabled,
+)
+from ..structures.kinds import (
+    AdapterKind, Blocks, Channels, Family, GateLayout, GateSite, Heads, PackedHeads, StructureKind, structure_kind,
 )
 
 __all__ = ["compact", "remove_structures"]
@@ -63,7 +64,7 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
       before the gate), when the path to each consumer commutes with ``s``. Only masked
       channels have ``s = 0``, and they are deleted.
 
-    Channels coupled by residual additions (a :class:`~bmrs.structures.sites.Family`) must fold
+    Channels coupled by residual additions (a :class:`~bmrs.structures.kinds.Family`) must fold
     backward, and a family slot is deleted only when every member masks it.
 
     When every structure of a layer (or every slot of a family) is masked, one structure is
@@ -123,7 +124,7 @@ def remove_structures(kind: StructureKind, net: nn.Module, sites: dict[str, Gate
                       scales: dict[str, Tensor], example_input, layout) -> None:
     """On ``net`` (a copy whose gates were detached), fold the gates' eval factors ``scales``
     of ``sites`` (all of ``kind``) into the weights and delete the structures their ``masks``
-    prune. One implementation per :class:`~bmrs.structures.sites.StructureKind` class, registered
+    prune. One implementation per :class:`~bmrs.structures.kinds.StructureKind` class, registered
     with ``@remove_structures.register`` (as :func:`functools.singledispatch` does): a new
     kind of structure is removable once its implementation is registered here.
     """

@@ -54,7 +54,8 @@ from transformers.pytorch_utils import Conv1D
 from ..structures.adapters import INPUT_ATTR, InputGroups, register_adapter, remove_input_groups
 from ..compaction.storage import register_architecture
 from ..errors import BMRSError
-from ..structures.sites import PRODUCERS, Family, GateSite, _matches, call_model
+from ..structures.sites import PRODUCERS, _matches, call_model
+from ..structures.kinds import Family, GateSite
 
 __all__ = ["HEADS", "NEURONS", "HIDDEN", "layer_widths"]
 

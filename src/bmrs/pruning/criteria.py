@@ -42,7 +42,7 @@ from ..gates import DEFAULT_KL_REDUCTION, NoiseGate, gate_layout, gates
 from ..math.distributions import TruncatedLogNormal
 from ..math.special import HALF_LOG_2PI
 from ..reduction import bmrs_n_prior, bmrs_u_prior, delta_f
-from ..structures.sites import structure_kind
+from ..structures.kinds import structure_kind
 
 __all__ = [
     "Criterion", "EvidenceCriterion", "BMRSN", "BMRSNCode", "BMRSNRelative", "BMRSNKassRaftery", "BMRSU",

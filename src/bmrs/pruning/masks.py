@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..distributed import unwrap
 from ..errors import BMRSError
 from ..gates import check_finite_gates, gate_layout, gates, layer_names
-from ..structures.sites import Blocks
+from ..structures.kinds import Blocks
 from .budget import budget_cut
 from .criteria import Criterion
 from .slots import family_scores, pruned_slots, set_masks

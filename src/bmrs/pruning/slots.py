@@ -1,7 +1,7 @@
 """The family slots of a gated model as pruning sees them: their scores under a criterion,
 which of them are pruned, and writing keep masks into the gates.
 
-A family (:class:`bmrs.structures.sites.Family`) is a set of structures removed together: slot
+A family (:class:`bmrs.structures.kinds.Family`) is a set of structures removed together: slot
 ``j`` of a family is structure ``indices[j]`` of every member gate. Deciding by a
 criterion's rule or a target (:mod:`bmrs.pruning.masks`), by a budget
 (:mod:`bmrs.pruning.budget`) and rounding widths (:mod:`bmrs.pruning.rounding`) all start

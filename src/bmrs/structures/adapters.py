@@ -48,8 +48,8 @@ class Adapter(Protocol):
 
     def layout(self, model: nn.Module, example_input, *, exclude: Sequence[nn.Module],
                heads: bool) -> tuple[list, list, list[tuple[str, str]]]:
-        """The gate sites of ``model`` (:class:`~bmrs.structures.sites.GateSite`), their
-        families (:class:`~bmrs.structures.sites.Family`), and the layers left ungated with why."""
+        """The gate sites of ``model`` (:class:`~bmrs.structures.kinds.GateSite`), their
+        families (:class:`~bmrs.structures.kinds.Family`), and the layers left ungated with why."""
 
     def compact(self, net: nn.Module, sites: list, masks: dict, scales: dict) -> None:
         """Delete the masked structures of ``sites`` from ``net`` (a copy, gates detached) in place."""
