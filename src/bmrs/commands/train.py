@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import distributed
-from .._io import read_json
 from ..datasets import DATASETS
 from ..errors import BMRSError
 from ..experiments.live import LOG_FORMATS, log_files
@@ -18,7 +17,7 @@ from ..experiments.runs import methods, train_run
 from ..models import MODEL_OPTIONS, MODELS
 from ..pruning.criteria import CRITERIA
 from ..reporting.collect import natural_key
-from ..rundir import PAPER, RECOMMENDED, RUN_FILES, RunConfig, check_output_dir, load_metrics
+from ..rundir import PAPER, RECOMMENDED, RUN_FILES, RunConfig, check_output_dir, load_metrics, read_config
 from ..training import TrainingDiverged
 from ._common import Formatter, criteria_with, dataset_name, out_path, percent, positive, say, set_threads
 
@@ -168,7 +167,7 @@ def run(args) -> int:
     complete, started = state == "complete", state == "started"
     if complete:
         say(f"{out} is complete; nothing to train.")
-        _print_run_summary(out, read_json(out / "config.json"), load_metrics(out))
+        _print_run_summary(out, read_config(out / "config.json"), load_metrics(out))
         return 0
     if args.nproc > 1 and not launched:
         _launch(args.nproc, args.argv)
