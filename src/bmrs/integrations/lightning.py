@@ -27,7 +27,7 @@ from .. import distributed
 from ..compaction import compact
 from ..errors import BMRSError
 from ..gates import attach_gates, check_kl_reduction, gates, model_kl
-from ..pruning.criteria import RECOMMENDED, Criterion, make_criterion
+from ..pruning.criteria import RECOMMENDED, Criterion, resolve_criterion
 from ..pruning.masks import kept_per_layer, parameter_compression, structure_compression
 from ..pruning.schedules import ContinuousPruning
 
@@ -94,7 +94,7 @@ class BMRSPruning(Callback):
         seed: int | None = None,
     ) -> None:
         check_kl_reduction(kl_reduction, "kl_reduction")
-        self.criterion = make_criterion(criterion) if isinstance(criterion, str) else criterion
+        self.criterion = resolve_criterion(criterion)
         self.pruning = ContinuousPruning(self.criterion, every, recompute=recompute, target=target, target_kind=target_kind)
         self.kl_reduction, self.dataset_size, self.kl_weight = kl_reduction, dataset_size, kl_weight
         self.module, self.example_input, self.exclude = module, example_input, exclude
