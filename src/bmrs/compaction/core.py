@@ -16,7 +16,7 @@ from ..errors import BMRSError
 from ..gates import check_finite_gates, detach_gates, gate_layout, gates
 from ..structures.sites import (
     BATCH_NORMS, PRODUCERS, AdapterKind, Call, Channels, Family, GateSite, Heads, StructureKind, build_dependency_graph,
-    call_model, module_names, output_tensors, structure_kind, trace, with_grad_enabled,
+    call_example, call_model, module_names, output_tensors, structure_kind, trace, with_grad_enabled,
 )
 
 __all__ = ["compact", "remove_structures"]
@@ -97,7 +97,7 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
     check_finite_gates(model)
     net = copy.deepcopy(model).eval()
     with torch.no_grad():
-        reference = call_model(net, example_input) if check else None
+        reference = call_example(net, example_input) if check else None
     scales = {name: gate.expected_gate().detach().clone() for name, gate in gates(net).items()}
     masks = {name: gate.mask.detach().clone() for name, gate in gates(net).items()}
     detach_gates(net)

@@ -46,7 +46,7 @@ from transformers.pytorch_utils import Conv1D
 from ..structures.adapters import INPUT_ATTR, InputGroups, register_adapter, remove_input_groups
 from ..compaction.storage import register_architecture
 from ..errors import BMRSError
-from ..structures.sites import PRODUCERS, Family, GateSite, _matches, call_model
+from ..structures.sites import PRODUCERS, Family, GateSite, _matches, call_example
 
 __all__ = ["HEADS", "NEURONS", "layer_widths"]
 
@@ -154,6 +154,10 @@ class TransformersAdapter:
         return isinstance(model, transformers.PreTrainedModel)
 
     def layout(self, model, example_input, *, exclude=(), heads=True):
+        ids = example_input.get("input_ids") if isinstance(example_input, dict) else example_input
+        if isinstance(ids, Tensor) and (ids.is_floating_point() or ids.is_complex()):
+            raise BMRSError(f"input_ids of {type(model).__name__} are token ids, integers; got a {ids.dtype} tensor "
+                            "(pass e.g. tokenizer(...)['input_ids'], or ids.long())")
         groups, skipped = _recognise(model)
         modules = dict(model.named_modules())
         chosen = []
@@ -239,7 +243,7 @@ def _calls(model: nn.Module, example_input) -> dict[str, list[tuple[tuple, int]]
     model.eval()
     try:
         with torch.no_grad():
-            call_model(model, example_input)
+            call_example(model, example_input)
     finally:
         model.train(training)
         for h in handles:
