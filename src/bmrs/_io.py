@@ -91,11 +91,14 @@ def read_tensors(path: str | os.PathLike, what: str = "a file written by bmrs"):
     runs. Anything that is not such a file (truncated, foreign, crafted) raises a one-line
     ``ValueError`` naming ``path`` and saying it is not ``what``."""
     import pickle
+    import warnings
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # PyTorch's remarks on the pickle protocol would stand before ours
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as err:
         raise OSError(err.errno, f"{path}: {err.strerror or err}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, IndexError,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -121,6 +122,28 @@ def _under_torchrun() -> bool:
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _warn_oversubscription(nproc: int, threads: int | None) -> None:
+    """One warning on stderr when ``nproc`` processes of ``threads`` threads each (1 unless
+    --threads says otherwise) ask for more than the machine's cores."""
+    cores = _cores()
+    if nproc * (threads or 1) <= cores:
+        return
+    if nproc > cores:
+        text = (f"--nproc {nproc} is more than the {cores} CPU core(s) here: the processes take turns on them and "
+                f"the run is slower than with --nproc {cores} or fewer")
+    else:
+        text = f"--nproc {nproc} x --threads {threads} is more than the {cores} CPU core(s) here: the threads take turns"
+    print(f"bmrs: warning: {text}", file=sys.stderr, flush=True)
+
+
 def _launch(nproc: int, argv: list[str]) -> None:
     """Run ``python -m bmrs ARGV`` in ``nproc`` local processes through torchrun (a free port)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -170,6 +193,7 @@ def run(args) -> int:
         _print_run_summary(out, read_config(out / "config.json"), load_metrics(out))
         return 0
     if args.nproc > 1 and not launched:
+        _warn_oversubscription(args.nproc, args.threads)
         _launch(args.nproc, args.argv)
         return 0
     created = not out.exists()
