@@ -221,12 +221,12 @@ def _describe(spec) -> str:
     return _NAMES.get(spec) or repr(spec)
 
 
-def check_json(value, spec, source, where: str = "", *, partial: bool = False):
+def check_json(value, spec, source, where: str = ""):
     """``value`` if it has the shape ``spec`` describes, else a ``BMRSError`` naming ``source``
     and the field. A spec is ``str``, ``bool``, ``dict`` (any object), ``list`` (any list),
     :data:`ANY`, a :class:`Number`, :class:`Nullable` or :class:`Mapping`, ``[item spec]`` (a
     list of such items) or ``{key: spec}`` (an object with these keys, others allowed; a key
-    whose spec is :class:`OptionalKey` may be missing; with ``partial`` every key may be)."""
+    whose spec is :class:`OptionalKey` may be missing)."""
 
     def fail():
         shown = json.dumps(value)[:60] if value is not None else "null"
@@ -263,7 +263,7 @@ def check_json(value, spec, source, where: str = "", *, partial: bool = False):
             name = f"{where}.{key}" if where else key
             optional = isinstance(field, OptionalKey)
             if key not in value:
-                if optional or partial:
+                if optional:
                     continue
                 raise BMRSError(f"{source}: no {name!r}")
             check_json(value[key], field.spec if optional else field, source, name)
@@ -292,7 +292,7 @@ def _depth(value) -> int:
     return deepest
 
 
-def parse_json(text: str | bytes, source, spec=dict, *, partial: bool = False):
+def parse_json(text: str | bytes, source, spec=dict):
     """The JSON document ``text`` (read from ``source``), checked: at most
     :data:`MAX_JSON_BYTES` long and :data:`MAX_JSON_DEPTH` deep, every number finite (no
     ``NaN`` or ``Infinity`` literal, no ``1e400``), and of the shape ``spec`` (see
@@ -315,13 +315,13 @@ def parse_json(text: str | bytes, source, spec=dict, *, partial: bool = False):
         raise BMRSError(f"{source} is not a JSON file bmrs wrote: {' '.join(str(err).split())[:120]}") from None
     if _depth(data) > MAX_JSON_DEPTH:
         raise BMRSError(f"{source} is not a JSON file bmrs wrote: nested over {MAX_JSON_DEPTH} deep")
-    return check_json(data, spec, source, partial=partial)
+    return check_json(data, spec, source)
 
 
-def read_json(path: str | os.PathLike, spec=dict, *, partial: bool = False):
+def read_json(path: str | os.PathLike, spec=dict):
     """The JSON file ``path``, checked as :func:`parse_json` checks a document (by default:
     any object). Every JSON file bmrs reads is read here."""
     path = Path(path)
     with open(path, "rb") as f:
         text = f.read(MAX_JSON_BYTES + 1)
-    return parse_json(text, path, spec, partial=partial)
+    return parse_json(text, path, spec)

@@ -27,7 +27,7 @@ from .models import build_model
 from .pruning.criteria import CRITERIA, PAPER, RECOMMENDED
 
 __all__ = [
-    "RUN_FILES", "RECOMMENDED", "PAPER", "CONFIG", "METRICS", "SWEEP", "RunConfig", "is_run_file", "read_config", "load_metrics", "verify_checksum",
+    "RUN_FILES", "RECOMMENDED", "PAPER", "CONFIG", "METRICS", "REPORTED_METRICS", "SWEEP", "RunConfig", "is_run_file", "read_config", "load_metrics", "verify_checksum",
     "load_state_file", "run_files", "check_same_options", "check_output_dir", "read_run",
 ]
 
@@ -91,6 +91,12 @@ SWEEP = {
     "records": [{"criterion": str, "kind": str, "target": Nullable(_FRACTION), "structure_compression": _FRACTION,
                  "parameter_compression": _FRACTION, "accuracy": _FRACTION}],
 }
+
+
+#: What a report reads of ``metrics.json``: the two numbers of its table, and whichever of
+#: the rest a run written by an earlier version holds, checked as :data:`METRICS` checks them.
+REPORTED_METRICS = {key: spec if isinstance(spec, OptionalKey) or key in ("test_accuracy", "parameter_compression")
+                    else OptionalKey(spec) for key, spec in METRICS.items()}
 
 
 def read_config(path: Path) -> dict:
@@ -283,7 +289,7 @@ def read_run(folder: Path) -> tuple[dict, dict] | None:
     if not ((folder / "config.json").is_file() and (folder / "metrics.json").is_file()):
         return None
     config = read_config(folder / "config.json")
-    metrics = read_json(folder / "metrics.json", METRICS, partial=True)
+    metrics = read_json(folder / "metrics.json", REPORTED_METRICS)
     return config, _named_layers(config, metrics)
 
 

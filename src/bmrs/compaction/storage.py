@@ -174,7 +174,11 @@ def _build_skeleton(builder: Callable[..., nn.Module], arch: dict, state: dict, 
         raise BMRSError(f"{path}: its architecture ({json.dumps(arch['options'])[:100]}) asks for a network of "
                          f"{size / 2**20:,.0f} MiB, out of proportion to the {saved / 2**20:,.2f} MiB of weights "
                          "the file holds; refusing to build it")
-    return builder(*args, **arch["options"])
+    try:
+        return builder(*args, **arch["options"])
+    except (TypeError, ValueError) as err:  # options a builder does not take, or values it refuses
+        raise BMRSError(f"{path}: its architecture ({json.dumps(arch['options'])[:100]}) does not build a "
+                        f"{arch['name']}: {' '.join(str(err).split())[:200]}") from None
 
 
 def _check_contents(path, data: dict) -> tuple[dict, dict]:

@@ -283,10 +283,15 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
         epoch = metrics.get("best_epoch")
     if metrics and not need_data:
         architecture = (metrics.get("compaction") or {}).get("architecture")
+        if architecture is not None:  # the shapes from the metrics, the network from the configuration
+            architecture = model_architecture(config, architecture["input_shape"], architecture["num_classes"])
     if architecture is None:
         data = load_dataset(config.dataset, config.data_dir, seed=config.seed, image_size=config.image_size)
         architecture = model_architecture(config, data.input_shape, data.num_classes)
-    model = build_model(config.model, architecture["input_shape"], architecture["num_classes"], **config.model_options)
+    try:
+        model = build_model(config.model, architecture["input_shape"], architecture["num_classes"], **config.model_options)
+    except BMRSError as err:
+        raise BMRSError(f"{run_dir / 'config.json'}: {err}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
