@@ -27,7 +27,7 @@ from .models import build_model
 from .pruning.criteria import CRITERIA, PAPER, RECOMMENDED
 
 __all__ = [
-    "RUN_FILES", "RECOMMENDED", "PAPER", "CONFIG", "METRICS", "REPORTED_METRICS", "SWEEP", "RunConfig", "is_run_file", "read_config", "load_metrics", "verify_checksum",
+    "RUN_FILES", "RECOMMENDED", "PAPER", "CONFIG", "METRICS", "REPORTED_METRICS", "REPORTED_SWEEP", "SWEEP", "RunConfig", "is_run_file", "read_config", "load_metrics", "verify_checksum",
     "load_state_file", "run_files", "check_same_options", "check_output_dir", "read_run",
 ]
 
@@ -93,10 +93,17 @@ SWEEP = {
 }
 
 
+def _reported(spec: dict, needed: tuple[str, ...]) -> dict:
+    """``spec`` with every key but ``needed`` optional."""
+    return {key: field if isinstance(field, OptionalKey) or key in needed else OptionalKey(field)
+            for key, field in spec.items()}
+
+
 #: What a report reads of ``metrics.json``: the two numbers of its table, and whichever of
 #: the rest a run written by an earlier version holds, checked as :data:`METRICS` checks them.
-REPORTED_METRICS = {key: spec if isinstance(spec, OptionalKey) or key in ("test_accuracy", "parameter_compression")
-                    else OptionalKey(spec) for key, spec in METRICS.items()}
+REPORTED_METRICS = _reported(METRICS, ("test_accuracy", "parameter_compression"))
+#: What a report reads of ``sweep.json``: its records, and whichever of the rest it holds.
+REPORTED_SWEEP = {**_reported(SWEEP, ("records",)), "config": OptionalKey(_reported(SWEEP["config"], ()))}
 
 
 def read_config(path: Path) -> dict:
