@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._io import ANY, Nullable, Number, write_atomic
+from ._io import ANY, Number, write_atomic
 from .compaction import compact, count_flops, count_parameters
 from .errors import BMRSError
 from .gates import gates
@@ -49,7 +49,7 @@ _MS = Number(0.0)
 #: The shape of the figures :func:`benchmark` returns (``bench.json``), as ``bmrs info`` reads them.
 BENCH = {
     "format": str, "measured_at": str,
-    "machine": {"load_average_before": Nullable(ANY), "load_average_after": Nullable(ANY)},
+    "machine": {"load_average_before": ANY, "load_average_after": ANY},
     "settings": {"threads": Number(1, integer=True), "repeats": Number(1, integer=True)},
     "networks": {"full": _SIZE, "compact": _SIZE}, "flop_ratio": Number(0.0), "parameter_ratio": Number(0.0),
     "results": [{"runtime": str, "batch": Number(1, integer=True), "full_ms": _MS, "compact_ms": _MS, "ratio": Number(0.0),

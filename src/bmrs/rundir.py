@@ -20,7 +20,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ._io import ANY, Mapping, Nullable, Number, OptionalKey, read_json, read_tensors, state_checksum
+from ._io import Mapping, Nullable, Number, OptionalKey, read_json, read_tensors, state_checksum
 from .errors import BMRSError
 from .gates import layer_names
 from .models import build_model
@@ -62,7 +62,7 @@ CONFIG = {
     "epochs": OptionalKey(_COUNT), "finetune_epochs": OptionalKey(_COUNT), "prune_every": OptionalKey(Number(1, integer=True)),
     "lr": OptionalKey(Nullable(Number(0.0))), "batch_size": OptionalKey(Nullable(Number(1, integer=True))),
     "bits": OptionalKey(Number(0.0)), "target": OptionalKey(Nullable(Number(0.0, 1.0))),
-    "image_size": OptionalKey(Nullable(Number(1, integer=True))), "model_options": OptionalKey(Mapping(ANY)),
+    "image_size": OptionalKey(Nullable(Number(1, integer=True))), "model_options": OptionalKey(dict),
 }
 
 #: The shape of a run's ``metrics.json``: what bmrs reads from it, and its ranges.
@@ -76,7 +76,7 @@ METRICS = {
                             **{key: OptionalKey(_COUNT) for key in ("parameters_before", "parameters_after",
                                                                    "flops_before", "flops_after")}}),
     "checksums": OptionalKey(Mapping(str)), "processes": OptionalKey(Number(1, integer=True)),
-    "provenance": OptionalKey(Mapping(Nullable(ANY))),
+    "provenance": OptionalKey(dict),
 }
 
 

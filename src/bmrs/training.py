@@ -134,8 +134,9 @@ def _check_parameters(model: nn.Module, epoch: int) -> None:
         return GATE_LOG_BOUND if name in gate_params else PARAMETER_BOUND if name in params else math.inf
 
     finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
-    largest = torch.stack([t.detach().abs().max() if t.numel() else t.new_zeros(()) for _, t in tensors]).double()
-    limits = torch.tensor([bound(n) for n, _ in tensors], dtype=torch.float64, device=largest.device)
+    largest = torch.stack([t.detach().abs().max().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+                           for _, t in tensors])
+    limits = torch.tensor([bound(n) for n, _ in tensors], dtype=torch.float32, device=largest.device)
     bad = (~finite) | (largest > limits)
     if not bool(bad.any()):
         return

@@ -56,7 +56,7 @@ class BMRSPruning(Callback):
       :func:`bmrs.compact`), on every rank.
 
     Args:
-        criterion: a criterion name (see :func:`bmrs.make_criterion`) or a
+        criterion: a criterion name or label (see :func:`bmrs.pruning.resolve_criterion`) or a
             :class:`~bmrs.pruning.criteria.Criterion` (default ``"bmrs-n-kr"``, the
             recommended one, :data:`bmrs.pruning.RECOMMENDED`; the paper's: ``"bmrs-n-code"``).
         every: prune after every ``every``-th training epoch.

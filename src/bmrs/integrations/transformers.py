@@ -154,7 +154,11 @@ class TransformersAdapter:
         return isinstance(model, transformers.PreTrainedModel)
 
     def layout(self, model, example_input, *, exclude=(), heads=True):
-        ids = example_input.get("input_ids") if isinstance(example_input, dict) else example_input
+        if isinstance(example_input, dict):
+            ids = example_input.get("input_ids")
+        else:  # positional: the first is the model's main input
+            first = example_input[0] if isinstance(example_input, (tuple, list)) and example_input else example_input
+            ids = first if getattr(model, "main_input_name", None) == "input_ids" else None
         if isinstance(ids, Tensor) and (ids.is_floating_point() or ids.is_complex()):
             raise BMRSError(f"input_ids of {type(model).__name__} are token ids, integers; got a {ids.dtype} tensor "
                             "(pass e.g. tokenizer(...)['input_ids'], or ids.long())")
