@@ -281,6 +281,7 @@ def add_parser(commands, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help="start a new run in OUT even if it holds another run's files (config.json, checkpoint.pt, "
                    "model.pt, compact.pt, metrics.json): they are deleted first")
     p.add_argument("--nproc", type=int, default=1,
-                   help="training processes on this machine (data parallel; --batch-size is per process)")
+                   help="training processes on this machine (data parallel; --batch-size is per process; one thread "
+                   "each unless --threads; more than the machine's cores is warned of)")
     p.add_argument("--out", metavar="RUN_DIR", type=out_path, required=True, help="run directory to write")
     p.set_defaults(func=run)
