@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+import bmrs
 from bmrs.cli import main
 from bmrs.datasets import load_dataset
 from bmrs.models import build_model
@@ -201,7 +202,6 @@ def test_an_empty_out_is_refused(command, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_attach_gates_and_compact_work_in_no_grad_and_inference_mode(mode):
-    import bmrs
     from bmrs.compaction import compact
 
     context = torch.no_grad if mode == "no_grad" else torch.inference_mode
@@ -226,7 +226,6 @@ def test_attach_gates_and_compact_work_in_no_grad_and_inference_mode(mode):
 
 
 def test_a_masked_structure_with_a_nan_posterior_contributes_zero():
-    import bmrs
     from bmrs.compaction import compact
     from bmrs.pruning import make_criterion, prune
 
@@ -530,3 +529,355 @@ def test_content_digest_sees_every_value_and_not_the_file_layout(tmp_path):
         {**state, "rng": (1, 2, [3])},  # a length
     ]
     assert len({content_digest(c) for c in changes} | {digest}) == len(changes) + 1
+
+
+# --- second round (issue 28): each case below once misbehaved ---------------------------------------
+
+
+@pytest.mark.parametrize("case, text", [
+    ("an overflowing number", '{"a": 1e400}'),
+    ("nested 100000 deep", "[" * 100_000),
+    ("a compression of -5", None),
+    ("a NaN literal", None),
+    ("a list", "[1, 2]"),
+])
+def test_malformed_run_json_is_one_line_naming_the_file(run, tmp_path, capsys, case, text):
+    victim = copy_run(run, tmp_path / "victim")
+    if text is None:
+        metrics = json.loads((victim / "metrics.json").read_text())
+        metrics["parameter_compression"] = -5 if "-5" in case else "__nan__"
+        text = json.dumps(metrics).replace('"__nan__"', "NaN")
+    (victim / "metrics.json").write_text(text)
+    for argv in (["report", victim, "--out", tmp_path / "report"], ["info", victim],
+                 ["compact", victim, "--out", tmp_path / "c.pt"]):
+        line = one_line_error(capsys, main([str(a) for a in argv]))
+        assert str(victim / "metrics.json") in line, (argv, line)
+        if "-5" in case:
+            assert "parameter_compression" in line and "[0, 1]" in line
+    assert not (tmp_path / "report").exists() and not (tmp_path / "c.pt").exists()
+
+
+def test_the_json_reader_bounds_depth_size_and_numbers(tmp_path):
+    from bmrs._io import MAX_JSON_DEPTH, Number, parse_json, read_json
+
+    assert parse_json('{"a": [1, 2.5, {"b": null}]}', "x.json") == {"a": [1, 2.5, {"b": None}]}
+    for text, words in [("[" * 100_000, "nested"), ("[" * 40 + "]" * 40, "nested"), ('{"a": NaN}', "NaN"),
+                        ('{"a": -Infinity}', "Infinity"), ('{"a": 1e400}', "1e400"), ("[]", "an object"),
+                        ('{"a": 1' + "0" * 5000 + "}", "x.json"), ("{", "not valid JSON")]:
+        with pytest.raises(ValueError, match=words) as info:
+            parse_json(text, "x.json")
+        assert "x.json" in str(info.value) and "\n" not in str(info.value)
+    assert MAX_JSON_DEPTH >= 8
+    with pytest.raises(ValueError, match=r"x.json: a\[1\].b must be a number in \[0, 1\], got 2"):
+        parse_json('{"a": [{"b": 0}, {"b": 2}]}', "x.json", {"a": [{"b": Number(0, 1)}]})
+    with pytest.raises(ValueError, match="x.json: no 'b'"):
+        parse_json('{"a": 1}', "x.json", {"b": str})
+    (tmp_path / "huge.json").write_bytes(b" " * (64 * 2**20 + 1))
+    with pytest.raises(ValueError, match="huge.json .* over 64 MiB"):
+        read_json(tmp_path / "huge.json")
+
+
+def test_criterion_names_are_accepted_wherever_a_criterion_is():
+    from bmrs.pruning import BMRSNKassRaftery, BMRSU, ContinuousPruning, decide, make_criterion, resolve_criterion
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    bmrs.attach_gates(model, torch.randn(2, 6))
+    assert bmrs.prune(model, "bmrs-n-kr") == bmrs.prune(model, make_criterion("bmrs-n-kr"))
+    assert set(decide(model, "bmrs-u4")) == {"1"}
+    assert isinstance(ContinuousPruning("bmrs_n_kr").criterion, BMRSNKassRaftery)
+    assert resolve_criterion("bmrs-u4").bits == 4.0 and isinstance(resolve_criterion("bmrs-u", bits=6), BMRSU)
+    with pytest.raises(ValueError, match="a criterion is a name"):
+        bmrs.prune(model, 3)
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        make_criterion("etheta", threshold=math.nan)
+    with pytest.raises(ValueError, match="bmrs-n takes no option bogus"):
+        make_criterion("bmrs-n", bogus=1)
+    pytest.importorskip("lightning")
+    from bmrs.integrations.lightning import BMRSPruning
+
+    assert BMRSPruning("bmrs-u4").criterion.bits == 4.0
+
+
+def test_an_example_input_that_does_not_fit_names_the_model_and_the_shapes():
+    from bmrs.compaction import compact, count_flops
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with pytest.raises(bmrs.BMRSError, match=r"example input float32 \(2, 7\) does not fit Sequential") as info:
+        bmrs.attach_gates(model, torch.randn(2, 7))
+    assert "\n" not in str(info.value) and not bmrs.gates(model)
+    bmrs.attach_gates(model, torch.randn(2, 6))
+    for call in (lambda: compact(model, torch.randn(3, 5)), lambda: count_flops(model, torch.randn(3, 5))):
+        with pytest.raises(bmrs.BMRSError, match=r"float32 \(3, 5\) does not fit Sequential"):
+            call()
+
+
+def test_a_model_with_nothing_to_gate_says_why():
+
+    with pytest.warns(UserWarning, match=r"ungated, so nothing in Sequential can be pruned:\n  0: final layer"):
+        layout = bmrs.attach_gates(torch.nn.Sequential(torch.nn.Linear(6, 3)), torch.randn(2, 6))
+    assert not layout.sites
+    with pytest.warns(UserWarning, match="nothing to gate in Sequential.*no Linear, Conv"):
+        bmrs.attach_gates(torch.nn.Sequential(torch.nn.ReLU()), torch.randn(2, 6))
+
+
+def test_float_input_ids_are_refused():
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=37, max_position_embeddings=32, num_labels=3)
+    model = transformers.BertForSequenceClassification(config)
+    with pytest.raises(bmrs.BMRSError, match="input_ids of BertForSequenceClassification are token ids"):
+        bmrs.attach_gates(model, {"input_ids": torch.rand(2, 7) * 10, "attention_mask": torch.ones(2, 7)})
+
+
+def test_round_to_beyond_every_width_says_why_nothing_changed(run, tmp_path, capsys):
+    assert main(["compact", str(run), "--round-to", "1000000", "--out", str(tmp_path / "c.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "multiple already" not in out and "full width" in out, out
+
+
+def test_nproc_above_the_cores_warns_once(monkeypatch, tmp_path, capsys):
+    import bmrs.commands.train as train_command
+
+    launched = []
+    monkeypatch.setattr(train_command, "_cores", lambda: 2)
+    monkeypatch.setattr(train_command, "_launch", lambda nproc, argv: launched.append(nproc))
+    assert main(["train", *TINY, "--method", "none", "--nproc", "64", "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert launched == [64] and len(err) == 1 and err[0].startswith("bmrs: warning: --nproc 64") and "2 CPU" in err[0]
+    threads = [a for a in TINY if a != "1"]
+    threads.remove("--threads")
+    assert main(["train", *threads, "--threads", "2", "--method", "none", "--nproc", "2", "--out", str(tmp_path / "s")]) == 0
+    assert "--nproc 2 x --threads 2" in capsys.readouterr().err
+    assert main(["train", *TINY, "--method", "none", "--nproc", "2", "--out", str(tmp_path / "t")]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_file_of_a_run_is_never_an_output(run, tmp_path, capsys):
+    victim = copy_run(run, tmp_path / "victim")
+    before = {p.name: p.read_bytes() for p in victim.iterdir()}
+    for argv in (["compact", victim, "--budget", "params=0.5", "--out", victim / "compact.pt", "--force"],
+                 ["export", victim / "compact.pt", "--format", "torchscript", "--out", victim / "model.pt", "--force"],
+                 ["export", victim, "--format", "torchscript", "--out", victim / "compact.pt", "--force"]):
+        line = one_line_error(capsys, main([str(a) for a in argv]))
+        assert "is a file of the run" in line, line
+    (victim / "link.pt").symlink_to(victim / "compact.pt")
+    line = one_line_error(capsys, main(["compact", str(victim), "--out", str(victim / "link.pt"), "--force"]))
+    assert "is a file of the run" in line
+    (victim / "link.pt").unlink()
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
+    assert main(["info", str(victim)]) == 0
+
+
+def test_a_wrecked_model_is_never_saved_as_good(tmp_path, capsys):
+    out = tmp_path / "run"
+    line = one_line_error(capsys, main(["train", *TINY, "--method", "bmrs-n-kr", "--lr", "1e6", "--out", str(out)]), 3)
+    assert "diverged" in line and "bound" in line
+    assert not (out / "model.pt").exists() and not (out / "metrics.json").exists()
+
+
+class _GateBlowUp:
+    """Batches of a data set; during epoch ``epoch`` one gate's log scale is made huge (as an
+    optimiser step gone wrong would), so that its sigma overflows."""
+
+    def __init__(self, dataset, model, epoch):
+        self.x, self.y = dataset.tensors
+        self.model, self.count, self.at = model, 0, epoch
+
+    def __iter__(self):
+        self.count += 1
+        if self.count == self.at:
+            with torch.no_grad():
+                next(iter(bmrs.gates(self.model).values())).log_scale.fill_(200.0)
+        for start in range(0, 320, 64):
+            yield self.x[start:start + 64], self.y[start:start + 64]
+
+
+def test_an_overflowing_gate_or_a_loss_risen_by_orders_of_magnitude_stops_training(tmp_path):
+    from bmrs.training import EpochRecord, _check_loss_rise
+
+    seed_everything(0)
+    data = load_dataset("digits", seed=0)
+    model = build_model("mlp", data.input_shape, data.num_classes, width=16)
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), 1e-3), progress=False)
+    checkpoint = tmp_path / "checkpoint.pt"
+    val = torch.utils.data.DataLoader(data.val, batch_size=500)
+    with pytest.raises(TrainingDiverged, match=r"log_scale reaches 200 after epoch 2.*exponential overflows"):
+        trainer.fit(_GateBlowUp(data.train, model, 2), val, 3, checkpoint=checkpoint)
+    assert len(torch.load(checkpoint, weights_only=True)["history"]) == 1  # the last good epoch
+    assert bmrs.gates(model)
+    record = EpochRecord(1, "train", 0.5, 0.0, 0.9, 0.5, 0.9, 0.0, 0.0)
+    _check_loss_rise(400.0, [record], 2)  # 800 times: not yet
+    with pytest.raises(TrainingDiverged, match="rose to 600 at epoch 2"):
+        _check_loss_rise(600.0, [record], 2)
+
+
+def test_bench_refuses_a_batch_beyond_memory_before_allocating(run, capsys):
+    line = one_line_error(capsys, main(["bench", str(run), "--batch", "1000000000", "--runtime", "eager",
+                                        "--repeats", "1", "--warmup", "0"]))
+    assert "--batch" in line and "GiB" in line
+    assert not (run / "bench.json").exists()
+
+
+def test_a_budget_kind_given_twice_is_refused(run, tmp_path, capsys):
+    from bmrs.pruning import parse_budget
+
+    with pytest.raises(ValueError, match="flops given twice"):
+        parse_budget("flops=0.2,flops=0.3")
+    line = one_line_error(capsys, main(["compact", str(run), "--budget", "flops=0.2,flops=0.3",
+                                        "--out", str(tmp_path / "c.pt")]))
+    assert "given twice" in line and not (tmp_path / "c.pt").exists()
+
+
+def test_a_refused_report_names_no_temporary_file_and_leaves_no_folder(run, tmp_path, capsys, monkeypatch):
+    from bmrs import BMRSError
+    from bmrs.commands import report as report_command
+
+    def failing(collection, staged, **kwargs):
+        raise BMRSError(f"{staged / 'results.json'}: not written, the data holds a non-finite number")
+
+    out = tmp_path / "new" / "report"
+    monkeypatch.setattr(report_command, "write_report", failing)
+    line = one_line_error(capsys, main(["report", str(run), "--out", str(out)]))
+    monkeypatch.undo()
+    assert str(out / "results.json") in line and ".report." not in line, line
+    assert list(tmp_path.iterdir()) == []
+    victim = copy_run(run, tmp_path / "victim")
+    (victim / "metrics.json").write_text('{"test_accuracy": NaN}')
+    one_line_error(capsys, main(["report", str(victim), "--out", str(out)]))
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_long_out_leaves_no_folder(run, tmp_path, capsys):
+    target = tmp_path / "a" / "b" / ("x" * 400 + ".pt")
+    line = one_line_error(capsys, main(["compact", str(run), "--out", str(target)]))
+    assert "cannot write" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_crafted_protocol_4_pickle_is_one_line_without_warnings(run, tmp_path, capsys):
+    import pickle
+    import warnings
+
+    victim = copy_run(run, tmp_path / "victim")
+    marker = tmp_path / "code-ran"
+    with open(victim / "model.pt", "wb") as f:
+        pickle.dump({"fc1.weight": _Touch(marker)}, f, protocol=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = one_line_error(capsys, main(["info", str(victim / "model.pt")]))
+    assert str(victim / "model.pt") in line and not marker.exists()
+    assert [str(w.message) for w in caught] == []
+
+
+# --- a property: JSON documents of the wrong shape, for every kind bmrs reads ------------------------
+
+_JSON_KINDS = ("config.json", "metrics.json", "sweep.json", "bench.json", "compact metadata")
+_JSON_EXAMPLES = 60  # per kind: docs/reliability.md reports the total
+_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**20), st.text(max_size=6),
+                  st.floats(allow_nan=False, allow_infinity=False))
+_ANY_JSON = st.recursive(_LEAF, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                        st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                         max_leaves=8)
+
+
+@pytest.fixture(scope="module")
+def results(run, tmp_path_factory):
+    """(run with bench.json, sweep directory, a compacted file outside any run), made once."""
+    root = tmp_path_factory.mktemp("json-kinds")
+    benched = copy_run(run, root / "run")
+    assert main(["bench", str(benched), "--batch", "1", "--runtime", "eager", "--repeats", "1", "--warmup", "0"]) == 0
+    assert main(["sweep", "--run", str(run), "--criteria", "bmrs-n,snr", "--levels", "0.5", "--no-progress",
+                 "--out", str(root / "sweep")]) == 0
+    shutil.copy(run / "compact.pt", root / "small.pt")
+    return benched, root / "sweep", root / "small.pt"
+
+
+def _paths(value, prefix=()):
+    """Every (container path, key) of a JSON value."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield (*prefix, key)
+        yield from _paths(child, (*prefix, key))
+
+
+@st.composite
+def _wrong_document(draw, valid):
+    """The text of a JSON document of the wrong shape, made from ``valid``: a value replaced by
+    any JSON (of another type, or nested), a key deleted, a non-finite literal, the whole
+    document replaced, or nesting beyond any bound."""
+    import copy
+
+    how = draw(st.sampled_from(["replace", "replace", "delete", "literal", "whole", "deep"]))
+    if how == "whole":
+        return json.dumps(draw(_ANY_JSON))
+    if how == "deep":
+        depth = draw(st.sampled_from([40, 1000, 100_000]))
+        return "[" * depth + ("]" * depth if draw(st.booleans()) else "")
+    doc = copy.deepcopy(valid)
+    path = draw(st.sampled_from(sorted(_paths(doc), key=repr)))
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    if how == "delete":
+        del parent[path[-1]]
+        return json.dumps(doc)
+    parent[path[-1]] = "__literal__" if how == "literal" else draw(_ANY_JSON)
+    literal = draw(st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-5", "1e308"]))
+    return json.dumps(doc).replace('"__literal__"', literal)
+
+
+def _readers(kind, victim, sweep_dir, small, out):
+    """The commands that read a file of ``kind``."""
+    bench = ["--batch", "1", "--runtime", "eager", "--repeats", "1", "--warmup", "0"]
+    if kind == "sweep.json":
+        return [["report", sweep_dir, "--out", out / "report"]]
+    if kind == "bench.json":
+        return [["info", victim], ["bench", victim, *bench]]
+    if kind == "compact metadata":
+        return [["info", small], ["export", small, "--format", "torchscript", "--out", out / "m.ts"], ["bench", small, *bench]]
+    return [["report", victim, "--out", out / "report"], ["info", victim], ["compact", victim, "--out", out / "c.pt"],
+            ["export", victim, "--format", "torchscript", "--out", out / "m.ts"], ["bench", victim, *bench],
+            ["sweep", "--run", victim, "--criteria", "bmrs-n", "--levels", "0.5", "--no-progress", "--out", out / "s"],
+            ["train", *TINY, "--method", "bmrs-n-code", "--resume", "--out", victim]]
+
+
+@pytest.mark.parametrize("kind", _JSON_KINDS)
+@hypothesis.settings(max_examples=_JSON_EXAMPLES, deadline=None, derandomize=True,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(data=st.data())
+def test_json_files_of_the_wrong_shape_are_valid_results_or_one_line(results, kind, data, capsys):
+    import tempfile
+
+    from bmrs.compaction import load_compact
+
+    benched, sweep_dir, small = results
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        victim, sweep_copy, small_copy, out = root / "run", root / "sweep", root / "small.pt", root / "out"
+        shutil.copytree(benched, victim)
+        shutil.copytree(sweep_dir, sweep_copy)
+        shutil.copy(small, small_copy)
+        out.mkdir()
+        if kind == "compact metadata":
+            packed = torch.load(small_copy, weights_only=True)
+            text = data.draw(_wrong_document(json.loads(packed["metadata"])))
+            torch.save({**packed, "metadata": text}, small_copy)
+        else:
+            target = {"sweep.json": sweep_copy / "sweep.json"}.get(kind, victim / kind)
+            target.write_text(data.draw(_wrong_document(json.loads(target.read_text()))))
+        argv = [str(a) for a in data.draw(st.sampled_from(_readers(kind, victim, sweep_copy, small_copy, out)))]
+        capsys.readouterr()
+        status = main(argv)
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err, (argv, captured.err)
+        if status == 0:
+            assert captured.out.strip(), argv
+            if argv[0] == "compact":
+                load_compact(out / "c.pt")
+            if argv[0] == "report":
+                assert (out / "report" / "results.md").is_file()
+        else:
+            lines = captured.err.strip().splitlines()
+            assert status == 2 and len(lines) == 1 and lines[0].startswith("bmrs: error: "), (argv, status, captured.err)

@@ -1,4 +1,5 @@
-"""Atomic file writing (a temporary file beside the target, then a rename), and reading JSON.
+"""Atomic file writing (a temporary file beside the target, then a rename), and reading JSON (every JSON
+file bmrs reads goes through :func:`read_json`, checked against a schema of its kind).
 
 Every file bmrs writes goes through :func:`write_atomic`, so an interrupted process never
 leaves a half-written result (at worst a hidden ``.*.tmp`` file beside it).
@@ -7,6 +8,7 @@ leaves a half-written result (at worst a hidden ``.*.tmp`` file beside it).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from pathlib import Path
 from .errors import BMRSError
 
 __all__ = [
-    "content_digest", "read_json", "read_tensors", "state_checksum", "write_atomic", "write_bytes", "write_json", "write_text",
+    "ANY", "Mapping", "Nullable", "Number", "OptionalKey", "check_json", "content_digest", "parse_json", "read_json", "read_tensors", "state_checksum", "write_atomic", "write_bytes", "write_json", "write_text",
 ]
 
 _MODE: int | None = None
@@ -33,7 +35,8 @@ def _file_mode() -> int:
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(temporary_path)``, give the file the usual permissions and rename it to
-    ``path``; on any failure the temporary file is removed and ``path`` is untouched.
+    ``path``; on any failure the temporary file (and any folder made for it) is removed and ``path``
+    is untouched.
 
     A failure to write (a full disk, a read-only directory, a name too long) raises
     ``OSError`` whose message names ``path``: ``torch.save`` reports a full disk as a
@@ -41,6 +44,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """
     path = Path(path)
     tmp = None
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -51,6 +55,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     except BaseException as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+        for folder in created:  # nor the folders made for it
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         if isinstance(err, OSError):
             raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
         if isinstance(err, RuntimeError) and ("unexpected pos" in str(err) or "write" in str(err).lower()):
@@ -84,11 +91,14 @@ def read_tensors(path: str | os.PathLike, what: str = "a file written by bmrs"):
     runs. Anything that is not such a file (truncated, foreign, crafted) raises a one-line
     ``ValueError`` naming ``path`` and saying it is not ``what``."""
     import pickle
+    import warnings
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # PyTorch's remarks on the pickle protocol would stand before ours
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as err:
         raise OSError(err.errno, f"{path}: {err.strerror or err}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, IndexError,
@@ -153,15 +163,165 @@ def state_checksum(state: dict) -> str:
     return digest.hexdigest()
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    """A JSON file holding an object; a clear ``ValueError`` when it is not valid JSON or
-    not an object."""
+# Bounds of a JSON file bmrs reads: far above what bmrs writes (a large sweep is a few MB, its
+# nesting 5 deep), far below what could exhaust memory or the parser's recursion.
+MAX_JSON_BYTES = 64 * 2**20
+MAX_JSON_DEPTH = 32
+
+
+class Number:
+    """A JSON number in ``[low, high]`` (an integer with ``integer``); booleans are not numbers."""
+
+    def __init__(self, low: float = -math.inf, high: float = math.inf, *, integer: bool = False):
+        self.low, self.high, self.integer = low, high, integer
+
+    def __repr__(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.low > -math.inf and self.high < math.inf:
+            return f"{kind} in [{self.low:g}, {self.high:g}]"
+        return f"{kind} >= {self.low:g}" if self.low > -math.inf else f"{kind} <= {self.high:g}" if self.high < math.inf else kind
+
+
+class Nullable:
+    """``spec`` or null."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"{_describe(self.spec)} or null"
+
+
+class OptionalKey:
+    """A key of an object that may be missing; when present, its value is ``spec``."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+
+class Mapping:
+    """An object of any keys whose values are ``spec``."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"an object of {_describe(self.spec)} values"
+
+
+ANY = object()  # any JSON value (still finite and bounded)
+_NAMES = {str: "a string", bool: "true or false", dict: "an object", list: "a list"}
+
+
+def _describe(spec) -> str:
+    if isinstance(spec, dict):
+        return "an object"
+    if isinstance(spec, list):
+        return "a list"
+    return _NAMES.get(spec) or repr(spec)
+
+
+def check_json(value, spec, source, where: str = ""):
+    """``value`` if it has the shape ``spec`` describes, else a ``BMRSError`` naming ``source``
+    and the field. A spec is ``str``, ``bool``, ``dict`` (any object), ``list`` (any list),
+    :data:`ANY`, a :class:`Number`, :class:`Nullable` or :class:`Mapping`, ``[item spec]`` (a
+    list of such items) or ``{key: spec}`` (an object with these keys, others allowed; a key
+    whose spec is :class:`OptionalKey` may be missing)."""
+
+    def fail():
+        shown = json.dumps(value)[:60] if value is not None else "null"
+        raise BMRSError(f"{source}: {where or 'the file'} must be {_describe(spec)}, got {shown}")
+
+    if spec is ANY:
+        return value
+    if isinstance(spec, Nullable):
+        return None if value is None else check_json(value, spec.spec, source, where)
+    if isinstance(spec, Number):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (spec.integer and not isinstance(value, int)):
+            fail()
+        if not spec.low <= value <= spec.high:
+            fail()
+        return value
+    if spec in (str, bool):
+        if not isinstance(value, spec):
+            fail()
+        return value
+    if spec is dict or isinstance(spec, (dict, Mapping)):
+        if not isinstance(value, dict):
+            fail()
+    if spec is list or isinstance(spec, list):
+        if not isinstance(value, list):
+            fail()
+    if isinstance(spec, Mapping):
+        for key, item in value.items():
+            check_json(item, spec.spec, source, f"{where}.{key}" if where else str(key))
+    elif isinstance(spec, list) and spec:
+        for i, item in enumerate(value):
+            check_json(item, spec[0], source, f"{where}[{i}]")
+    elif isinstance(spec, dict):
+        for key, field in spec.items():
+            name = f"{where}.{key}" if where else key
+            optional = isinstance(field, OptionalKey)
+            if key not in value:
+                if optional:
+                    continue
+                raise BMRSError(f"{source}: no {name!r}")
+            check_json(value[key], field.spec if optional else field, source, name)
+    return value
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"the non-finite number {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is beyond the range of a double")
+    return value
+
+
+def _depth(value) -> int:
+    """The nesting depth of a parsed JSON value (iteratively: no recursion limit to meet)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def parse_json(text: str | bytes, source, spec=dict):
+    """The JSON document ``text`` (read from ``source``), checked: at most
+    :data:`MAX_JSON_BYTES` long and :data:`MAX_JSON_DEPTH` deep, every number finite (no
+    ``NaN`` or ``Infinity`` literal, no ``1e400``), and of the shape ``spec`` (see
+    :func:`check_json`; by default, any object). Every failure is a ``BMRSError`` naming
+    ``source`` (and the field)."""
+    if len(text) > MAX_JSON_BYTES:
+        raise BMRSError(f"{source} is not a JSON file bmrs wrote: over {MAX_JSON_BYTES // 2**20} MiB")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BMRSError(f"{source} is not valid JSON (not UTF-8 text)") from None
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as err:
-        raise BMRSError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    except UnicodeDecodeError:
-        raise BMRSError(f"{path} is not valid JSON (not UTF-8 text)") from None
-    if not isinstance(data, dict):
-        raise BMRSError(f"{path} does not hold a JSON object")
-    return data
+        raise BMRSError(f"{source} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except RecursionError:
+        raise BMRSError(f"{source} is not a JSON file bmrs wrote: nested over {MAX_JSON_DEPTH} deep") from None
+    except ValueError as err:  # a refused number, or an integer of over 4300 digits
+        raise BMRSError(f"{source} is not a JSON file bmrs wrote: {' '.join(str(err).split())[:120]}") from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise BMRSError(f"{source} is not a JSON file bmrs wrote: nested over {MAX_JSON_DEPTH} deep")
+    return check_json(data, spec, source)
+
+
+def read_json(path: str | os.PathLike, spec=dict):
+    """The JSON file ``path``, checked as :func:`parse_json` checks a document (by default:
+    any object). Every JSON file bmrs reads is read here."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        text = f.read(MAX_JSON_BYTES + 1)
+    return parse_json(text, path, spec)

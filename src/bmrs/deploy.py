@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._io import write_atomic
+from ._io import ANY, Number, write_atomic
 from .compaction import compact, count_flops, count_parameters
 from .errors import BMRSError
 from .gates import gates
@@ -42,6 +43,31 @@ RUNTIMES = ("eager", "compile", "onnxruntime")
 #: Exported outputs must match PyTorch's to this relative error (of the largest output).
 TOLERANCE = 1e-5
 BENCH_FORMAT = "bmrs-bench"
+
+_SIZE = {"parameters": Number(0, integer=True), "flops": Number(0, integer=True)}
+_MS = Number(0.0)
+#: The shape of the figures :func:`benchmark` returns (``bench.json``), as ``bmrs info`` reads them.
+BENCH = {
+    "format": str, "measured_at": str,
+    "machine": {"load_average_before": ANY, "load_average_after": ANY},
+    "settings": {"threads": Number(1, integer=True), "repeats": Number(1, integer=True)},
+    "networks": {"full": _SIZE, "compact": _SIZE}, "flop_ratio": Number(0.0), "parameter_ratio": Number(0.0),
+    "results": [{"runtime": str, "batch": Number(1, integer=True), "full_ms": _MS, "compact_ms": _MS, "ratio": Number(0.0),
+                 "full_setting": str, "compact_setting": str}],
+    "deployment_gain": [{"batch": Number(1, integer=True), "runtime": str, "eager_full_ms": _MS, "compact_ms": _MS,
+                         "gain": Number(0.0)}],
+}
+# Where the memory available cannot be read, the largest batch of inputs benchmark() makes.
+MAX_INPUT_BYTES = 8 * 2**30
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now (physical pages free), or :data:`MAX_INPUT_BYTES` where
+    the system does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return MAX_INPUT_BYTES
 
 
 def full_network(model: nn.Module, example_input) -> nn.Module:
@@ -337,6 +363,12 @@ def benchmark(
             raise BMRSError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
     if min(batches) < 1 or repeats < 1 or warmup < 0 or threads < 1:
         raise BMRSError("batch sizes, repeats and threads must be positive, warmup non-negative")
+    needed = max(batches) * math.prod(input_shape) * 4  # the float32 batch of inputs alone
+    available = _available_memory()
+    if needed > available // 2:
+        raise BMRSError(f"a batch of {max(batches):,} inputs of shape {list(input_shape)} needs {needed / 2**30:,.1f} GiB "
+                        f"for the inputs alone, over half the {available / 2**30:,.1f} GiB of memory available; "
+                        "choose a smaller --batch")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     dynamo = torch._dynamo.config

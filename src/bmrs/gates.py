@@ -430,7 +430,13 @@ def attach_gates(
     layout = GateLayout(sites={s.site: s for s in sites}, families=families, skipped=skipped)
     setattr(model, _LAYOUT_ATTR, layout)
     unexpected = {n: why for n, why in skipped.items() if not why.startswith(("excluded", "final layer"))}
-    if unexpected:
+    if not sites and not skipped:
+        warnings.warn(f"bmrs.attach_gates found nothing to gate in {type(model).__name__}: it has no Linear, "
+                      "Conv1d/2d/3d or attention layer, so nothing can be pruned", stacklevel=3)
+    elif not sites:  # every layer, with why it was skipped
+        warnings.warn(f"bmrs.attach_gates left these layers ungated, so nothing in {type(model).__name__} can be pruned:\n"
+                      + "\n".join(f"  {n}: {why}" for n, why in skipped.items()), stacklevel=3)
+    elif unexpected:
         warnings.warn(
             "bmrs.attach_gates left these layers ungated:\n"
             + "\n".join(f"  {n}: {why}" for n, why in unexpected.items()),

@@ -275,7 +275,10 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, gate
     """
     if name not in MODELS:
         raise BMRSError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    model = MODELS[name](input_shape, num_classes, **options)
+    try:
+        model = MODELS[name](input_shape, num_classes, **options)
+    except (TypeError, ValueError) as err:  # options the builder does not take, or values it refuses
+        raise BMRSError(f"model {name} with options {options}: {' '.join(str(err).split())[:200]}") from None
     if gated:
         attach_gates(model, torch.zeros(2, *input_shape), exclude=_ungated_by_design(model))
     return model

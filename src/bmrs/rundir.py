@@ -20,14 +20,14 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ._io import read_json, read_tensors, state_checksum
+from ._io import Mapping, Nullable, Number, OptionalKey, read_json, read_tensors, state_checksum
 from .errors import BMRSError
 from .gates import layer_names
 from .models import build_model
 from .pruning.criteria import CRITERIA, PAPER, RECOMMENDED
 
 __all__ = [
-    "RUN_FILES", "RECOMMENDED", "PAPER", "RunConfig", "check_metrics", "load_metrics", "verify_checksum",
+    "RUN_FILES", "RECOMMENDED", "PAPER", "CONFIG", "METRICS", "REPORTED_METRICS", "REPORTED_SWEEP", "SWEEP", "RunConfig", "is_run_file", "read_config", "load_metrics", "verify_checksum",
     "load_state_file", "run_files", "check_same_options", "check_output_dir", "read_run",
 ]
 
@@ -50,29 +50,70 @@ _TYPES = {
     "float": _real, "bool": lambda v: isinstance(v, bool), "dict": lambda v: isinstance(v, dict),
     "None": lambda v: v is None,
 }
-# What metrics.json must hold, and of what kind, for bmrs to read it.
-_METRICS = {
-    "test_accuracy": _real, "test_loss": _real, "val_accuracy": _real, "structure_compression": _real,
-    "parameter_compression": _real, "train_seconds": _real,
-    "kept": lambda v: isinstance(v, dict) and all(_TYPES["int"](k) for k in v.values()),
-    "structures": lambda v: isinstance(v, dict) and all(_TYPES["int"](k) for k in v.values()),
-    "best_epoch": lambda v: v is None or _TYPES["int"](v),
-    "history": lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
-    "compaction": lambda v: isinstance(v, dict),
-    "checksums": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v.values()),
+
+_FRACTION = Number(0.0, 1.0)
+_COUNT = Number(0, integer=True)
+_COUNTS = Mapping(_COUNT)
+_ARCHITECTURE = {"name": str, "input_shape": [Number(1, integer=True)], "num_classes": _COUNT,
+                 "options": dict}
+
+#: The shape of a run's ``config.json`` (the types of its keys are :meth:`RunConfig.from_dict`'s).
+CONFIG = {
+    "epochs": OptionalKey(_COUNT), "finetune_epochs": OptionalKey(_COUNT), "prune_every": OptionalKey(Number(1, integer=True)),
+    "lr": OptionalKey(Nullable(Number(0.0))), "batch_size": OptionalKey(Nullable(Number(1, integer=True))),
+    "bits": OptionalKey(Number(0.0)), "target": OptionalKey(Nullable(Number(0.0, 1.0))),
+    "image_size": OptionalKey(Nullable(Number(1, integer=True))), "model_options": OptionalKey(dict),
+}
+
+#: The shape of a run's ``metrics.json``: what bmrs reads from it, and its ranges.
+METRICS = {
+    "test_accuracy": _FRACTION, "test_loss": Number(0.0), "val_accuracy": _FRACTION, "structure_compression": _FRACTION,
+    "parameter_compression": _FRACTION, "train_seconds": Number(0.0), "kept": _COUNTS, "structures": _COUNTS,
+    "best_epoch": Nullable(_COUNT),
+    "history": [{"epoch": _COUNT, "kept": OptionalKey(_COUNTS), "parameter_compression": OptionalKey(_FRACTION),
+                 "structure_compression": OptionalKey(_FRACTION)}],
+    "compaction": OptionalKey({"architecture": OptionalKey(Nullable(_ARCHITECTURE)), "file": OptionalKey(str),
+                            **{key: OptionalKey(_COUNT) for key in ("parameters_before", "parameters_after",
+                                                                   "flops_before", "flops_after")}}),
+    "checksums": OptionalKey(Mapping(str)), "processes": OptionalKey(Number(1, integer=True)),
+    "provenance": OptionalKey(dict),
+    "evidence": OptionalKey({"criterion": str, "layers": Mapping(dict), **{key: _COUNT for key in (
+        "ambiguous", "evidence_removes", "removed_against", "kept_beyond")}, "evidence_spent": Number(0.0),
+        "most_overparameterised": str}),
+    "calibration": OptionalKey(dict),
 }
 
 
-def check_metrics(data: dict, source, *, complete: bool = True) -> dict:
-    """``data`` if it has the keys (with ``complete``; else those it has) and kinds of values
-    of a run's ``metrics.json``; else a ``ValueError`` naming ``source``."""
-    for key, ok in _METRICS.items():
-        if key in ("compaction", "checksums") and key not in data or not complete and key not in data:
-            continue
-        if key not in data:
-            raise BMRSError(f"{source}: no {key!r}; not the metrics of a run written by bmrs")
-        if not ok(data[key]):
-            raise BMRSError(f"{source}: {key!r} has a value of the wrong kind ({data[key]!r:.60})")
+#: The shape of a sweep's ``sweep.json`` (written by :func:`bmrs.experiments.sweep.sweep_run`,
+#: read by reports): a sweep directory is a result directory as a run's is.
+SWEEP = {
+    "config": {"run": str, "criteria": OptionalKey([str]), "levels": OptionalKey([_FRACTION]),
+               "epoch": OptionalKey(Nullable(_COUNT)), "epochs": OptionalKey(Nullable(_COUNT)),
+               "target_kind": OptionalKey(str), "split": OptionalKey(str)},
+    "run_config": OptionalKey({**CONFIG, "dataset": OptionalKey(str), "model": OptionalKey(str)}),
+    "model_accuracy": _FRACTION,
+    "records": [{"criterion": str, "kind": str, "target": Nullable(_FRACTION), "structure_compression": _FRACTION,
+                 "parameter_compression": _FRACTION, "accuracy": _FRACTION}],
+}
+
+
+def _reported(spec: dict, needed: tuple[str, ...]) -> dict:
+    """``spec`` with every key but ``needed`` optional."""
+    return {key: field if isinstance(field, OptionalKey) or key in needed else OptionalKey(field)
+            for key, field in spec.items()}
+
+
+#: What a report reads of ``metrics.json``: the two numbers of its table, and whichever of
+#: the rest a run written by an earlier version holds, checked as :data:`METRICS` checks them.
+REPORTED_METRICS = _reported(METRICS, ("test_accuracy", "parameter_compression"))
+#: What a report reads of ``sweep.json``: its records, and whichever of the rest it holds.
+REPORTED_SWEEP = {**_reported(SWEEP, ("records",)), "config": OptionalKey(_reported(SWEEP["config"], ()))}
+
+
+def read_config(path: Path) -> dict:
+    """A run's ``config.json``, checked (:data:`CONFIG`, then the types of :class:`RunConfig`)."""
+    data = read_json(path, CONFIG)
+    RunConfig.from_dict(data, path)
     return data
 
 
@@ -169,7 +210,7 @@ def load_metrics(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / "metrics.json"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a complete run (no metrics.json)")
-    return check_metrics(read_json(path), path)
+    return read_json(path, METRICS)
 
 
 def load_state_file(path: Path):
@@ -196,12 +237,22 @@ def run_files(path: str | os.PathLike) -> tuple[Path, Path]:
     return run_dir, state
 
 
+def is_run_file(path: Path, inputs=()) -> bool:
+    """Whether ``path`` is (or, written, would be) one of the files of a run directory (a name
+    of :data:`RUN_FILES` beside a ``config.json``, through any symbolic link) or the same file
+    as one of ``inputs``: what no command writes, ``--force`` or not."""
+    target = Path(path).resolve()
+    if target.name in RUN_FILES and (target.parent / "config.json").is_file():
+        return True
+    return target.exists() and any(Path(p).exists() and os.path.samefile(target, p) for p in inputs)
+
+
 def check_same_options(out: Path, config: RunConfig) -> None:
     """A ``BMRSError`` when ``out`` holds a run (its ``config.json``) of other options than
     ``config`` (both resolved), naming the options that differ."""
     if not (out / "config.json").is_file():
         return
-    previous = read_json(out / "config.json")
+    previous = read_config(out / "config.json")
     new = asdict(config.resolved())
     differing = sorted(k for k in set(previous) | set(new) if previous.get(k) != new.get(k))
     if differing:
@@ -248,9 +299,8 @@ def read_run(folder: Path) -> tuple[dict, dict] | None:
     that holds no complete run."""
     if not ((folder / "config.json").is_file() and (folder / "metrics.json").is_file()):
         return None
-    config = read_json(folder / "config.json")
-    RunConfig.from_dict(config, folder / "config.json")  # the kinds of its values
-    metrics = check_metrics(read_json(folder / "metrics.json"), folder / "metrics.json", complete=False)
+    config = read_config(folder / "config.json")
+    metrics = read_json(folder / "metrics.json", REPORTED_METRICS)
     return config, _named_layers(config, metrics)
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ._io import content_digest, read_tensors, write_atomic
 from .errors import BMRSError
 from .distributed import average, gather_rows, is_main, rank, unwrap, world_size
-from .gates import DEFAULT_KL_REDUCTION, check_kl_reduction, model_kl
+from .gates import DEFAULT_KL_REDUCTION, NoiseGate, check_kl_reduction, model_kl
 from .pruning.masks import kept_per_layer, parameter_compression, structure_compression
 from .pruning.schedules import ContinuousPruning
 
@@ -33,6 +33,18 @@ __all__ = ["elbo_loss", "seed_everything", "adam", "Trainer", "EpochRecord", "at
 # How often (in steps) training reads the device-side record of non-finite losses: one host
 # synchronisation per this many steps, and one at the end of every epoch.
 _DIVERGENCE_CHECK_EVERY = 64
+#: Training has diverged when a parameter's magnitude exceeds this: networks trained on
+#: standardised inputs have weights of order 1, and float32 products of weights beyond it
+#: overflow within a few layers.
+PARAMETER_BOUND = 1e6
+#: ... or when a gate's posterior location or log scale is so large that its exponential
+#: (theta, sigma) is not finite in float32 (log of float32's largest number, 88.7).
+GATE_LOG_BOUND = math.log(torch.finfo(torch.float32).max)
+#: ... or when an epoch's mean training loss rises above this many times the lowest epoch
+#: mean so far and above :data:`LOSS_CEILING` nats (far beyond a classifier's chance level,
+#: so pruning's loss of a few layers' structures never counts).
+LOSS_RISE = 1e3
+LOSS_CEILING = 100.0
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -81,8 +93,10 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
 
 
 class TrainingDiverged(RuntimeError):
-    """Training produced a non-finite loss or parameter. Raised at the end of the epoch at
-    the latest, before that epoch's checkpoint is written (the previous one is kept)."""
+    """Training produced a non-finite loss or parameter, a parameter beyond its bound
+    (:data:`PARAMETER_BOUND`, :data:`GATE_LOG_BOUND`) or a loss risen by orders of magnitude
+    (:data:`LOSS_RISE`). Raised at the end of the epoch at the latest, before that epoch's
+    checkpoint is written (the previous one is kept)."""
 
 
 class _FiniteLosses:
@@ -105,13 +119,42 @@ class _FiniteLosses:
             raise TrainingDiverged(f"training diverged: the loss is not finite at epoch {self.epoch}, step {int(self.first_bad)}")
 
 
-def _check_finite_parameters(model: nn.Module, epoch: int) -> None:
-    """Raise :class:`TrainingDiverged` naming the first parameter or buffer that is not finite."""
-    tensors = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
-    if not tensors or bool(torch.stack([torch.isfinite(t).all() for _, t in tensors]).all()):
+def _check_parameters(model: nn.Module, epoch: int) -> None:
+    """Raise :class:`TrainingDiverged` naming the first parameter or buffer that is not
+    finite, the first parameter beyond :data:`PARAMETER_BOUND`, or the first gate parameter
+    beyond :data:`GATE_LOG_BOUND` (one host synchronisation for all of them)."""
+    gate_params = {f"{m}.{p}" if m else p for m, module in model.named_modules() if isinstance(module, NoiseGate)
+                   for p in ("loc", "log_scale")}
+    params = dict(model.named_parameters())
+    tensors = [(n, t) for n, t in (*params.items(), *model.named_buffers()) if t.is_floating_point()]
+    if not tensors:
         return
-    name = next(n for n, t in tensors if not bool(torch.isfinite(t).all()))
-    raise TrainingDiverged(f"training diverged: parameter {name} is not finite after epoch {epoch}")
+
+    def bound(name: str) -> float:
+        return GATE_LOG_BOUND if name in gate_params else PARAMETER_BOUND if name in params else math.inf
+
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
+    largest = torch.stack([t.detach().abs().max().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+                           for _, t in tensors])
+    limits = torch.tensor([bound(n) for n, _ in tensors], dtype=torch.float32, device=largest.device)
+    bad = (~finite) | (largest > limits)
+    if not bool(bad.any()):
+        return
+    i = int(torch.nonzero(bad)[0])
+    name = tensors[i][0]
+    if not bool(finite[i]):
+        raise TrainingDiverged(f"training diverged: parameter {name} is not finite after epoch {epoch}")
+    what = "its exponential overflows" if name in gate_params else "far beyond what a trained network holds"
+    raise TrainingDiverged(f"training diverged: parameter {name} reaches {float(largest[i]):.3g} after epoch {epoch}, "
+                           f"over the bound {limits[i]:.3g} ({what})")
+
+
+def _check_loss_rise(loss: float, history: list, epoch: int) -> None:
+    """Raise :class:`TrainingDiverged` when ``loss`` rose by orders of magnitude (:data:`LOSS_RISE`)."""
+    lowest = min((r.train_loss for r in history), default=math.inf)
+    if loss > LOSS_CEILING and loss > LOSS_RISE * lowest:
+        raise TrainingDiverged(f"training diverged: the training loss rose to {loss:.3g} at epoch {epoch}, "
+                               f"over {LOSS_RISE:g} times its lowest epoch mean so far ({lowest:.3g})")
 
 
 def _numpy_rng_state() -> dict:
@@ -255,7 +298,7 @@ class Trainer:
         """One pass over ``loader``; returns mean loss, mean KL and accuracy.
 
         Raises :class:`TrainingDiverged` (naming ``epoch`` and the step) if a loss or, at the
-        end, a parameter is not finite. The per-step numbers are summed on the device and
+        end, a parameter is not finite, or a parameter is beyond its bound. The per-step numbers are summed on the device and
         read once, at the end of the epoch, so that the host does not wait for an
         accelerator at every step.
         """
@@ -272,7 +315,7 @@ class Trainer:
             self._losses.check()
         finally:
             self._losses = None
-        _check_finite_parameters(unwrap(self.model), epoch)
+        _check_parameters(unwrap(self.model), epoch)
         loss_sum, kl_sum, correct_sum = sums.tolist() if sums is not None else (0.0, 0.0, 0.0)
         return {
             "loss": loss_sum / max(batches, 1),
@@ -308,8 +351,9 @@ class Trainer:
         the same result as an uninterrupted run. It holds tensors and plain containers only
         and is read with ``weights_only=True``.
 
-        A non-finite loss, parameter or validation loss raises :class:`TrainingDiverged`
-        before that epoch's checkpoint is written.
+        A non-finite loss, parameter or validation loss, a parameter beyond its bound or a
+        training loss risen by orders of magnitude (see :class:`TrainingDiverged`) raises
+        :class:`TrainingDiverged` before that epoch's checkpoint is written.
         """
         net = unwrap(self.model)
         if checkpoint is not None and Path(checkpoint).exists():
@@ -323,6 +367,7 @@ class Trainer:
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             train = average(self.train_epoch(train_loader, epoch))
+            _check_loss_rise(train["loss"], self.history, epoch)
             phase = "train" if epoch <= epochs else "finetune"
             if phase == "train" and pruning is not None:
                 pruning(self.model, epoch)

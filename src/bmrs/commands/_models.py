@@ -3,17 +3,17 @@ the full-width network a compacted one is compared with."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .._io import read_json
+from .._io import parse_json, read_json
+from ..compaction.storage import METADATA
 from ..compaction import ARCHITECTURES, compact, count_flops, count_parameters, load_compact
 from ..deploy import full_network
 from ..errors import BMRSError
 from ..experiments.runs import load_run
-from ..rundir import check_metrics, load_state_file, verify_checksum
+from ..rundir import METRICS, load_state_file, verify_checksum
 
 def load_run_model(path: Path, data_dir=None, *, need_data: bool = False):
     """(config, model, architecture, example input, data or None) of a run (see load_run)."""
@@ -28,13 +28,12 @@ def describe_compact(path: Path) -> dict:
         raise BMRSError(f"{path} is not a compacted model (written by 'bmrs compact' or save_compact)")
     metrics_file = path.parent / "metrics.json"
     if path.name == "compact.pt" and (path.parent / "config.json").is_file() and metrics_file.is_file():
-        recorded = check_metrics(read_json(metrics_file), metrics_file).get("checksums", {}).get("compact.pt")
+        recorded = read_json(metrics_file, METRICS).get("checksums", {}).get("compact.pt")
         verify_checksum(data["state_dict"], path, recorded)
-    try:
-        metadata = json.loads(data["metadata"])
-        layers = metadata.get("layers", {})
-    except (TypeError, ValueError, AttributeError):
-        raise BMRSError(f"{path}: its metadata is not the JSON object save_compact writes") from None
+    if not isinstance(data["metadata"], str):
+        raise BMRSError(f"{path}: its metadata is not the JSON object save_compact writes")
+    metadata = parse_json(data["metadata"], f"{path} (its metadata)", METADATA)
+    layers = metadata.get("layers", {})
     widths = {
         name: layer.get("out_features", layer.get("out_channels", layer.get("num_features")))
         for name, layer in layers.items()

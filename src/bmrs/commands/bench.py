@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .._io import read_json, write_json
-from ..deploy import BENCH_FORMAT, RUNTIMES, benchmark
+from ..deploy import BENCH, BENCH_FORMAT, RUNTIMES, benchmark
 from ..errors import BMRSError
 from ._common import Formatter, positive, say
 from ._models import networks
@@ -24,10 +24,10 @@ def read_bench(file: Path) -> dict | None:
     if not file.is_file():
         return None
     try:
-        data = read_json(file)
+        data = read_json(file, BENCH)
     except (ValueError, OSError):
         return None
-    return data if isinstance(data, dict) and data.get("format") == BENCH_FORMAT else None
+    return data if data.get("format") == BENCH_FORMAT else None
 
 
 def print_bench(data: dict, indent: str = "") -> None:

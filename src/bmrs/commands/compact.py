@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ..errors import BMRSError
@@ -11,7 +10,7 @@ from ..experiments.runs import compact_to_file
 from ..experiments.sweep import parse_criteria
 from ..pruning import make_criterion, parse_budget, prune, round_widths, set_masks
 from ..reporting.collect import natural_key
-from ..rundir import RUN_FILES, run_files
+from ..rundir import is_run_file, run_files
 from ._common import Formatter, out_path, positive, say, set_threads
 from ._models import load_run_model
 
@@ -59,8 +58,7 @@ def run(args) -> int:
         raise BMRSError("--criterion applies with --budget or --round-to only")
     positive("--round-to", args.round_to)
     run_dir, state_file = run_files(Path(args.checkpoint))
-    inputs = [state_file, *(run_dir / name for name in RUN_FILES if name != "compact.pt")]
-    if out.exists() and any(p.exists() and os.path.samefile(out, p) for p in inputs):
+    if is_run_file(out, [state_file]):
         raise BMRSError(f"--out {out} is a file of the run being compacted; choose another --out")
     if out.exists() and not args.force:
         raise BMRSError(f"--out {out} exists; pass --force to replace it, or choose another --out")
@@ -69,7 +67,6 @@ def run(args) -> int:
         _apply_budget(model, config, args, example)
     if args.round_to is not None:
         _apply_rounding(model, config, args)
-    out.parent.mkdir(parents=True, exist_ok=True)
     info = compact_to_file(model, example, out, architecture)
     say(f"compacted {args.checkpoint} ({architecture['name']}) into {out}")
     say("layer widths (before -> after):")

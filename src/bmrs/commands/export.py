@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ..deploy import FORMATS, export
 from ..errors import BMRSError
-from ..rundir import RUN_FILES
+from ..rundir import is_run_file
 from ._common import Formatter, say, set_threads
 from ._models import networks
 
@@ -18,9 +17,7 @@ def run(args) -> int:
     if out.is_dir():
         raise BMRSError(f"--out {out} is a directory; give a file name")
     source = Path(args.source)
-    run_dir = source if source.is_dir() else source.parent if source.name in ("model.pt", "checkpoint.pt") else None
-    own = [source, *((run_dir / name for name in RUN_FILES) if run_dir is not None else ())]
-    if out.exists() and any(p.is_file() and os.path.samefile(out, p) for p in own):
+    if is_run_file(out, [source]):
         raise BMRSError(f"--out {out} is a file of the run or model being exported; choose another --out")
     if out.exists() and not args.force:
         raise BMRSError(f"--out {out} exists; pass --force to replace it, or choose another --out")

@@ -18,12 +18,27 @@ from ._common import Formatter, out_path, say
 # The files of the last report written into a report directory, one relative path per line:
 # what a new report there may replace without --force.
 _REPORT_MANIFEST = ".bmrs-report"
+_MAX_MANIFEST = 2**20  # bytes: a listing of thousands of files
+
+def _listing(manifest: Path) -> set[str]:
+    """The files the last report wrote beside ``manifest`` (none if there is no listing)."""
+    if not manifest.is_file():
+        return set()
+    with open(manifest, "rb") as f:
+        data = f.read(_MAX_MANIFEST + 1)
+    try:
+        if len(data) > _MAX_MANIFEST:
+            raise ValueError
+        return set(data.decode("utf-8").split("\n")) - {""}
+    except ValueError:  # too long, or not UTF-8 text
+        raise BMRSError(f"{manifest} is not the listing a bmrs report writes; move it away, or choose another --out") from None
+
 
 def _publish(staged: Path, out: Path, force: bool) -> None:
     """Move the files of ``staged`` into ``out``, refusing (before moving anything) to replace
     a file that no earlier report wrote there, unless ``force``."""
     manifest = out / _REPORT_MANIFEST
-    ours = set(manifest.read_text().split("\n")) - {""} if manifest.is_file() else set()
+    ours = _listing(manifest)
     new = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
     foreign = [name for name in new if (out / name).exists() and name not in ours]
     if foreign and not force:
@@ -44,15 +59,25 @@ def write_report_dir(paths, out: Path, *, paper: str | None = None, analysis: bo
     collection = collect(paths)
     if out.exists() and not out.is_dir():
         raise BMRSError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        staged = Path(tmp)
-        report = write_report(collection, staged, paper=paper, analysis=analysis)
-        if analysis:
-            _, files, notes = diagnose_runs(select_runs(collection.runs), staged)
-            report.files.update(files)
-            report.notes.extend(notes)
-        _publish(staged, out, force)
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+            staged = Path(tmp)
+            try:
+                report = write_report(collection, staged, paper=paper, analysis=analysis)
+                if analysis:
+                    _, files, notes = diagnose_runs(select_runs(collection.runs), staged)
+                    report.files.update(files)
+                    report.notes.extend(notes)
+            except (BMRSError, OSError) as err:  # named as the file it would have been in OUT
+                raise type(err)(str(err).replace(str(staged), str(out))) from None
+            _publish(staged, out, force)
+    except BaseException:
+        for folder in created:  # a refused report leaves no folder it made behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     report.files = {key: out / Path(path).relative_to(staged) for key, path in report.files.items()}
     for note in report.notes:
         print(f"bmrs: note: {note}", file=sys.stderr)

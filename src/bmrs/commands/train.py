@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from .. import distributed
-from .._io import read_json
 from ..datasets import DATASETS
 from ..errors import BMRSError
 from ..experiments.live import LOG_FORMATS, log_files
@@ -18,7 +18,7 @@ from ..experiments.runs import methods, train_run
 from ..models import MODEL_OPTIONS, MODELS
 from ..pruning.criteria import CRITERIA
 from ..reporting.collect import natural_key
-from ..rundir import PAPER, RECOMMENDED, RUN_FILES, RunConfig, check_output_dir, load_metrics
+from ..rundir import PAPER, RECOMMENDED, RUN_FILES, RunConfig, check_output_dir, load_metrics, read_config
 from ..training import TrainingDiverged
 from ._common import Formatter, criteria_with, dataset_name, out_path, percent, positive, say, set_threads
 
@@ -131,6 +131,28 @@ def _under_torchrun() -> bool:
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _warn_oversubscription(nproc: int, threads: int | None) -> None:
+    """One warning on stderr when ``nproc`` processes of ``threads`` threads each (1 unless
+    --threads says otherwise) ask for more than the machine's cores."""
+    cores = _cores()
+    if nproc * (threads or 1) <= cores:
+        return
+    if nproc > cores:
+        text = (f"--nproc {nproc} is more than the {cores} CPU core(s) here: the processes take turns on them and "
+                f"the run is slower than with --nproc {cores} or fewer")
+    else:
+        text = f"--nproc {nproc} x --threads {threads} is more than the {cores} CPU core(s) here: the threads take turns"
+    print(f"bmrs: warning: {text}", file=sys.stderr, flush=True)
+
+
 def _launch(nproc: int, argv: list[str]) -> None:
     """Run ``python -m bmrs ARGV`` in ``nproc`` local processes through torchrun (a free port)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -177,9 +199,10 @@ def run(args) -> int:
     complete, started = state == "complete", state == "started"
     if complete:
         say(f"{out} is complete; nothing to train.")
-        _print_run_summary(out, read_json(out / "config.json"), load_metrics(out))
+        _print_run_summary(out, read_config(out / "config.json"), load_metrics(out))
         return 0
     if args.nproc > 1 and not launched:
+        _warn_oversubscription(args.nproc, args.threads)
         _launch(args.nproc, args.argv)
         return 0
     created = not out.exists()
@@ -267,6 +290,7 @@ def add_parser(commands, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help="start a new run in OUT even if it holds another run's files (config.json, checkpoint.pt, "
                    "model.pt, compact.pt, metrics.json): they are deleted first")
     p.add_argument("--nproc", type=int, default=1,
-                   help="training processes on this machine (data parallel; --batch-size is per process)")
+                   help="training processes on this machine (data parallel; --batch-size is per process; one thread "
+                   "each unless --threads; more than the machine's cores is warned of)")
     p.add_argument("--out", metavar="RUN_DIR", type=out_path, required=True, help="run directory to write")
     p.set_defaults(func=run)

@@ -16,7 +16,8 @@ from ..distributed import unwrap
 from ..errors import BMRSError
 from ..gates import check_finite_gates, detach_gates, gate_layout, gates
 from ..structures.sites import (
-    BATCH_NORMS, PRODUCERS, Call, build_dependency_graph, call_model, is_depthwise, module_names, output_tensors, trace, with_grad_enabled,
+    BATCH_NORMS, PRODUCERS, Call, build_dependency_graph, call_example, call_model, is_depthwise, module_names,
+    output_tensors, trace, with_grad_enabled,
 )
 from ..structures.kinds import (
     AdapterKind, Blocks, Channels, Family, GateLayout, GateSite, Heads, PackedHeads, StructureKind, structure_kind,
@@ -100,7 +101,7 @@ def compact(model: nn.Module, example_input, *, check: bool = True) -> nn.Module
     check_finite_gates(model)
     net = copy.deepcopy(model).eval()
     with torch.no_grad():
-        reference = call_model(net, example_input) if check else None
+        reference = call_example(net, example_input) if check else None
     scales = {name: gate.expected_gate().detach().clone() for name, gate in gates(net).items()}
     masks = {name: gate.mask.detach().clone() for name, gate in gates(net).items()}
     detach_gates(net)

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..distributed import unwrap
 from ..gates import NoiseGate
-from ..structures.sites import call_model
+from ..structures.sites import call_example
 
 __all__ = ["count_parameters", "count_flops"]
 
@@ -41,7 +41,7 @@ def count_flops(module: nn.Module, example_input) -> int:
     module.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            call_model(module, example_input)
+            call_example(module, example_input)
     finally:
         module.train(training)
     return int(counter.get_total_flops())

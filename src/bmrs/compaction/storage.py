@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .._io import read_tensors, write_atomic
+from .._io import Mapping, Nullable, Number, OptionalKey, parse_json, read_tensors, write_atomic
 from ..structures.adapters import find_adapter, integration_of
 from ..structures.attention import CompactMultiheadAttention, MultiheadSelfAttention, compact_attention, is_packed_attention
 from ..errors import BMRSError
@@ -20,6 +20,13 @@ __all__ = ["save_compact", "load_compact", "register_architecture", "architectur
 
 _FORMAT = "bmrs-compact"
 _VERSION = 1
+_COUNT = Number(0, integer=True)
+#: The shape of the metadata (JSON) a compacted file carries beside its weights.
+METADATA = {
+    "format": str, "version": Number(integer=True), "layers": Mapping({"type": str}),
+    "architecture": OptionalKey(Nullable({"name": str, "input_shape": [Number(1, integer=True)], "num_classes": _COUNT,
+                                         "options": dict})),
+}
 # Width attributes recorded per layer type (the tensors' shapes follow from the state dict).
 _WIDTHS = (
     (nn.Linear, ("in_features", "out_features")),
@@ -173,7 +180,11 @@ def _build_skeleton(builder: Callable[..., nn.Module], arch: dict, state: dict, 
         raise BMRSError(f"{path}: its architecture ({json.dumps(arch['options'])[:100]}) asks for a network of "
                          f"{size / 2**20:,.0f} MiB, out of proportion to the {saved / 2**20:,.2f} MiB of weights "
                          "the file holds; refusing to build it")
-    return builder(*args, **arch["options"])
+    try:
+        return builder(*args, **arch["options"])
+    except (TypeError, ValueError) as err:  # options a builder does not take, or values it refuses
+        raise BMRSError(f"{path}: its architecture ({json.dumps(arch['options'])[:100]}) does not build a "
+                        f"{arch['name']}: {' '.join(str(err).split())[:200]}") from None
 
 
 def _check_contents(path, data: dict) -> tuple[dict, dict]:
@@ -181,8 +192,10 @@ def _check_contents(path, data: dict) -> tuple[dict, dict]:
     recorded layer's widths are those of its saved weight (so nothing sized by the metadata
     alone is ever allocated)."""
     state = data["state_dict"]
+    if not isinstance(data["metadata"], str):
+        raise BMRSError(f"{path}: its metadata is not JSON text")
+    metadata = parse_json(data["metadata"], f"{path} (its metadata)", METADATA)
     try:
-        metadata = json.loads(data["metadata"])
         if metadata.get("format") != _FORMAT or metadata.get("version") != _VERSION:
             raise BMRSError(f"unsupported format {metadata.get('format')!r} version {metadata.get('version')!r}")
         layers = metadata["layers"]

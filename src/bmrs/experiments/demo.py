@@ -28,6 +28,7 @@ from .._io import read_json
 from ..compaction import load_compact
 from ..reporting.knees import curves_from_sweep, knee
 from .runs import load_run
+from ..rundir import METRICS, SWEEP, read_config
 
 __all__ = ["demo_summary", "measure_latency"]
 
@@ -69,7 +70,7 @@ def _runs_section(root: Path) -> tuple[list[str], dict]:
     results = {}
     for name, _ in RUNS:
         if (root / name / "metrics.json").is_file():
-            results[name] = (read_json(root / name / "config.json"), read_json(root / name / "metrics.json"))
+            results[name] = (read_config(root / name / "config.json"), read_json(root / name / "metrics.json", METRICS))
     if not results:
         return [], results
     lines = ["1. Pruning while training (test accuracy; share of the parameters removed):"]
@@ -95,7 +96,7 @@ def _sweep_section(root: Path) -> list[str]:
     path = root / "sweep" / "sweep.json"
     if not path.is_file():
         return []
-    sweep = read_json(path)
+    sweep = read_json(path, SWEEP)
     config = sweep["config"]
     epoch = config.get("epoch")
     which = "last epoch" if Path(config["run"]).name == "checkpoint.pt" else "best validation epoch"

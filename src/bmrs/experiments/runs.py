@@ -29,8 +29,8 @@ from ..pruning.schedules import ContinuousPruning
 from ..datasets import load_dataset
 from ..models import build_model
 from ..rundir import (
-    RunConfig, check_metrics, check_same_options, load_metrics, load_state_file, run_files,
-    verify_checksum,
+    METRICS, RunConfig, check_same_options, load_metrics, load_state_file, run_files,
+    read_config, verify_checksum,
 )
 from ..training import Trainer, adam, atomic_save, check_checkpoint, seed_everything
 from .live import EpochLogger
@@ -278,7 +278,7 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
     validation epoch), None where the run does not record it.
     """
     run_dir, state_file = run_files(path)
-    config = RunConfig.from_dict(read_json(run_dir / "config.json"), run_dir / "config.json").resolved()
+    config = RunConfig.from_dict(read_config(run_dir / "config.json")).resolved()
     if data_dir is not None:
         config.data_dir = str(data_dir)
     if state_file.name == "checkpoint.pt":
@@ -297,15 +297,20 @@ def load_run(path: str | os.PathLike, data_dir=None, *, need_data: bool = False)
         raise BMRSError(f"{state_file} does not hold a model state dict")
     architecture, data = None, None
     metrics_file = run_dir / "metrics.json"
-    metrics = check_metrics(read_json(metrics_file), metrics_file) if metrics_file.is_file() else {}
+    metrics = read_json(metrics_file, METRICS) if metrics_file.is_file() else {}
     if state_file.name == "model.pt":
         epoch = metrics.get("best_epoch")
     if metrics and not need_data:
         architecture = (metrics.get("compaction") or {}).get("architecture")
+        if architecture is not None:  # the shapes from the metrics, the network from the configuration
+            architecture = model_architecture(config, architecture["input_shape"], architecture["num_classes"])
     if architecture is None:
         data = load_dataset(config.dataset, config.data_dir, seed=config.seed, image_size=config.image_size)
         architecture = model_architecture(config, data.input_shape, data.num_classes)
-    model = build_model(config.model, architecture["input_shape"], architecture["num_classes"], **config.model_options)
+    try:
+        model = build_model(config.model, architecture["input_shape"], architecture["num_classes"], **config.model_options)
+    except BMRSError as err:
+        raise BMRSError(f"{run_dir / 'config.json'}: {err}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -26,6 +26,7 @@ from ..errors import BMRSError
 from ..pruning.criteria import Criterion, criterion_class, default_labels, parse_label
 from ..pruning import decide, parameter_compression, set_masks, structure_compression
 from .runs import load_run
+from ..rundir import REPORTED_METRICS
 from ..training import Trainer, adam, seed_everything
 
 __all__ = ["sweep", "sweep_run", "parse_criteria", "DEFAULT_LEVELS", "default_criteria", "write_sweep_csv", "fine_tuner"]
@@ -93,7 +94,7 @@ def _run_epochs(run_dir: Path) -> int | None:
     metrics = run_dir / "metrics.json"
     if not metrics.is_file():
         return None
-    return len(read_json(metrics).get("history", [])) or None
+    return len(read_json(metrics, REPORTED_METRICS).get("history", [])) or None
 
 
 def default_criteria() -> tuple[str, ...]:

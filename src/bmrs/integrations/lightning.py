@@ -28,7 +28,7 @@ from ..compaction import compact
 from ..errors import BMRSError
 from ..calibration import calibration, predict
 from ..gates import attach_gates, check_kl_reduction, gates, model_kl
-from ..pruning.criteria import RECOMMENDED, Criterion, make_criterion
+from ..pruning.criteria import RECOMMENDED, Criterion, resolve_criterion
 from ..pruning.evidence import explain
 from ..pruning.masks import kept_per_layer, parameter_compression, structure_compression
 from ..pruning.schedules import ContinuousPruning
@@ -67,7 +67,7 @@ class BMRSPruning(Callback):
       :func:`bmrs.compact`), on every rank.
 
     Args:
-        criterion: a criterion name (see :func:`bmrs.make_criterion`) or a
+        criterion: a criterion name or label (see :func:`bmrs.pruning.resolve_criterion`) or a
             :class:`~bmrs.pruning.criteria.Criterion` (default ``"bmrs-n-kr"``, the
             recommended one, :data:`bmrs.pruning.RECOMMENDED`; the paper's: ``"bmrs-n-code"``).
         every: prune after every ``every``-th training epoch.
@@ -110,7 +110,7 @@ class BMRSPruning(Callback):
         predictive_draws: int = 0,
     ) -> None:
         check_kl_reduction(kl_reduction, "kl_reduction")
-        self.criterion = make_criterion(criterion) if isinstance(criterion, str) else criterion
+        self.criterion = resolve_criterion(criterion)
         self.pruning = ContinuousPruning(self.criterion, every, recompute=recompute, target=target, target_kind=target_kind)
         self.kl_reduction, self.dataset_size, self.kl_weight = kl_reduction, dataset_size, kl_weight
         self.module, self.example_input, self.exclude = module, example_input, exclude

@@ -54,7 +54,7 @@ from transformers.pytorch_utils import Conv1D
 from ..structures.adapters import INPUT_ATTR, InputGroups, register_adapter, remove_input_groups
 from ..compaction.storage import register_architecture
 from ..errors import BMRSError
-from ..structures.sites import PRODUCERS, _matches, call_model
+from ..structures.sites import PRODUCERS, _matches, call_example
 from ..structures.kinds import Family, GateSite
 
 __all__ = ["HEADS", "NEURONS", "HIDDEN", "layer_widths"]
@@ -225,6 +225,14 @@ class TransformersAdapter:
         return isinstance(model, transformers.PreTrainedModel)
 
     def layout(self, model, example_input, *, exclude=(), heads=True, hidden_width=False):
+        if isinstance(example_input, dict):
+            ids = example_input.get("input_ids")
+        else:  # positional: the first is the model's main input
+            first = example_input[0] if isinstance(example_input, (tuple, list)) and example_input else example_input
+            ids = first if getattr(model, "main_input_name", None) == "input_ids" else None
+        if isinstance(ids, Tensor) and (ids.is_floating_point() or ids.is_complex()):
+            raise BMRSError(f"input_ids of {type(model).__name__} are token ids, integers; got a {ids.dtype} tensor "
+                            "(pass e.g. tokenizer(...)['input_ids'], or ids.long())")
         groups, skipped = _recognise(model)
         unsupported = list(skipped)  # blocks of a known shape left out: their layers are listed under them
         modules = dict(model.named_modules())
@@ -496,7 +504,7 @@ def _calls(model: nn.Module, example_input) -> dict[str, list[tuple[tuple, int]]
     model.eval()
     try:
         with torch.no_grad():
-            call_model(model, example_input)
+            call_example(model, example_input)
     finally:
         model.train(training)
         for h in handles:

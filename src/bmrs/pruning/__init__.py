@@ -3,7 +3,7 @@
 from .budget import BUDGET_KINDS, BudgetResult, budget_cut, parse_budget
 from .criteria import (
     BMRSN, BMRSU, CRITERIA, PAPER, RECOMMENDED, SNR, BMRSNCode, BMRSNKassRaftery, BMRSNRelative, Criterion,
-    EvidenceCriterion, ExpectedTheta, L2, Random, Taylor, make_criterion, register_criterion,
+    EvidenceCriterion, ExpectedTheta, L2, Random, Taylor, make_criterion, register_criterion, resolve_criterion,
 )
 from .evidence import EvidenceReport, LayerEvidence, explain
 from .masks import (
@@ -18,6 +18,6 @@ __all__ = [
     "BMRSN", "BMRSNCode", "BMRSNKassRaftery", "BMRSNRelative", "BMRSU", "CRITERIA", "ContinuousPruning", "Criterion",
     "EvidenceCriterion", "EvidenceReport", "ExpectedTheta", "LayerEvidence", "explain", "L2", "PAPER", "RECOMMENDED", "Random", "SNR", "Taylor",
     "count_trainable_parameters", "decide",
-    "kept_per_layer", "kept_structures", "make_criterion", "parameter_compression", "prune", "register_criterion", "set_masks",
+    "kept_per_layer", "kept_structures", "make_criterion", "parameter_compression", "prune", "register_criterion", "resolve_criterion", "set_masks",
     "structure_compression", "ROUND_MODES", "RoundResult", "round_width", "round_widths",
 ]

@@ -23,7 +23,7 @@ from ..compaction import compact, count_flops, count_parameters
 from ..errors import BMRSError
 from ..gates import gate_layout, gates
 from ..structures.sites import PRODUCERS
-from .criteria import Criterion, EvidenceCriterion
+from .criteria import Criterion, EvidenceCriterion, resolve_criterion
 from .slots import family_scores, pruned_slots, set_masks
 
 __all__ = ["BUDGET_KINDS", "BudgetResult", "budget_cut", "parse_budget"]
@@ -114,6 +114,8 @@ def parse_budget(text: str | dict) -> dict[str, float]:
     for kind, value in items:
         if kind not in BUDGET_KINDS:
             raise BMRSError(f"unknown budget kind {kind!r}; choose from {', '.join(BUDGET_KINDS)}")
+        if kind in budget:
+            raise BMRSError(f"budget kind {kind} given twice ({kind}={budget[kind]:g} and {kind}={value}); give each once")
         if not 0.0 < float(value) <= 1.0:
             raise BMRSError(f"budget {kind}={value}: the fraction of the full network to keep must lie in (0, 1]")
         budget[kind] = float(value)
@@ -124,7 +126,7 @@ def parse_budget(text: str | dict) -> dict[str, float]:
 
 def budget_cut(
     model: nn.Module,
-    criterion: Criterion,
+    criterion: Criterion | str,
     budget: dict | str,
     example_input,
     *,
@@ -145,6 +147,7 @@ def budget_cut(
         ValueError: for an unknown kind or a fraction outside (0, 1], or a budget that
             removing every structure cannot meet (a layer keeps one structure).
     """
+    criterion = resolve_criterion(criterion)
 
     budget = parse_budget(budget)
     layout = gate_layout(model)

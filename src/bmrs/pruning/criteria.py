@@ -29,7 +29,9 @@ Criteria in other packages register through the ``bmrs.criteria`` entry point gr
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterable
 
@@ -47,7 +49,7 @@ from ..structures.kinds import structure_kind
 __all__ = [
     "Criterion", "EvidenceCriterion", "BMRSN", "BMRSNCode", "BMRSNRelative", "BMRSNKassRaftery", "BMRSU",
     "SNR", "ExpectedTheta", "L2", "Taylor", "Random",
-    "CRITERIA", "CONTEXT", "register_criterion", "make_criterion", "criterion_class", "parse_label",
+    "CRITERIA", "CONTEXT", "register_criterion", "make_criterion", "resolve_criterion", "criterion_class", "parse_label",
     "criterion_label", "default_labels", "label_order", "load_plugins", "ENTRY_POINT_GROUP", "RECOMMENDED", "PAPER",
 ]
 
@@ -163,8 +165,39 @@ def criterion_class(name: str) -> type[Criterion]:
 
 def make_criterion(name: str, **kwargs) -> Criterion:
     """Build a registered criterion from its name (see :data:`CRITERIA`: ``bmrs-n``,
-    ``bmrs-u``, ``l2``, ...); underscores work as dashes; ``kwargs`` go to its constructor."""
-    return criterion_class(name)(**kwargs)
+    ``bmrs-u``, ``l2``, ...); underscores work as dashes; ``kwargs`` go to its constructor.
+
+    Raises:
+        ValueError (:class:`~bmrs.BMRSError`): no criterion of that name, an option its
+            constructor does not take, or a number option (a threshold, bits) that is not finite.
+    """
+    cls = criterion_class(name)
+    parameters = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        unknown = sorted(set(kwargs) - set(parameters))
+        if unknown:
+            takes = ", ".join(parameters) or "none"
+            raise BMRSError(f"criterion {cls.name} takes no option {', '.join(unknown)} (its options: {takes})")
+    for key, value in kwargs.items():
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
+            raise BMRSError(f"criterion {cls.name}: {key} must be a finite number, got {value}")
+    return cls(**kwargs)
+
+
+def resolve_criterion(criterion, **options) -> Criterion:
+    """``criterion`` as a :class:`Criterion`: one given is returned as it is; a name or label
+    (``"bmrs-n-kr"``, ``"bmrs-u4"``, see :func:`parse_label`) is built with ``options``
+    (:func:`make_criterion`). Every function of bmrs that takes a criterion takes it through here."""
+    if isinstance(criterion, Criterion):
+        if options:
+            raise BMRSError(f"options ({', '.join(options)}) are for a criterion given by name, not for {criterion!r}")
+        return criterion
+    if isinstance(criterion, str):
+        if _key(criterion) in CRITERIA:
+            return make_criterion(criterion, **options)
+        name, label_options = parse_label(criterion)
+        return make_criterion(name, **{**label_options, **options})
+    raise BMRSError(f"a criterion is a name (one of {', '.join(CRITERIA)}) or a Criterion, got {type(criterion).__name__}")
 
 
 def parse_label(label: str) -> tuple[str, dict]:

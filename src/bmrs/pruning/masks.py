@@ -10,7 +10,7 @@ from ..errors import BMRSError
 from ..gates import check_finite_gates, gate_layout, gates, layer_names
 from ..structures.kinds import Blocks
 from .budget import budget_cut
-from .criteria import Criterion
+from .criteria import Criterion, resolve_criterion
 from .slots import family_scores, pruned_slots, set_masks
 
 __all__ = [
@@ -21,7 +21,7 @@ __all__ = [
 
 def decide(
     model: nn.Module,
-    criterion: Criterion,
+    criterion: Criterion | str,
     *,
     target: float | None = None,
     target_kind: str = "structures",
@@ -32,7 +32,8 @@ def decide(
     """Keep masks (bool, per gate) that ``criterion`` decides for ``model``.
 
     Args:
-        criterion: a :class:`~bmrs.pruning.criteria.Criterion`.
+        criterion: a :class:`~bmrs.pruning.criteria.Criterion`, or its name or label
+            (``"bmrs-n-kr"``, ``"bmrs-u4"``; see :func:`~bmrs.pruning.criteria.resolve_criterion`).
         target: ``None`` to use the criterion's own rule (delta F >= 0 prunes for BMRS, the
             threshold for the baselines); or a compression in [0, 1]: prune the
             lowest-scored structures across all layers until that fraction is removed.
@@ -53,6 +54,7 @@ def decide(
 
     Families of coupled structures are decided as one, from the criterion's family score.
     """
+    criterion = resolve_criterion(criterion)
     if budget is not None:
         if target is not None:
             raise BMRSError("give a target or a budget, not both")
@@ -117,7 +119,7 @@ def _rank_and_cut(model, layout, slot_scores, already, target, target_kind) -> l
 
 def prune(
     model: nn.Module,
-    criterion: Criterion,
+    criterion: Criterion | str,
     *,
     target: float | None = None,
     target_kind: str = "structures",
@@ -133,6 +135,7 @@ def prune(
     ``print(result)`` says what ``delta F >= 0`` prunes and what the budget needs;
     ``result.kept_structures`` are the kept counts.
     """
+    criterion = resolve_criterion(criterion)
     if budget is not None:
         result = decide(model, criterion, target=target, keep_pruned=keep_pruned, budget=budget, example_input=example_input)
         set_masks(model, result.masks)

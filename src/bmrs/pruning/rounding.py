@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import BMRSError
 from ..gates import gate_layout, gates, layer_names
-from .criteria import Criterion
+from .criteria import Criterion, resolve_criterion
 from .slots import current_masks, family_scores
 
 __all__ = ["ROUND_MODES", "RoundResult", "round_width", "round_widths"]
@@ -63,6 +63,8 @@ class RoundResult:
             over the pruned set: the slots the rounding pruned add theirs, the slots it kept
             back subtract theirs. Negative means the evidence prefers the unrounded masks
             by that many nats. None for the other criteria.
+        multiple: the multiple the widths were rounded to.
+        sizes: ``{layer: full width}``.
     """
 
     masks: dict[str, Tensor]
@@ -70,17 +72,26 @@ class RoundResult:
     pruned: int
     restored: int
     delta_f_change: float | None
+    multiple: int
+    sizes: dict[str, int]
 
     def summary(self) -> str:
         changed = [f"{name} {a} -> {b}" for name, (a, b) in self.widths.items() if a != b]
-        lines = [f"rounding pruned {self.pruned} and kept back {self.restored} structures"
-                 + (f" ({', '.join(changed)})" if changed else " (every width was a multiple already)")]
+        full = [name for name, (a, _) in self.widths.items() if a == self.sizes.get(name)]
+        if changed:
+            detail = ", ".join(changed)
+        elif len(full) == len(self.widths):
+            detail = f"every layer keeps its full width ({', '.join(full)}), which is never rounded"
+        else:
+            detail = (f"every width was 0, its layer's full width (never rounded) or a multiple of {self.multiple} "
+                      "already")
+        lines = [f"rounding pruned {self.pruned} and kept back {self.restored} structures ({detail})"]
         if self.delta_f_change is not None:
             lines.append(f"change in sum(delta F - margin) over the pruned structures: {self.delta_f_change:+.3f} nats")
         return "\n".join(lines)
 
 
-def round_widths(model: nn.Module, criterion: Criterion, multiple: int, *, mode: str = "nearest") -> RoundResult:
+def round_widths(model: nn.Module, criterion: Criterion | str, multiple: int, *, mode: str = "nearest") -> RoundResult:
     """The masks of ``model`` with every family's kept width rounded to a multiple of
     ``multiple`` (see :func:`round_width`); the model is not changed.
 
@@ -88,6 +99,7 @@ def round_widths(model: nn.Module, criterion: Criterion, multiple: int, *, mode:
     the pruned slots with the highest scores are kept back. A slot counts as kept when any
     member of its family keeps it, as compaction does.
     """
+    criterion = resolve_criterion(criterion)
     layout = gate_layout(model)
     scores = family_scores(model, criterion)
     current = current_masks(model)
@@ -118,5 +130,6 @@ def round_widths(model: nn.Module, criterion: Criterion, multiple: int, *, mode:
     return RoundResult(
         masks=masks, widths={layer[name]: (int(current[name].sum()), int(m.sum())) for name, m in masks.items()},
         pruned=pruned, restored=restored,
-        delta_f_change=change if criterion.evidence_based else None,
+        delta_f_change=change if criterion.evidence_based else None, multiple=multiple,
+        sizes={layer[name]: g.num_structures for name, g in gates(model).items()},
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import BMRSError
-from .criteria import Criterion
+from .criteria import Criterion, resolve_criterion
 from .masks import decide, kept_structures
 from .slots import set_masks
 
@@ -30,7 +30,7 @@ class ContinuousPruning:
 
     def __init__(
         self,
-        criterion: Criterion,
+        criterion: Criterion | str,
         every: int = 1,
         *,
         recompute: bool = False,
@@ -39,7 +39,7 @@ class ContinuousPruning:
     ) -> None:
         if int(every) < 1:
             raise BMRSError(f"every must be a positive number of epochs, got {every!r}")
-        self.criterion, self.every, self.recompute = criterion, int(every), recompute
+        self.criterion, self.every, self.recompute = resolve_criterion(criterion), int(every), recompute
         self.target, self.target_kind = target, target_kind
 
     def __call__(self, model: nn.Module, epoch: int) -> dict[str, int] | None:

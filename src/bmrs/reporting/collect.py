@@ -10,7 +10,7 @@ from pathlib import Path
 from .._io import read_json
 from ..errors import BMRSError
 from ..pruning.criteria import criterion_label
-from ..rundir import read_run
+from ..rundir import REPORTED_SWEEP, read_run
 
 __all__ = ["RunResult", "SweepResult", "Collection", "collect", "method_label", "base_label", "natural_key"]
 
@@ -103,7 +103,7 @@ def _classify(folder: Path, collection: Collection) -> bool:
     """Add ``folder`` to ``collection`` if it is a run or sweep directory; say whether it was."""
     found = False
     if (folder / "sweep.json").is_file():
-        collection.sweeps.append(SweepResult(folder, read_json(folder / "sweep.json")))
+        collection.sweeps.append(SweepResult(folder, read_json(folder / "sweep.json", REPORTED_SWEEP)))
         found = True
     if (folder / "config.json").is_file():
         run = read_run(folder)

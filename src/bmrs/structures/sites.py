@@ -30,6 +30,7 @@ from .attention import (
     HEAD_MODULES, compact_packed_attention, expose_heads, is_packed_attention,
     packed_attention_problem,
 )
+from ..errors import BMRSError
 from .kinds import Blocks, Family, GateSite, Heads, PackedHeads, structure_kind
 
 __all__ = ["PRODUCERS", "BATCH_NORMS", "find_sites", "couple", "trace", "call_model", "is_depthwise", "module_names"]
@@ -115,6 +116,34 @@ def call_model(model: nn.Module, example_input):
     return model(*example_input)
 
 
+def _shapes(example_input) -> str:
+    """What an example input is, in words: ``float32 (2, 5)``, one per tensor."""
+    def one(x):
+        return f"{str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+    if isinstance(example_input, dict):
+        return "{" + ", ".join(f"{k}: {one(x)}" for k, x in example_input.items()) + "}"
+    if isinstance(example_input, (tuple, list)) and len(example_input) == 1:
+        return one(example_input[0])
+    if isinstance(example_input, (tuple, list)):
+        return "(" + ", ".join(one(x) for x in example_input) + ")"
+    return one(example_input)
+
+
+def call_example(model: nn.Module, example_input):
+    """:func:`call_model` on the example input a user gave: an input the model cannot take
+    (a wrong shape, dtype or number of inputs) is a ``BMRSError`` naming the model's class
+    and the input's shapes, not the error from deep inside the model."""
+    try:
+        return call_model(model, example_input)
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        if isinstance(err, BMRSError):
+            raise
+        detail = " ".join(str(err).split())[:200]
+        raise BMRSError(f"the example input {_shapes(example_input)} does not fit {type(model).__name__}: "
+                        f"{type(err).__name__}: {detail}") from None
+
+
 def trace(model: nn.Module, example_input, leaf_types: tuple = ()) -> tuple[list[Call], dict, list]:
     """One forward pass in eval mode (the mode is restored): the leaf modules' calls in
     execution order, the consumers of every grad_fn, and the outputs' grad_fns."""
@@ -142,7 +171,7 @@ def trace(model: nn.Module, example_input, leaf_types: tuple = ()) -> tuple[list
     model.eval()
     try:
         with torch.enable_grad():
-            out = call_model(model, _as_inputs(example_input))
+            out = call_example(model, _as_inputs(example_input))
     finally:
         model.train(training)
         for h in handles:
