@@ -400,6 +400,17 @@ def attach_gates(
                          "the wrapper only synchronises the parameters it saw when it was built")
     if gates(model):
         raise BMRSError("the model already has gates; call bmrs.detach_gates(model) first")
+    sites, families, skipped = _find_layout(model, example_input, exclude, heads=heads, blocks=blocks,
+                                            hidden_width=hidden_width)
+    _install_gates(model, sites, log_low=log_low, log_high=log_high, init_loc=init_loc, init_log_scale=init_log_scale)
+    layout = GateLayout(sites={s.site: s for s in sites}, families=families, skipped=skipped)
+    setattr(model, _LAYOUT_ATTR, layout)
+    _warn_ungated(model, sites, skipped)
+    return layout
+
+
+def _find_layout(model: nn.Module, example_input, exclude, *, heads: bool, blocks: bool, hidden_width: bool):
+    """(sites, families, skipped) of ``model``: its adapter's, or the generic analysis's."""
     adapter = find_adapter(model)
     if adapter is not None and blocks:
         raise BMRSError(f"blocks=True is not supported for {type(model).__name__}, whose structures a model adapter finds")
@@ -407,18 +418,20 @@ def attach_gates(
         raise BMRSError("hidden_width=True is supported for Hugging Face decoders only (bmrs.integrations.transformers)")
     if adapter is not None:  # a model family with its own structures (e.g. Hugging Face transformers)
         options = {"hidden_width": True} if hidden_width else {}
-        sites, families, skipped = adapter.layout(model, example_input, exclude=exclude, heads=heads, **options)
-    else:
-        sites, skipped = find_sites(model, example_input, exclude, heads=heads, blocks=blocks)
-        sites, families, coupled_skips = couple(model, example_input, sites)
-        skipped.update(coupled_skips)
+        return adapter.layout(model, example_input, exclude=exclude, heads=heads, **options)
+    sites, skipped = find_sites(model, example_input, exclude, heads=heads, blocks=blocks)
+    sites, families, coupled_skips = couple(model, example_input, sites)
+    skipped.update(coupled_skips)
+    return sites, families, skipped
+
+
+def _install_gates(model: nn.Module, sites: list, **options) -> None:
+    """A :class:`NoiseGate` (``options``: its bounds and initial posterior) on every site, on
+    the model's device, hooked after its module; all of them sharing one :class:`_Bank`."""
     modules = dict(model.named_modules())
     reference = next(model.parameters(), None)
     for site in sites:
-        gate = NoiseGate(
-            site.num_structures, site.dim, log_low=log_low, log_high=log_high,
-            init_loc=init_loc, init_log_scale=init_log_scale,
-        )
+        gate = NoiseGate(site.num_structures, site.dim, **options)
         if reference is not None:
             gate = gate.to(device=reference.device)
         host = modules[site.site]
@@ -427,22 +440,22 @@ def attach_gates(
     bank = _Bank([modules[site.site].get_submodule(GATE_ATTR) for site in sites])
     for gate in bank.gates:
         gate._bank = bank
-    layout = GateLayout(sites={s.site: s for s in sites}, families=families, skipped=skipped)
-    setattr(model, _LAYOUT_ATTR, layout)
+
+
+def _warn_ungated(model: nn.Module, sites: list, skipped: dict[str, str]) -> None:
+    """Warn (at the caller of :func:`attach_gates`) about layers left ungated for a reason other
+    than being final or excluded, and about a model with nothing gated at all."""
+    stacklevel = 4  # past this function, attach_gates and its with_grad_enabled wrapper
     unexpected = {n: why for n, why in skipped.items() if not why.startswith(("excluded", "final layer"))}
     if not sites and not skipped:
         warnings.warn(f"bmrs.attach_gates found nothing to gate in {type(model).__name__}: it has no Linear, "
-                      "Conv1d/2d/3d or attention layer, so nothing can be pruned", stacklevel=3)
+                      "Conv1d/2d/3d or attention layer, so nothing can be pruned", stacklevel=stacklevel)
     elif not sites:  # every layer, with why it was skipped
         warnings.warn(f"bmrs.attach_gates left these layers ungated, so nothing in {type(model).__name__} can be pruned:\n"
-                      + "\n".join(f"  {n}: {why}" for n, why in skipped.items()), stacklevel=3)
+                      + "\n".join(f"  {n}: {why}" for n, why in skipped.items()), stacklevel=stacklevel)
     elif unexpected:
-        warnings.warn(
-            "bmrs.attach_gates left these layers ungated:\n"
-            + "\n".join(f"  {n}: {why}" for n, why in unexpected.items()),
-            stacklevel=3,  # the caller of attach_gates, past the with_grad_enabled wrapper
-        )
-    return layout
+        warnings.warn("bmrs.attach_gates left these layers ungated:\n"
+                      + "\n".join(f"  {n}: {why}" for n, why in unexpected.items()), stacklevel=stacklevel)
 
 
 def gates(model: nn.Module) -> dict[str, NoiseGate]:

@@ -163,82 +163,97 @@ def results_markdown(runs: Sequence[RunResult], sweeps: Sequence[SweepResult] = 
     of any sweeps, and links to ``plots``.
     """
     groups = group_runs(runs)
-    columns = _columns(groups)
     lines = ["# Results", ""]
     if groups:
-        lines += [
-            "Parameter compression (Comp., % of parameters removed) and test accuracy (Acc., %), "
-            "mean ± standard deviation over seeds; n = number of seeds.",
-            "",
-        ]
-        header = ["method"]
-        for dataset, model in columns:
-            header += [f"{model} / {dataset} Comp. (%)", f"{model} / {dataset} Acc. (%)", "n"]
-        labels = sorted({k[2] for k in groups}, key=method_order)
-        rows = []
-        for label in labels:
-            row = [label]
-            for dataset, model in columns:
-                members = groups.get((dataset, model, label))
-                if not members:
-                    row += ["–", "–", "0"]
-                    continue
-                n = len(members)
-                row.append(format_mean_std(*mean_std([100 * r.metrics["parameter_compression"] for r in members]), n))
-                row.append(format_mean_std(*mean_std([100 * r.metrics["test_accuracy"] for r in members]), n))
-                row.append(str(n))
-            rows.append(row)
-        lines += markdown_table(header, rows) + [""]
-
-        lines += ["## Kept structures per layer", "", "Mean over seeds, kept/total per gated layer, in layer order.", ""]
-        rows = []
-        for key in sorted(groups, key=lambda k: (k[0], k[1], method_order(k[2]))):
-            members = groups[key]
-            comp = mean_std([100 * r.metrics.get("structure_compression", 0.0) for r in members])
-            rows.append([key[2], f"{key[1]} / {key[0]}", _widths_text(members), format_mean_std(*comp, len(members))])
-        lines += markdown_table(["method", "model / data", "kept per layer", "structure comp. (%)"], rows) + [""]
-
-        rows = []
-        for key in sorted(groups, key=lambda k: (k[0], k[1], method_order(k[2]))):
-            row = _compaction_row(groups[key])
-            if row is not None:
-                rows.append([key[2], f"{key[1]} / {key[0]}"] + row)
-        if rows:
-            lines += ["## Compacted networks", "", "Mean over seeds; FLOPs of one forward pass of one example.", ""]
-            lines += markdown_table(["method", "model / data", "params before", "params after", "FLOPs before", "FLOPs after", "FLOPs reduction"], rows)
-            lines += [""]
-
-        lines += _cost_lines(groups)
-
-        notes = []
-        for key, members in sorted(groups.items()):
-            differing = config_differences(members)
-            if differing:
-                notes.append(f"- {key[2]} on {key[1]} / {key[0]}: the runs differ in {', '.join(differing)}")
-            seeds = [r.seed for r in members]
-            if len(set(map(repr, seeds))) < len(seeds):
-                notes.append(f"- {key[2]} on {key[1]} / {key[0]}: a seed occurs more than once")
-        if notes:
-            lines += ["## Warnings", ""] + notes + [""]
-
+        lines += _main_table(groups) + _kept_table(groups) + _compaction_table(groups) + _cost_lines(groups)
+        lines += _group_warnings(groups)
     if sweeps:
-        lines += ["## Post-training sweeps", ""]
-        for sweep in sweeps:
-            stops = [r for r in sweep.records if r.get("kind") == "stop"]
-            lines += [f"### {sweep.model} / {sweep.dataset}: `{sweep.path}`", ""]
-            split = sweep.data.get("config", {}).get("split", "test")
-            if stops:
-                lines += [f"Stopping points (BMRS: delta F >= 0; baselines: their threshold); {split} accuracy.", ""]
-                rows = [
-                    [r["criterion"], f"{100 * r['parameter_compression']:.2f}", f"{100 * r['structure_compression']:.2f}",
-                     f"{100 * r['accuracy']:.2f}"]
-                    for r in stops
-                ]
-                lines += markdown_table(["criterion", "param. comp. (%)", "structure comp. (%)", "acc. (%)"], rows) + [""]
-            else:
-                lines += ["No criterion with a stopping rule in this sweep.", ""]
+        lines += _sweep_stops(sweeps)
     if not groups and not sweeps:
         lines += ["No complete runs or sweeps.", ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
     return "\n".join(lines)
+
+
+def _by_method(groups: dict) -> list:
+    return sorted(groups, key=lambda k: (k[0], k[1], method_order(k[2])))
+
+
+def _main_table(groups: dict) -> list[str]:
+    """Compression and accuracy per method (rows) and model / data set (columns)."""
+    columns = _columns(groups)
+    lines = ["Parameter compression (Comp., % of parameters removed) and test accuracy (Acc., %), "
+             "mean ± standard deviation over seeds; n = number of seeds.", ""]
+    header = ["method"]
+    for dataset, model in columns:
+        header += [f"{model} / {dataset} Comp. (%)", f"{model} / {dataset} Acc. (%)", "n"]
+    rows = []
+    for label in sorted({k[2] for k in groups}, key=method_order):
+        row = [label]
+        for dataset, model in columns:
+            members = groups.get((dataset, model, label))
+            if not members:
+                row += ["–", "–", "0"]
+                continue
+            n = len(members)
+            row.append(format_mean_std(*mean_std([100 * r.metrics["parameter_compression"] for r in members]), n))
+            row.append(format_mean_std(*mean_std([100 * r.metrics["test_accuracy"] for r in members]), n))
+            row.append(str(n))
+        rows.append(row)
+    return lines + markdown_table(header, rows) + [""]
+
+
+def _kept_table(groups: dict) -> list[str]:
+    lines = ["## Kept structures per layer", "", "Mean over seeds, kept/total per gated layer, in layer order.", ""]
+    rows = []
+    for key in _by_method(groups):
+        members = groups[key]
+        comp = mean_std([100 * r.metrics.get("structure_compression", 0.0) for r in members])
+        rows.append([key[2], f"{key[1]} / {key[0]}", _widths_text(members), format_mean_std(*comp, len(members))])
+    return lines + markdown_table(["method", "model / data", "kept per layer", "structure comp. (%)"], rows) + [""]
+
+
+def _compaction_table(groups: dict) -> list[str]:
+    rows = []
+    for key in _by_method(groups):
+        row = _compaction_row(groups[key])
+        if row is not None:
+            rows.append([key[2], f"{key[1]} / {key[0]}"] + row)
+    if not rows:
+        return []
+    lines = ["## Compacted networks", "", "Mean over seeds; FLOPs of one forward pass of one example.", ""]
+    header = ["method", "model / data", "params before", "params after", "FLOPs before", "FLOPs after", "FLOPs reduction"]
+    return lines + markdown_table(header, rows) + [""]
+
+
+def _group_warnings(groups: dict) -> list[str]:
+    """Groups whose runs differ in more than the seed, or repeat a seed."""
+    notes = []
+    for key, members in sorted(groups.items()):
+        differing = config_differences(members)
+        if differing:
+            notes.append(f"- {key[2]} on {key[1]} / {key[0]}: the runs differ in {', '.join(differing)}")
+        seeds = [r.seed for r in members]
+        if len(set(map(repr, seeds))) < len(seeds):
+            notes.append(f"- {key[2]} on {key[1]} / {key[0]}: a seed occurs more than once")
+    return ["## Warnings", ""] + notes + [""] if notes else []
+
+
+def _sweep_stops(sweeps: Sequence[SweepResult]) -> list[str]:
+    lines = ["## Post-training sweeps", ""]
+    for sweep in sweeps:
+        stops = [r for r in sweep.records if r.get("kind") == "stop"]
+        lines += [f"### {sweep.model} / {sweep.dataset}: `{sweep.path}`", ""]
+        split = sweep.data.get("config", {}).get("split", "test")
+        if stops:
+            lines += [f"Stopping points (BMRS: delta F >= 0; baselines: their threshold); {split} accuracy.", ""]
+            rows = [
+                [r["criterion"], f"{100 * r['parameter_compression']:.2f}", f"{100 * r['structure_compression']:.2f}",
+                 f"{100 * r['accuracy']:.2f}"]
+                for r in stops
+            ]
+            lines += markdown_table(["criterion", "param. comp. (%)", "structure comp. (%)", "acc. (%)"], rows) + [""]
+        else:
+            lines += ["No criterion with a stopping rule in this sweep.", ""]
+    return lines

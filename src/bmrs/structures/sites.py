@@ -260,22 +260,8 @@ def find_sites(
     packed = {
         name: m for name, m in model.named_modules() if is_packed_attention(m) and not _matches(m, name, exclude)
     } if heads else {}
-    seen_inputs: dict[str, list] = {}
-    handles = [m.register_forward_pre_hook(_recorder(seen_inputs, name), with_kwargs=True) for name, m in packed.items()]
-    block_calls: dict[str, list] = {}
-    if blocks:
-        for name, m in model.named_modules():
-            if name and next(m.children(), None) is not None and not _matches(m, name, exclude):
-                handles += _block_hooks(m, name, block_calls)
-    try:
-        calls, consumers, outputs = trace(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
-    by_in_fn: dict = {}
-    for call in calls:
-        for fn in call.in_fns:
-            by_in_fn.setdefault(fn, []).append(call)
+    graph, seen_inputs, block_calls = _trace_with_hooks(model, example_input, packed, blocks, exclude)
+    calls = graph.calls
     attention = {
         name: m for name, m in model.named_modules() if isinstance(m, (*HEAD_MODULES, nn.MultiheadAttention))
     }
@@ -306,73 +292,116 @@ def find_sites(
         if call.name in head_hosts:
             _head_site(call, head_hosts[call.name], attention, counts, exclude, sites, skipped)
             continue
-        module, name = call.module, call.name
+        name = call.name
         if name not in counts or name in skipped or any(s.producer == name for s in sites):
             continue
-        if _matches(module, name, exclude):
-            skipped[name] = "excluded"
-            continue
-        if call.out_fn not in upstream_of_some_producer:
-            skipped[name] = "final layer (its outputs are the network's outputs)"
-            continue
-        if counts[name] > 1:
-            skipped[name] = _SHARED
-            continue
-        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups != 1 and not is_depthwise(module):
-            skipped[name] = "grouped convolution (other than depthwise)"
-            continue
-        channels = _channels(module)
-        site, fn, shape, reason = call, call.out_fn, call.out_shape, None
-        passed: list[nn.Module] = []  # the modules between the producer and the gate
-        while True:
-            users = consumers.get(fn, [])
-            nxt = [c for c in by_in_fn.get(fn, []) if c is not site]
-            if len(users) != 1 or len(nxt) != 1:
-                # A batch norm the walk cannot pass (called by a module's own forward, as timm's
-                # BatchNormAct2d does): a gate before it would leave a masked channel its shift.
-                if any("BatchNorm" in u.name() for u in users if hasattr(u, "name")) or any(
-                        isinstance(c.module, BATCH_NORMS) for c in nxt):
-                    reason = "followed by a batch norm the gate cannot be placed after (inside a module's own forward)"
-                break
-            m = nxt[0].module
-            if sum(c.module is m for c in calls) > 1:
-                break  # a module called twice (e.g. one ReLU reused after a residual addition) cannot host the gate
-            if isinstance(m, BATCH_NORMS) and m.num_features == channels or isinstance(m, _CHANNELWISE):
-                site, fn, shape = nxt[0], nxt[0].out_fn, nxt[0].out_shape
-                passed.append(m)
-                continue
-            if isinstance(m, _CROSS_CHANNEL_NORMS):
-                reason = f"followed by {type(m).__name__}, which normalises across the channels"
-            elif isinstance(m, _NOT_ZERO_AT_ZERO):
-                reason = f"followed by {type(m).__name__}, which is not 0 at 0"
-            break
-        if reason is not None:
-            skipped[name] = reason
-            continue
-        dim = 1
-        if isinstance(module, nn.Linear) and len(shape) > 2:
-            dim = -1
-        if len(shape) < 2 or shape[dim] != channels:
-            skipped[name] = f"output of shape {shape} has no channel axis of size {channels}"
-            continue
-        applied = site
-        while dim == 1 and len(shape) > 2:  # channels first, pooling over the axes after them
-            pool = _sole_consumer(applied, consumers, by_in_fn, calls)
-            if pool is None or not isinstance(pool.module, _POOLS) or len(pool.out_shape) != len(shape) \
-                    or pool.out_shape[1] != channels:
-                break
-            applied = pool
-        if is_depthwise(module) and not _folds_backward(passed):
-            reader = _sole_consumer(applied, consumers, by_in_fn, calls)
-            read_alone = reader is not None and isinstance(reader.module, PRODUCERS) and (
-                getattr(reader.module, "groups", 1) == 1 or is_depthwise(reader.module))
-            if not read_alone:  # e.g. a squeeze-and-excitation multiplies it (EfficientNet, MobileNetV3)
-                skipped[name] = (f"depthwise convolution whose gate, after {type(passed[-1]).__name__}, can be folded "
-                                 "neither into its BatchNorm nor into one next layer reading it alone")
-                continue
-        sites.append(GateSite(producer=name, site=site.name, dim=dim, num_structures=channels,
-                              applied_at="" if applied is site else applied.name))
+        found = _channel_site(call, graph, final=call.out_fn not in upstream_of_some_producer, count=counts[name],
+                              exclude=exclude)
+        if isinstance(found, str):
+            skipped[name] = found
+        else:
+            sites.append(found)
     return sites, skipped
+
+
+@dataclass
+class _Graph:
+    """A traced forward pass: the module calls, the autograd consumers of each output, and
+    the calls reading each autograd node."""
+
+    calls: list[Call]
+    consumers: dict
+    by_in_fn: dict
+
+
+def _trace_with_hooks(model: nn.Module, example_input, packed: dict, blocks: bool, exclude: Sequence):
+    """Trace ``model`` once, recording the inputs of the ``packed`` attention modules and, with
+    ``blocks``, the calls inside every module that could be a residual block; returns the
+    :class:`_Graph`, the packed modules' inputs and the blocks' calls."""
+    seen_inputs: dict[str, list] = {}
+    handles = [m.register_forward_pre_hook(_recorder(seen_inputs, name), with_kwargs=True) for name, m in packed.items()]
+    block_calls: dict[str, list] = {}
+    if blocks:
+        for name, m in model.named_modules():
+            if name and next(m.children(), None) is not None and not _matches(m, name, exclude):
+                handles += _block_hooks(m, name, block_calls)
+    try:
+        calls, consumers, _ = trace(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    by_in_fn: dict = {}
+    for call in calls:
+        for fn in call.in_fns:
+            by_in_fn.setdefault(fn, []).append(call)
+    return _Graph(calls, consumers, by_in_fn), seen_inputs, block_calls
+
+
+def _channel_site(call: Call, graph: _Graph, *, final: bool, count: int, exclude: Sequence) -> GateSite | str:
+    """The gate site of the producer ``call`` (a Linear or Conv), or why it gets none."""
+    module, name = call.module, call.name
+    if _matches(module, name, exclude):
+        return "excluded"
+    if final:
+        return "final layer (its outputs are the network's outputs)"
+    if count > 1:
+        return _SHARED
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups != 1 and not is_depthwise(module):
+        return "grouped convolution (other than depthwise)"
+    channels = _channels(module)
+    site, shape, passed, reason = _walk_to_gate(call, graph, channels)
+    if reason is not None:
+        return reason
+    dim = -1 if isinstance(module, nn.Linear) and len(shape) > 2 else 1
+    if len(shape) < 2 or shape[dim] != channels:
+        return f"output of shape {shape} has no channel axis of size {channels}"
+    applied = site
+    while dim == 1 and len(shape) > 2:  # channels first, pooling over the axes after them
+        pool = _sole_consumer(applied, graph.consumers, graph.by_in_fn, graph.calls)
+        if pool is None or not isinstance(pool.module, _POOLS) or len(pool.out_shape) != len(shape) \
+                or pool.out_shape[1] != channels:
+            break
+        applied = pool
+    if is_depthwise(module) and not _folds_backward(passed):
+        reader = _sole_consumer(applied, graph.consumers, graph.by_in_fn, graph.calls)
+        read_alone = reader is not None and isinstance(reader.module, PRODUCERS) and (
+            getattr(reader.module, "groups", 1) == 1 or is_depthwise(reader.module))
+        if not read_alone:  # e.g. a squeeze-and-excitation multiplies it (EfficientNet, MobileNetV3)
+            return (f"depthwise convolution whose gate, after {type(passed[-1]).__name__}, can be folded "
+                    "neither into its BatchNorm nor into one next layer reading it alone")
+    return GateSite(producer=name, site=site.name, dim=dim, num_structures=channels,
+                    applied_at="" if applied is site else applied.name)
+
+
+def _walk_to_gate(call: Call, graph: _Graph, channels: int) -> tuple[Call, tuple, list[nn.Module], str | None]:
+    """From a producer's output, past the BatchNorm and channel-wise modules that consume it
+    alone, to the call after which its gate belongs: (that call, its output shape, the modules
+    passed, and the reason there is no gate, or None)."""
+    site, fn, shape, reason = call, call.out_fn, call.out_shape, None
+    passed: list[nn.Module] = []  # the modules between the producer and the gate
+    while True:
+        users = graph.consumers.get(fn, [])
+        nxt = [c for c in graph.by_in_fn.get(fn, []) if c is not site]
+        if len(users) != 1 or len(nxt) != 1:
+            # A batch norm the walk cannot pass (called by a module's own forward, as timm's
+            # BatchNormAct2d does): a gate before it would leave a masked channel its shift.
+            if any("BatchNorm" in u.name() for u in users if hasattr(u, "name")) or any(
+                    isinstance(c.module, BATCH_NORMS) for c in nxt):
+                reason = "followed by a batch norm the gate cannot be placed after (inside a module's own forward)"
+            break
+        m = nxt[0].module
+        if sum(c.module is m for c in graph.calls) > 1:
+            break  # a module called twice (e.g. one ReLU reused after a residual addition) cannot host the gate
+        if isinstance(m, BATCH_NORMS) and m.num_features == channels or isinstance(m, _CHANNELWISE):
+            site, fn, shape = nxt[0], nxt[0].out_fn, nxt[0].out_shape
+            passed.append(m)
+            continue
+        if isinstance(m, _CROSS_CHANNEL_NORMS):
+            reason = f"followed by {type(m).__name__}, which normalises across the channels"
+        elif isinstance(m, _NOT_ZERO_AT_ZERO):
+            reason = f"followed by {type(m).__name__}, which is not 0 at 0"
+        break
+    return site, shape, passed, reason
 
 
 _SHARED = "called more than once in a forward pass (shared weights)"
