@@ -48,7 +48,7 @@ from .reporting import collect, write_report
 from .reporting.collect import natural_key
 from .reporting.diagnostics import diagnostic_methods, select_runs
 from .reporting.paper import SUITE_PAPERS
-from .training import TrainingDiverged
+from .training import TRAINED_SCHEDULE, TrainingDiverged
 
 __all__ = ["main", "build_parser", "parse_criteria"]
 
@@ -62,8 +62,11 @@ _MODEL_OPTIONS = {
     "mlp": {"width": "width", "hidden_layers": "hidden_layers"},
     "lenet5": {},
     "resnet": {"depth": "depth", "width": "width"},
+    "resnet56": {"width": "width"},
     "vit": {"depth": "depth", "patch_size": "patch_size", "width": "embed_dim"},
 }
+# The schedule of a run from random weights (with --from: TRAINED_SCHEDULE).
+_SCRATCH_SCHEDULE = {"epochs": 50, "prune_every": 1, "finetune_epochs": 10}
 _FLAG = {"width": "--width", "hidden_layers": "--hidden-layers", "depth": "--depth", "patch_size": "--patch-size"}
 
 
@@ -162,6 +165,10 @@ def _recommended_defaults(args) -> str | None:
 
 def _config_from_args(args) -> RunConfig:
     """The run configuration of ``bmrs train``'s options, checked before anything is written."""
+    schedule = TRAINED_SCHEDULE if args.start_from is not None else _SCRATCH_SCHEDULE
+    for dest, value in schedule.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
     if args.method == "none":
         for flag, value in (("--bits", args.bits), ("--threshold", args.threshold), ("--target", args.target), ("--match", args.match)):
             if value is not None:
@@ -205,6 +212,7 @@ def _config_from_args(args) -> RunConfig:
         recompute_masks=args.recompute_masks, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
         kl_reduction=args.kl_reduction, image_size=args.image_size, model_options=options,
         data_dir=None if args.data_dir is None else str(args.data_dir),
+        start_from=None if args.start_from is None else str(args.start_from),
     )
     if config.method != "none":
         build_criterion(config.resolved(), None)  # threshold / target rules, before any file is written
@@ -796,9 +804,15 @@ def _add_train(commands, threads: argparse.ArgumentParser, progress: argparse.Ar
     p.add_argument("--target", type=float, default=None, help="target parameter compression in [0, 1) instead of a threshold")
     p.add_argument("--match", metavar="RUN_DIR", default=None,
                    help="follow another run's per-epoch parameter compression (e.g. l2 matched to a BMRS run)")
-    p.add_argument("--epochs", type=int, default=50, help="training epochs (pruning happens in these)")
-    p.add_argument("--finetune-epochs", type=int, default=10, help="epochs of fine-tuning with the masks fixed")
-    p.add_argument("--prune-every", type=int, default=1, help="prune after every K-th training epoch")
+    p.add_argument("--from", dest="start_from", metavar="CHECKPOINT", default=None,
+                   help="start from a trained network: a bmrs run directory, a compacted file, or a plain state dict "
+                   "of the bundled model (read weights-only); changes the schedule's defaults (docs/pruning.md)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (pruning happens in these; default 50, "
+                   f"with --from {TRAINED_SCHEDULE['epochs']})")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="epochs of fine-tuning with the masks fixed "
+                   f"(default 10, with --from {TRAINED_SCHEDULE['finetune_epochs']})")
+    p.add_argument("--prune-every", type=int, default=None, help="prune after every K-th training epoch "
+                   f"(default 1, with --from {TRAINED_SCHEDULE['prune_every']})")
     p.add_argument("--recompute-masks", action="store_true",
                    help="recompute masks from scratch at each pruning step (pruned structures may return)")
     p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation, order and noise")

@@ -16,7 +16,7 @@ from .attention import MultiheadSelfAttention
 from .errors import BMRSError
 from .gates import attach_gates
 
-__all__ = ["mlp", "lenet5", "resnet", "vit", "MODELS", "build_model", "MLP", "LeNet5"]
+__all__ = ["mlp", "lenet5", "resnet", "resnet56", "vit", "MODELS", "build_model", "MLP", "LeNet5"]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
 
@@ -158,6 +158,13 @@ def resnet(input_shape: Sequence[int], num_classes: int, *, depth: int = 20, wid
     return _ResNet(int(input_shape[0]), num_classes, (depth - 2) // 6, width)
 
 
+def resnet56(input_shape: Sequence[int], num_classes: int, *, width: int = 16) -> nn.Module:
+    """The CIFAR ResNet-56 of He et al. (2016): three stages of 9 basic blocks with 16, 32
+    and 64 channels (``width`` and its multiples), the network of Torch-Pruning's reference
+    table; :func:`resnet` with ``depth=56``."""
+    return resnet(input_shape, num_classes, depth=56, width=width)
+
+
 class _Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
@@ -239,7 +246,7 @@ def vit(
 
 #: The bundled builders by name (also what :func:`bmrs.compaction.load_compact` rebuilds a
 #: compacted bundled model with).
-MODELS = {"mlp": mlp, "lenet5": lenet5, "resnet": resnet, "vit": vit}
+MODELS = {"mlp": mlp, "lenet5": lenet5, "resnet": resnet, "resnet56": resnet56, "vit": vit}
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, gated: bool = True, **options) -> nn.Module:

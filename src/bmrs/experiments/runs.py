@@ -10,6 +10,7 @@ complete). Every file is written atomically.
 from __future__ import annotations
 
 import hashlib
+import json
 import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -27,15 +28,15 @@ from ..pruning.criteria import CRITERIA, Criterion, criterion_class
 from ..pruning.masks import kept_per_layer, parameter_compression, structure_compression
 from ..pruning.schedules import ContinuousPruning
 from ..datasets import load_dataset
-from ..models import build_model
-from ..training import Trainer, adam, atomic_save, seed_everything
+from ..models import MODELS, _ungated_by_design, build_model
+from ..training import Trainer, adam, atomic_save, gate_trained, load_trained, seed_everything, trained_adam
 from .live import EpochLogger
 from .provenance import provenance
 
 __all__ = [
     "RunConfig", "methods", "train_run", "load_metrics", "write_json", "build_criterion", "load_run", "LoadedRun",
     "run_files", "load_state_file", "check_metrics", "state_checksum", "verify_checksum",
-    "model_architecture", "layer_widths", "compact_to_file", "RECOMMENDED", "PAPER",
+    "model_architecture", "layer_widths", "compact_to_file", "RECOMMENDED", "PAPER", "trained_network",
 ]
 
 
@@ -121,6 +122,9 @@ class RunConfig:
     (``l2``, ``taylor``, ``random``) need ``target`` (a compression) or ``match`` (a run
     directory whose per-epoch parameter compression they follow). ``method`` and
     ``kl_reduction`` default to :data:`RECOMMENDED`, not to the paper's (:data:`PAPER`).
+    ``start_from``: a trained network to start from instead of random weights (see
+    :func:`trained_network`); its gates start near 1 (:data:`bmrs.training.TRAINED_GATE_INIT`)
+    and learn at :data:`bmrs.training.TRAINED_GATE_LR_FACTOR` times ``lr``.
     """
 
     dataset: str = "digits"
@@ -141,6 +145,7 @@ class RunConfig:
     image_size: int | None = None
     model_options: dict = field(default_factory=dict)
     data_dir: str | None = None
+    start_from: str | None = None
 
     def resolved(self) -> "RunConfig":
         """A copy with the defaults that depend on the model and data set filled in."""
@@ -263,6 +268,43 @@ def _compaction(model: nn.Module, config: RunConfig, data, out: Path) -> dict:
         return {"error": f"{type(err).__name__}: {err}", "architecture": architecture}
 
 
+def trained_network(source: str | os.PathLike, config: RunConfig, input_shape, num_classes: int) -> nn.Module:
+    """The trained plain network ``config.start_from`` names, for ``config``'s bundled model.
+
+    ``source`` is a bmrs run directory (its ``compact.pt``, the final network with the gates
+    folded in; or its gated ``model.pt`` / ``checkpoint.pt``, compacted here), a compacted
+    file, or a plain state dict of the bundled model (``torch.save(net.state_dict())``). Every
+    file is read with ``weights_only=True``. A network of another architecture or other
+    model options than ``config``'s raises :class:`bmrs.BMRSError`.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise BMRSError(f"--from {path}: no such file or directory")
+    expected = model_architecture(config, input_shape, num_classes)
+    run_dir = path if path.is_dir() else path.parent
+    is_run = (run_dir / "config.json").is_file() and (path.is_dir() or path.name in ("model.pt", "checkpoint.pt"))
+    if path.is_dir() and (path / "compact.pt").is_file():
+        path, is_run = path / "compact.pt", False
+    if is_run:
+        loaded = load_run(path)
+        net = compact(loaded.model, loaded.example)
+        found = loaded.architecture
+    else:
+        if path.is_dir():
+            raise BMRSError(f"--from {path}: a directory without a run's compact.pt or model.pt")
+        builder = MODELS[config.model]
+        net = load_trained(path, builder(list(input_shape), num_classes, **config.model_options))
+        data = read_tensors(path)  # (load_trained has read it once already, so this succeeds)
+        metadata = data.get("metadata") if isinstance(data, dict) else None
+        found = json.loads(metadata).get("architecture") if isinstance(metadata, str) else None
+    if found is not None and {k: found.get(k) for k in expected} != expected:
+        raise BMRSError(f"--from {source} holds a {found.get('name')} with options {found.get('options')} for inputs "
+                        f"{found.get('input_shape')} and {found.get('num_classes')} classes; this run is a "
+                        f"{expected['name']} with {expected['options']} for {expected['input_shape']} and "
+                        f"{expected['num_classes']} classes")
+    return net.train()
+
+
 def train_run(
     config: RunConfig, out_dir: str | os.PathLike, *, progress: bool = True, resume: bool = True,
     device: str | torch.device = "cpu", log: str | None = None,
@@ -294,7 +336,7 @@ def train_run(
         return load_metrics(out)
     if (out / "config.json").exists() and resume:
         previous = read_json(out / "config.json")
-        if previous != asdict(config):
+        if asdict(RunConfig(**{k: v for k, v in previous.items() if k in asdict(config)})) != asdict(config):
             raise BMRSError(f"{out} holds a run with another configuration; choose another --out")
     main = distributed.is_main()
     if main and not resume:
@@ -305,7 +347,12 @@ def train_run(
     device = torch.device(device)
     generator = seed_everything(config.seed)
     data = load_dataset(config.dataset, config.data_dir, seed=config.seed, image_size=config.image_size)
-    model = build_model(config.model, data.input_shape, data.num_classes, **config.model_options).to(device)
+    if config.start_from is None:
+        model = build_model(config.model, data.input_shape, data.num_classes, **config.model_options).to(device)
+    else:  # a trained network, gated so that it computes what it computed
+        model = trained_network(config.start_from, config, data.input_shape, data.num_classes)
+        gate_trained(model, data.val.tensors[0][:64], exclude=_ungated_by_design(model))
+        model = model.to(device)
     distributed.seed_noise(config.seed)
     if distributed.world_size() > 1:
         sampler = torch.utils.data.DistributedSampler(data.train, shuffle=True, seed=config.seed)
@@ -328,7 +375,7 @@ def train_run(
                 criterion, config.prune_every, recompute=config.recompute_masks, target=config.target,
                 target_kind="params",
             )
-    optimizer = adam(model.parameters(), config.lr)
+    optimizer = adam(model.parameters(), config.lr) if config.start_from is None else trained_adam(model, config.lr)
     trainer = Trainer(
         trained, optimizer, kl_reduction=config.kl_reduction, dataset_size=len(data.train), device=device,
         progress=progress,
