@@ -14,7 +14,7 @@ from bmrs.datasets import load_dataset
 from bmrs.gates import gates
 from bmrs.models import build_model, lenet5, resnet, resnet56
 from bmrs.training import (
-    TRAINED_GATE_INIT, TRAINED_GATE_LR_FACTOR, Trainer, gate_trained, load_trained, seed_everything, trained_adam,
+    TRAINED_GATE_INIT, TRAINED_GATE_LR, Trainer, gate_trained, load_trained, seed_everything, trained_adam,
 )
 
 TINY = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--batch-size", "32", "--no-progress"]
@@ -123,7 +123,7 @@ def test_trainer_fine_tunes_a_trained_network_with_gates_learning_faster():
     net, x = _trained_lenet()
     gate_trained(net, x)
     optimizer = trained_adam(net, 1e-3)
-    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, TRAINED_GATE_LR_FACTOR * 1e-3]
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, TRAINED_GATE_LR]
     gate_ids = {id(p) for g in gates(net).values() for p in g.parameters()}
     assert {id(p) for p in optimizer.param_groups[1]["params"]} == gate_ids
     y = torch.zeros(len(x), dtype=torch.long)
@@ -143,6 +143,17 @@ def base_run(tmp_path_factory):
 
 def _accuracy(run) -> float:
     return json.loads((run / "metrics.json").read_text())["test_accuracy"]
+
+
+def test_a_trained_bundled_model_gated_computes_what_it_computed(base_run):
+    net = load_trained(base_run / "compact.pt")  # the trained MLP of a bmrs run, gates folded in
+    x = load_dataset("digits", seed=0).test.tensors[0][:64]
+    with torch.no_grad():
+        reference = net(x)
+    gate_trained(net, x)
+    assert len(gates(net)) == 2
+    with torch.no_grad():
+        assert _relative(net.eval()(x), reference) <= 1e-3
 
 
 def test_train_from_a_run_directory_starts_at_its_accuracy(base_run, tmp_path, capsys):

@@ -124,7 +124,7 @@ class RunConfig:
     ``kl_reduction`` default to :data:`RECOMMENDED`, not to the paper's (:data:`PAPER`).
     ``start_from``: a trained network to start from instead of random weights (see
     :func:`trained_network`); its gates start near 1 (:data:`bmrs.training.TRAINED_GATE_INIT`)
-    and learn at :data:`bmrs.training.TRAINED_GATE_LR_FACTOR` times ``lr``.
+    and learn at :data:`bmrs.training.TRAINED_GATE_LR`.
     """
 
     dataset: str = "digits"
