@@ -107,6 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="threads for training and timing (default 1)")
     p.add_argument("--json", metavar="FILE", default=None, help="write the summary here")
     p.add_argument("--figure", metavar="FILE", default=None, help="write the accuracy-against-speed-up figure here (PNG)")
+    p.add_argument("--table", action="store_true", help="print the summary as a Markdown table at the end")
     p.add_argument("--force", action="store_true", help="replace --json / --figure files this script did not write")
     args = p.parse_args(argv)
     for name in ("batch_size", "base_epochs", "epochs", "seeds", "repeats", "threads", "tp_steps"):
@@ -382,7 +383,7 @@ def summary(args, base_info: dict, rows: dict, seconds: float) -> dict:
     stops = [rows[("bmrs", None, s)] for s in range(args.seeds) if ("bmrs", None, s) in rows]
     if stops:
         result["bmrs_stop"] = _aggregate(stops) | {"criterion": RECOMMENDED["method"]}
-    result["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "figure", "force", "out")}
+    result["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "figure", "force", "out", "table")}
     result["cost"] = {"pruning_phase_seconds": sum(r["seconds"] + r.get("latency_seconds", 0.0) for r in rows.values()),
                       "this_invocation_seconds": seconds, "rows": len(rows)}
     return result
@@ -397,43 +398,74 @@ def _writable(path: Path, force: bool) -> None:
                 return
         except (ValueError, OSError, AttributeError):
             pass
-    elif (path.with_suffix(path.suffix + ".bmrs")).is_file():  # a figure this script wrote
+    elif FORMAT.encode() in path.read_bytes()[:4096]:  # a figure this script wrote (its PNG description)
         return
     raise BMRSError(f"{path} exists and was not written by this script; pass --force to replace it")
 
 
 def figure(result: dict, path: Path) -> None:
+    """Accuracy against the MACs reduction and the measured speed-up at batch 256 in eager
+    PyTorch and in onnxruntime (one panel each): a line per method through its targets, the base network
+    as a horizontal line, BMRS's own stopping point as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
     methods = sorted({m for t in result["targets"].values() for m in t["rows"]})
-    for method in methods:
-        points = [(t["rows"][method].get("latency_ratio_ort"), *t["rows"][method]["accuracy"])
-                  for t in result["targets"].values() if method in t["rows"]]
-        points = [p for p in points if p[0] is not None]
-        if not points:
-            continue
-        xs, ys, es = zip(*sorted(points))
-        style = "-o" if method.startswith("bmrs") else "--s"
-        ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], fmt=style, capsize=3, label=method,
-                    linewidth=2.2 if method.startswith("bmrs") else 1.2)
-    stop = result.get("bmrs_stop")
-    if stop and stop.get("latency_ratio_ort") is not None:
-        ax.errorbar([stop["latency_ratio_ort"]], [100 * stop["accuracy"][0]], yerr=[100 * stop["accuracy"][1]], fmt="*",
-                    markersize=16, color="black", label="bmrs (own stop)")
-    ax.axhline(100 * result["base_accuracy"][0], color="grey", linewidth=0.8, linestyle=":", label="base network")
-    ax.set_xlabel("measured speed-up (onnxruntime, batch 256, 1 thread): base latency / pruned latency")
-    ax.set_ylabel("test accuracy (%), mean ± std of seeds")
-    ax.set_title(f"{result['model']} on {result['dataset']}: accuracy against measured speed-up")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    panels = (("macs_ratio", "MACs reduction (counted; the targets)"),
+              ("latency_ratio_eager_b256", "measured speed-up, eager PyTorch, batch 256, 1 thread"),
+              ("latency_ratio_ort_b256", "measured speed-up, onnxruntime, batch 256, 1 thread"))
+    for ax, (key, label) in zip(axes, panels):
+        for method in methods:
+            points = [(t["rows"][method].get(key), *t["rows"][method]["accuracy"])
+                      for t in result["targets"].values() if method in t["rows"]]
+            points = [p for p in points if p[0] is not None]
+            if not points:
+                continue
+            xs, ys, es = zip(*sorted(points))
+            ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], capsize=3, label=method,
+                        fmt="-o" if method.startswith("bmrs") else "--s",
+                        linewidth=2.2 if method.startswith("bmrs") else 1.2)
+        stop = result.get("bmrs_stop")
+        if stop and stop.get(key) is not None:
+            ax.errorbar([stop[key]], [100 * stop["accuracy"][0]], yerr=[100 * stop["accuracy"][1]], fmt="*",
+                        markersize=16, color="black", label="bmrs (own stop)")
+        ax.axhline(100 * result["base_accuracy"][0], color="grey", linewidth=0.8, linestyle=":", label="base network")
+        ax.axvline(1.0, color="grey", linewidth=0.6)
+        ax.set_xlabel(label + " (base / pruned)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%), mean ± std over seeds")
+    axes[2].legend(fontsize=8, ncol=2)
+    fig.suptitle(f"{result['model']} on {result['dataset']}: accuracy against measured speed-up "
+                 "(points of a method: its MACs targets)")
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    path.with_suffix(path.suffix + ".bmrs").write_text(FORMAT + "\n")
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", metadata={"Description": FORMAT}))
     plt.close(fig)
+
+
+def table(result: dict) -> str:
+    """The summary as a Markdown table: one line per target and method, best first."""
+    def pm(pair):
+        return f"{100 * pair[0]:.2f} ± {100 * pair[1]:.2f}"
+
+    def ratio(row, key):
+        return f"{row[key]:.2f}x" if row.get(key) is not None else "–"
+
+    lines = ["| target | method | accuracy (%) | Δ vs base (points) | MACs reduction | params reduction | "
+             "speed-up ort b1 | ort b256 | eager b1 | eager b256 | seeds |", "|" + "---|" * 11]
+    base = result["base_accuracy"][0]
+    entries = [(f"{t}x", rows) for t, rows in ((t, v["rows"]) for t, v in result["targets"].items())]
+    if "bmrs_stop" in result:
+        entries.append(("own stop", {"bmrs (" + result["bmrs_stop"]["criterion"] + ")": result["bmrs_stop"]}))
+    for label, rows in entries:
+        for method, row in sorted(rows.items(), key=lambda kv: -kv[1]["accuracy"][0]):
+            lines.append(f"| {label} | {method} | {pm(row['accuracy'])} | {100 * (row['accuracy'][0] - base):+.2f} | "
+                         f"{row['macs_ratio']:.2f}x | {row['params_ratio']:.2f}x | {ratio(row, 'latency_ratio_ort_b1')} | "
+                         f"{ratio(row, 'latency_ratio_ort_b256')} | {ratio(row, 'latency_ratio_eager_b1')} | "
+                         f"{ratio(row, 'latency_ratio_eager_b256')} | {row['seeds']} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -480,6 +512,8 @@ def main(argv=None) -> int:
     if args.figure is not None:
         figure(result, Path(args.figure))
         log(f"wrote {args.figure}")
+    if args.table:
+        print(table(result))
     return 0
 
 

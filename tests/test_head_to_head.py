@@ -66,3 +66,14 @@ def test_the_summary_has_the_issues_shape(h2h):
     assert set(result["targets"]["2.1"]["rows"]) == {"bmrs-n", "tp-l1"}
     assert result["bmrs_stop"]["seeds"] == 2
     json.dumps(result)
+
+
+def test_the_table_lists_every_row(h2h):
+    result = {"base_accuracy": [0.9, 0.0], "targets": {"2.1": {"rows": {
+        "bmrs-n": {"accuracy": [0.88, 0.01], "macs_ratio": 2.2, "params_ratio": 2.0, "seeds": 3, "latency_ratio_ort_b1": 1.5},
+        "tp-l1": {"accuracy": [0.89, 0.01], "macs_ratio": 2.1, "params_ratio": 1.9, "seeds": 3}}}},
+        "bmrs_stop": {"accuracy": [0.9, 0.0], "macs_ratio": 1.3, "params_ratio": 1.2, "seeds": 3, "criterion": "bmrs-n-kr"}}
+    lines = h2h.table(result).splitlines()
+    assert len(lines) == 2 + 3
+    assert lines[2].startswith("| 2.1x | tp-l1 | 89.00 ± 1.00 | -1.00 |")  # best first
+    assert "| 1.50x |" in lines[3] and lines[4].startswith("| own stop | bmrs (bmrs-n-kr) |")
