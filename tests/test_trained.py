@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from bmrs import BMRSError
-from bmrs.cli import main
+from bmrs.cli import _config_from_args, build_parser, main
 from bmrs.compaction import compact, save_compact
 from bmrs.datasets import load_dataset
 from bmrs.gates import gates
 from bmrs.models import build_model, lenet5, resnet, resnet56
 from bmrs.training import (
-    TRAINED_GATE_INIT, TRAINED_GATE_LR, Trainer, gate_trained, load_trained, seed_everything, trained_adam,
+    TRAINED_GATE_INIT, TRAINED_GATE_LR, TRAINED_SCHEDULE, Trainer, gate_trained, load_trained, seed_everything, trained_adam,
 )
 
 TINY = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--batch-size", "32", "--no-progress"]
@@ -57,7 +57,7 @@ def test_the_paper_init_changes_a_trained_network_and_the_trained_init_does_not(
         assert float((1 - gate.expected_gate().detach()).abs().max()) < 1e-5
 
 
-def test_a_gated_resnet56_keeps_its_function_and_compacts_exactly():
+def test_a_gated_resnet56_keeps_its_function_and_compacts_exactly(tmp_path):
     torch.manual_seed(0)
     net = resnet56((1, 16, 16), 10)
     assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == 1 + 54 + 2  # stem, 27 blocks, 2 projections
@@ -80,6 +80,11 @@ def test_a_gated_resnet56_keeps_its_function_and_compacts_exactly():
     with torch.no_grad():
         assert _relative(small(x), gated) < 1e-4
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in resnet56((1, 16, 16), 10).parameters())
+    save_compact(small, tmp_path / "r56.pt",
+                 architecture={"name": "resnet56", "input_shape": [1, 16, 16], "num_classes": 10, "options": {}})
+    again = load_trained(tmp_path / "r56.pt")  # rebuilt by the bundled builder, at the saved widths
+    with torch.no_grad():
+        assert torch.equal(again(x), small.eval()(x))
 
 
 def test_gate_trained_refuses_a_network_it_would_change():
@@ -131,6 +136,18 @@ def test_trainer_fine_tunes_a_trained_network_with_gates_learning_faster():
     before = {n: g.log_scale.detach().clone() for n, g in gates(net).items()}
     trainer.step(x, y)
     assert all(not torch.equal(before[n], g.log_scale) for n, g in gates(net).items())
+
+
+def test_from_changes_the_schedule_defaults_and_given_flags_win():
+    def parse(argv):
+        return build_parser().parse_args([*argv[:1], "--method", "none", *argv[1:]])
+
+    scratch = _config_from_args(parse(["train", *TINY, "--out", "x"]))
+    trained = _config_from_args(parse(["train", *TINY, "--from", "net.pt", "--out", "x"]))
+    given = _config_from_args(parse(["train", *TINY, "--from", "net.pt", "--epochs", "7", "--out", "x"]))
+    assert (scratch.epochs, scratch.prune_every, scratch.finetune_epochs, scratch.start_from) == (50, 1, 10, None)
+    assert {k: getattr(trained, k) for k in TRAINED_SCHEDULE} == TRAINED_SCHEDULE and trained.start_from == "net.pt"
+    assert (given.epochs, given.finetune_epochs) == (7, TRAINED_SCHEDULE["finetune_epochs"])
 
 
 @pytest.fixture(scope="module")

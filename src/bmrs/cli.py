@@ -807,12 +807,12 @@ def _add_train(commands, threads: argparse.ArgumentParser, progress: argparse.Ar
     p.add_argument("--from", dest="start_from", metavar="CHECKPOINT", default=None,
                    help="start from a trained network: a bmrs run directory, a compacted file, or a plain state dict "
                    "of the bundled model (read weights-only); changes the schedule's defaults (docs/pruning.md)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (pruning happens in these; default 50, "
-                   f"with --from {TRAINED_SCHEDULE['epochs']})")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (pruning happens in these; default "
+                   f"{_SCRATCH_SCHEDULE['epochs']}, with --from {TRAINED_SCHEDULE['epochs']})")
     p.add_argument("--finetune-epochs", type=int, default=None, help="epochs of fine-tuning with the masks fixed "
-                   f"(default 10, with --from {TRAINED_SCHEDULE['finetune_epochs']})")
+                   f"(default {_SCRATCH_SCHEDULE['finetune_epochs']}, with --from {TRAINED_SCHEDULE['finetune_epochs']})")
     p.add_argument("--prune-every", type=int, default=None, help="prune after every K-th training epoch "
-                   f"(default 1, with --from {TRAINED_SCHEDULE['prune_every']})")
+                   f"(default {_SCRATCH_SCHEDULE['prune_every']}, with --from {TRAINED_SCHEDULE['prune_every']})")
     p.add_argument("--recompute-masks", action="store_true",
                    help="recompute masks from scratch at each pruning step (pruned structures may return)")
     p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation, order and noise")
