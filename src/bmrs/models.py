@@ -18,7 +18,9 @@ from .compaction import register_architecture
 from .errors import BMRSError
 from .gates import attach_gates
 
-__all__ = ["mlp", "lenet5", "resnet", "vit", "MODELS", "MODEL_OPTIONS", "ModelOption", "build_model", "MLP", "LeNet5"]
+__all__ = [
+    "mlp", "lenet5", "resnet", "resnet56", "vit", "MODELS", "MODEL_OPTIONS", "ModelOption", "build_model", "MLP", "LeNet5",
+]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU}
 
@@ -160,6 +162,13 @@ def resnet(input_shape: Sequence[int], num_classes: int, *, depth: int = 20, wid
     return _ResNet(int(input_shape[0]), num_classes, (depth - 2) // 6, width)
 
 
+def resnet56(input_shape: Sequence[int], num_classes: int, *, width: int = 16) -> nn.Module:
+    """The CIFAR ResNet-56 of He et al. (2016): three stages of 9 basic blocks with 16, 32
+    and 64 channels (``width`` and its multiples), the network of Torch-Pruning's reference
+    table; :func:`resnet` with ``depth=56``."""
+    return resnet(input_shape, num_classes, depth=56, width=width)
+
+
 class _Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
@@ -241,7 +250,7 @@ def vit(
 
 #: The bundled builders by name (also what :func:`bmrs.compaction.load_compact` rebuilds a
 #: compacted bundled model with: each is registered as an architecture below).
-MODELS = {"mlp": mlp, "lenet5": lenet5, "resnet": resnet, "vit": vit}
+MODELS = {"mlp": mlp, "lenet5": lenet5, "resnet": resnet, "resnet56": resnet56, "vit": vit}
 
 
 @dataclass(frozen=True)
@@ -259,6 +268,7 @@ MODEL_OPTIONS: dict[str, dict[str, ModelOption]] = {
     "mlp": {"--width": ModelOption("width", "hidden units"),
             "--hidden-layers": ModelOption("hidden_layers", "hidden blocks after the input layer")},
     "resnet": {"--depth": ModelOption("depth", "layers (6n+2)"), "--width": ModelOption("width", "base channels")},
+    "resnet56": {"--width": ModelOption("width", "base channels")},
     "vit": {"--depth": ModelOption("depth", "transformer blocks"), "--patch-size": ModelOption("patch_size", "patch size"),
             "--width": ModelOption("embed_dim", "embedding size")},
 }

@@ -133,6 +133,9 @@ class RunConfig:
     (``l2``, ``taylor``, ``random``) need ``target`` (a compression) or ``match`` (a run
     directory whose per-epoch parameter compression they follow). ``method`` and
     ``kl_reduction`` default to :data:`RECOMMENDED`, not to the paper's (:data:`PAPER`).
+    ``start_from``: a trained network to start from instead of random weights (see
+    :func:`bmrs.experiments.runs.trained_network`); its gates start near 1
+    (:data:`bmrs.training.TRAINED_GATE_INIT`) and learn at :data:`bmrs.training.TRAINED_GATE_LR`.
     """
 
     dataset: str = "digits"
@@ -153,6 +156,7 @@ class RunConfig:
     image_size: int | None = None
     model_options: dict = field(default_factory=dict)
     data_dir: str | None = None
+    start_from: str | None = None
 
     def check(self) -> "RunConfig":
         """``self``, once its options go together (a ``BMRSError`` saying which do not): a

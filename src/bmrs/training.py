@@ -24,11 +24,14 @@ from tqdm.auto import tqdm
 from ._io import content_digest, read_tensors, write_atomic
 from .errors import BMRSError
 from .distributed import average, gather_rows, is_main, rank, unwrap, world_size
-from .gates import DEFAULT_KL_REDUCTION, NoiseGate, check_kl_reduction, model_kl
+from .gates import DEFAULT_KL_REDUCTION, NoiseGate, attach_gates, check_kl_reduction, model_kl
 from .pruning.masks import kept_per_layer, parameter_compression, structure_compression
 from .pruning.schedules import ContinuousPruning
 
-__all__ = ["elbo_loss", "seed_everything", "adam", "Trainer", "EpochRecord", "atomic_save", "TrainingDiverged"]
+__all__ = [
+    "elbo_loss", "seed_everything", "adam", "Trainer", "EpochRecord", "atomic_save", "TrainingDiverged",
+    "TRAINED_GATE_INIT", "TRAINED_SCHEDULE", "TRAINED_GATE_LR", "load_trained", "gate_trained", "trained_adam",
+]
 
 # How often (in steps) training reads the device-side record of non-finite losses: one host
 # synchronisation per this many steps, and one at the end of every epoch.
@@ -62,6 +65,119 @@ def adam(params: Iterable[Tensor], lr: float) -> torch.optim.Adam:
     params = list(params)
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.Adam(params, lr=lr, fused=True if fused else None)
+
+
+#: The gates' initial posterior on a trained network: ``log theta ~ N(0, sigma^2)`` with
+#: ``sigma = e^-12`` (6.1e-6), truncated to ``log theta <= 0``. Then ``E[theta] = 1 - 4.9e-6``
+#: per gate (``1 - sigma sqrt(2 / pi)``), so even 55 gated layers in a row (ResNet-56)
+#: change the outputs by less than 3e-4 relative, and the noise of a training step is as
+#: small. The paper's initialisation (``init_log_scale = -5``) gives ``E[theta] = 1 - 0.0054``:
+#: harmless when the weights are trained with the gates from the start, but it shrinks a
+#: trained network's activations by 0.5 % per gated layer.
+TRAINED_GATE_INIT = {"init_loc": 0.0, "init_log_scale": -12.0}
+
+#: The schedule of ``bmrs train --from`` unless told otherwise (docs/pruning.md, "Starting
+#: from a trained network"): 4 epochs of ELBO fine-tuning with a decision after every second
+#: one (the posteriors need a few hundred steps to leave their near-point start before a
+#: decision means anything), then 8 epochs of recovery with the masks fixed: at a fixed
+#: budget of epochs, the head-to-head with Torch-Pruning (docs/results.md) found the epochs
+#: of recovery worth more than more epochs of the ELBO.
+TRAINED_SCHEDULE = {"epochs": 4, "prune_every": 2, "finetune_epochs": 8}
+
+#: The Adam learning rate of the gates' posterior parameters on a trained network
+#: (:func:`trained_adam`): they start at a near-point mass and must cross ``[-20, 0]`` (and
+#: their log-scale rise by some 10 units) within the few hundred steps of a fine-tune. Adam
+#: moves a parameter by about its learning rate per step, so at 1e-3 (the paper's, for
+#: training from scratch) nothing moves far enough: measured on a trained ResNet-20, 94
+#: steps at 1e-2 left every gate's log-scale at -11 and every delta F far below 0; 188
+#: steps at 0.1 spread the log-scales over [-3, 4] and let the evidence prune.
+TRAINED_GATE_LR = 0.1
+
+
+def load_trained(source: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """A trained plain network read from ``source`` with ``weights_only=True`` (no code runs).
+
+    ``source`` is either a compacted file (:func:`bmrs.compaction.save_compact`; rebuilt
+    from its recorded architecture, or from ``model`` when it has none) or a plain state dict
+    (``torch.save(net.state_dict(), path)``), loaded strictly into ``model``, which is
+    returned. A gated model's state dict is refused: compact that model first (a bmrs run's
+    ``compact.pt`` is such a file). Errors a user can cause raise :class:`bmrs.BMRSError`.
+    """
+    from .compaction import load_compact
+    from .gates import gates
+
+    path = Path(source)
+    if not path.is_file():
+        raise BMRSError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
+    data = read_tensors(path, "a state dict or a compacted model file")
+    if isinstance(data, dict) and "metadata" in data and "state_dict" in data:
+        if model is not None and gates(model):
+            raise BMRSError("load_trained needs a plain model (no gates) to load into")
+        return load_compact(path, model=model)
+    if not (isinstance(data, dict) and data and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in data.items())):
+        raise BMRSError(f"{path} holds neither a state dict (names to tensors) nor a compacted model")
+    if any(".bmrs_gate." in f".{k}" for k in data):
+        raise BMRSError(f"{path} is the state dict of a gated model: compact it first "
+                         "(a bmrs run directory's compact.pt is such a file)")
+    if model is None:
+        raise BMRSError(f"{path} is a plain state dict: pass the model it belongs to")
+    if gates(model):
+        raise BMRSError("load_trained needs a plain model (no gates) to load the state dict into")
+    try:
+        model.load_state_dict(data, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise BMRSError(f"{path} does not fit the model ({detail})") from None
+    return model
+
+
+def gate_trained(model: nn.Module, example_input, *, exclude=(), rtol: float = 1e-3, **options):
+    """Attach gates to a trained ``model`` (in place) so that it computes what it computed.
+
+    The gates start from :data:`TRAINED_GATE_INIT` (``options`` override it and pass on to
+    :func:`bmrs.attach_gates`). The eval-mode outputs on ``example_input`` (a batch of real
+    inputs) are compared before and after: a relative difference (largest absolute
+    difference over the largest absolute output) above ``rtol`` raises :class:`bmrs.BMRSError`
+    and leaves the model without gates. Returns the :class:`~bmrs.structure.GateLayout`.
+    """
+    from .gates import detach_gates
+
+    settings = dict(TRAINED_GATE_INIT) | options
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                before = model(example_input)
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                detail = " ".join(str(err).split())[:200]
+                raise BMRSError(f"the trained network does not take the example input ({detail})") from None
+        layout = attach_gates(model, example_input, exclude=exclude, **settings)
+        model.eval()
+        with torch.no_grad():
+            after = model(example_input)
+        error = float((after - before).abs().max() / before.abs().max().clamp_min(1e-30))
+        if not error <= rtol:
+            detach_gates(model)
+            raise BMRSError(f"the gated network's outputs differ from the trained network's by {error:.2e} "
+                             f"(relative), more than {rtol:g}: start the gates closer to 1 (init_log_scale)")
+    finally:
+        model.train(training)
+    return layout
+
+
+def trained_adam(model: nn.Module, lr: float, gate_lr: float | None = None) -> torch.optim.Adam:
+    """:func:`adam` for a gated trained network: the weights at ``lr``, the gates' posterior
+    parameters at ``gate_lr`` (default :data:`TRAINED_GATE_LR`)."""
+    from .gates import gates
+
+    gate_params = {id(p) for g in gates(model).values() for p in g.parameters()}
+    weights = [p for p in model.parameters() if id(p) not in gate_params]
+    posterior = [p for p in model.parameters() if id(p) in gate_params]
+    gate_lr = TRAINED_GATE_LR if gate_lr is None else gate_lr
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    groups = [g for g in ({"params": weights, "lr": lr}, {"params": posterior, "lr": gate_lr}) if g["params"]]
+    return torch.optim.Adam(groups, lr=lr, fused=True if fused else None)
 
 
 def elbo_loss(

@@ -19,7 +19,7 @@ from ..models import MODEL_OPTIONS, MODELS
 from ..pruning.criteria import CRITERIA
 from ..reporting.collect import natural_key
 from ..rundir import PAPER, RECOMMENDED, RUN_FILES, RunConfig, check_output_dir, load_metrics, read_config
-from ..training import TrainingDiverged
+from ..training import TRAINED_SCHEDULE, TrainingDiverged
 from ._common import Formatter, criteria_with, dataset_name, out_path, percent, positive, say, set_threads
 
 def _recommended_defaults(args) -> str | None:
@@ -34,6 +34,10 @@ def _recommended_defaults(args) -> str | None:
         return None
     paper = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PAPER.items())
     return f"recommended defaults: {', '.join(filled)} (docs/pruning.md; the paper's: {paper})"
+
+
+# The schedule of a run from random weights (with --from: bmrs.training.TRAINED_SCHEDULE).
+_SCRATCH_SCHEDULE = {"epochs": 50, "prune_every": 1, "finetune_epochs": 10}
 
 
 def _model_flags() -> dict[str, list[tuple[str, str]]]:
@@ -52,6 +56,10 @@ def _dest(flag: str) -> str:
 
 def _config_from_args(args) -> RunConfig:
     """The run configuration of ``bmrs train``'s options, checked before anything is written."""
+    schedule = TRAINED_SCHEDULE if args.start_from is not None else _SCRATCH_SCHEDULE
+    for dest, value in schedule.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
     if args.method == "none" and args.bits is not None:
         raise BMRSError("--bits applies to a pruning method, not --method none")
     if args.bits is not None and "bits" not in CRITERIA[args.method].needs:
@@ -89,6 +97,7 @@ def _config_from_args(args) -> RunConfig:
         recompute_masks=args.recompute_masks, seed=args.seed, lr=args.lr, batch_size=args.batch_size,
         kl_reduction=args.kl_reduction, image_size=args.image_size, model_options=options,
         data_dir=None if args.data_dir is None else str(args.data_dir),
+        start_from=None if args.start_from is None else str(args.start_from),
     )
     return config.check()  # the rules of options that go together, before any file is written
 
@@ -265,9 +274,15 @@ def add_parser(commands, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--target", type=float, default=None, help="target parameter compression in [0, 1) instead of a threshold")
     p.add_argument("--match", metavar="RUN_DIR", default=None,
                    help="follow another run's per-epoch parameter compression (e.g. l2 matched to a BMRS run)")
-    p.add_argument("--epochs", type=int, default=50, help="training epochs (pruning happens in these)")
-    p.add_argument("--finetune-epochs", type=int, default=10, help="epochs of fine-tuning with the masks fixed")
-    p.add_argument("--prune-every", type=int, default=1, help="prune after every K-th training epoch")
+    p.add_argument("--from", dest="start_from", metavar="CHECKPOINT", default=None,
+                   help="start from a trained network: a bmrs run directory, a compacted file, or a plain state dict "
+                   "of the bundled model (read weights-only); changes the schedule's defaults (docs/pruning.md)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (pruning happens in these; default "
+                   f"{_SCRATCH_SCHEDULE['epochs']}, with --from {TRAINED_SCHEDULE['epochs']})")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="epochs of fine-tuning with the masks fixed "
+                   f"(default {_SCRATCH_SCHEDULE['finetune_epochs']}, with --from {TRAINED_SCHEDULE['finetune_epochs']})")
+    p.add_argument("--prune-every", type=int, default=None, help="prune after every K-th training epoch "
+                   f"(default {_SCRATCH_SCHEDULE['prune_every']}, with --from {TRAINED_SCHEDULE['prune_every']})")
     p.add_argument("--recompute-masks", action="store_true",
                    help="recompute masks from scratch at each pruning step (pruned structures may return)")
     p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation, order and noise")

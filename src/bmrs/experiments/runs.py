@@ -9,6 +9,7 @@ complete). Every file is written atomically.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,18 +28,20 @@ from ..pruning.criteria import CRITERIA, Criterion, criterion_class
 from ..pruning.masks import kept_per_layer, parameter_compression, structure_compression
 from ..pruning.schedules import ContinuousPruning
 from ..datasets import load_dataset
-from ..models import build_model
+from ..models import MODELS, _ungated_by_design, build_model
 from ..rundir import (
     METRICS, RunConfig, check_same_options, load_metrics, load_state_file, run_files,
     read_config, verify_checksum,
 )
-from ..training import Trainer, adam, atomic_save, check_checkpoint, seed_everything
+from ..training import (
+    Trainer, adam, atomic_save, check_checkpoint, gate_trained, load_trained, seed_everything, trained_adam,
+)
 from .live import EpochLogger
 from .provenance import provenance
 
 __all__ = [
     "methods", "train_run", "build_criterion", "load_run", "LoadedRun", "model_architecture", "layer_widths",
-    "compact_to_file",
+    "compact_to_file", "trained_network",
 ]
 
 
@@ -147,6 +150,43 @@ def _evidence_and_calibration(model: nn.Module, criterion, loader, example: torc
     return found
 
 
+def trained_network(source: str | os.PathLike, config: RunConfig, input_shape, num_classes: int) -> nn.Module:
+    """The trained plain network ``config.start_from`` names, for ``config``'s bundled model.
+
+    ``source`` is a bmrs run directory (its ``compact.pt``, the final network with the gates
+    folded in; or its gated ``model.pt`` / ``checkpoint.pt``, compacted here), a compacted
+    file, or a plain state dict of the bundled model (``torch.save(net.state_dict())``). Every
+    file is read with ``weights_only=True``. A network of another architecture or other
+    model options than ``config``'s raises :class:`bmrs.BMRSError`.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise BMRSError(f"--from {path}: no such file or directory")
+    expected = model_architecture(config, input_shape, num_classes)
+    run_dir = path if path.is_dir() else path.parent
+    is_run = (run_dir / "config.json").is_file() and (path.is_dir() or path.name in ("model.pt", "checkpoint.pt"))
+    if path.is_dir() and (path / "compact.pt").is_file():
+        path, is_run = path / "compact.pt", False
+    if is_run:
+        loaded = load_run(path)
+        net = compact(loaded.model, loaded.example)
+        found = loaded.architecture
+    else:
+        if path.is_dir():
+            raise BMRSError(f"--from {path}: a directory without a run's compact.pt or model.pt")
+        builder = MODELS[config.model]
+        net = load_trained(path, builder(list(input_shape), num_classes, **config.model_options))
+        data = read_tensors(path)  # (load_trained has read it once already, so this succeeds)
+        metadata = data.get("metadata") if isinstance(data, dict) else None
+        found = json.loads(metadata).get("architecture") if isinstance(metadata, str) else None
+    if found is not None and {k: found.get(k) for k in expected} != expected:
+        raise BMRSError(f"--from {source} holds a {found.get('name')} with options {found.get('options')} for inputs "
+                        f"{found.get('input_shape')} and {found.get('num_classes')} classes; this run is a "
+                        f"{expected['name']} with {expected['options']} for {expected['input_shape']} and "
+                        f"{expected['num_classes']} classes")
+    return net.train()
+
+
 def train_run(
     config: RunConfig, out_dir: str | os.PathLike, *, progress: bool = True, resume: bool = True,
     device: str | torch.device = "cpu", log: str | None = None,
@@ -185,7 +225,12 @@ def train_run(
     device = torch.device(device)
     generator = seed_everything(config.seed)
     data = load_dataset(config.dataset, config.data_dir, seed=config.seed, image_size=config.image_size)
-    model = build_model(config.model, data.input_shape, data.num_classes, **config.model_options).to(device)
+    if config.start_from is None:
+        model = build_model(config.model, data.input_shape, data.num_classes, **config.model_options).to(device)
+    else:  # a trained network, gated so that it computes what it computed
+        model = trained_network(config.start_from, config, data.input_shape, data.num_classes)
+        gate_trained(model, data.val.tensors[0][:64], exclude=_ungated_by_design(model))
+        model = model.to(device)
     distributed.seed_noise(config.seed)
     if distributed.world_size() > 1:
         sampler = torch.utils.data.DistributedSampler(data.train, shuffle=True, seed=config.seed)
@@ -208,7 +253,7 @@ def train_run(
                 criterion, config.prune_every, recompute=config.recompute_masks, target=config.target,
                 target_kind="params",
             )
-    optimizer = adam(model.parameters(), config.lr)
+    optimizer = adam(model.parameters(), config.lr) if config.start_from is None else trained_adam(model, config.lr)
     trainer = Trainer(
         trained, optimizer, kl_reduction=config.kl_reduction, dataset_size=len(data.train), device=device,
         progress=progress,
