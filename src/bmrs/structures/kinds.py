@@ -151,6 +151,12 @@ class Channels(StructureKind):
         return model.get_submodule(site.producer).weight
 
 
+def _one_family_per_head(site, per_head: int) -> Family:
+    """The heads of ``site`` as one family whose slots are its heads, each removing
+    ``per_head`` parameters and its gate's two (loc and log_scale)."""
+    return Family(members=[(site.site, list(range(site.num_structures)))], slot_params=[per_head + 2] * site.num_structures)
+
+
 class Heads(StructureKind):
     """Attention heads of an attention module; each head is a family of its own, whose slot
     removes the head's q, k, v rows, its output-projection columns and its gate's two
@@ -159,8 +165,7 @@ class Heads(StructureKind):
     name = "heads"
 
     def family(self, site, modules):
-        per_head = params_per_head(modules[site.producer]) + 2  # + the gate's loc and log_scale
-        return Family(members=[(site.site, list(range(site.num_structures)))], slot_params=[per_head] * site.num_structures)
+        return _one_family_per_head(site, params_per_head(modules[site.producer]))
 
     def input_weights(self, model, site):
         return head_input_weights(model.get_submodule(site.producer))
@@ -176,8 +181,7 @@ class PackedHeads(StructureKind):
     name = "packed-heads"
 
     def family(self, site, modules):
-        per_head = params_per_packed_head(modules[site.producer]) + 2  # + the gate's loc and log_scale
-        return Family(members=[(site.site, list(range(site.num_structures)))], slot_params=[per_head] * site.num_structures)
+        return _one_family_per_head(site, params_per_packed_head(modules[site.producer]))
 
     def input_weights(self, model, site):
         return packed_head_input_weights(model.get_submodule(site.producer))
