@@ -35,7 +35,7 @@ def _relative(reference, output) -> float:
 @pytest.fixture(scope="module")
 def texts():
     splits, labels = minilm.load_descriptions()
-    rows = splits["test"][:6]
+    rows = splits["test"][::280][:6]  # the file is sorted by section: six of them
     return [r["text"] for r in rows], torch.tensor([labels.index(r["label"]) for r in rows]), len(labels)
 
 
