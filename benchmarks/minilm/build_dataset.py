@@ -62,7 +62,7 @@ def clean(description: str) -> str:
     first, *rest = description.split("\n")
     paragraphs, current = [first.strip()], []
     for line in rest:
-        line = line[1:] if line.startswith(" ") else line
+        line = line.removeprefix(" ")
         if line.strip() == ".":
             if current:
                 paragraphs.append(" ".join(current))

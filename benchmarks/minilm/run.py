@@ -57,10 +57,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import minilm  # noqa: E402
+import minilm
 
-import bmrs  # noqa: E402
-from bmrs.integrations.transformers import layer_widths  # noqa: E402
+import bmrs
+from bmrs.integrations.transformers import layer_widths
 
 PEERS = ("tp-magnitude", "tp-taylor", "michel")
 CRITERION = bmrs.pruning.RECOMMENDED["method"]
@@ -551,6 +551,44 @@ def summary(args) -> dict:
     return out
 
 
+def once(folder: Path, seed: int, name: str, body) -> dict:
+    """The result of run ``name`` of a seed: read from its JSON if it has run, else run
+    ``body()`` (seeded, timed) and write the JSON (a temporary name, then renamed)."""
+    path = folder / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    bmrs.seed_everything(seed)
+    start = time.perf_counter()
+    result = body()
+    result = result[0] if isinstance(result, tuple) else result
+    result["wall_s"] = time.perf_counter() - start
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"seed {seed} {name}: " + json.dumps({k: v for k, v in result.items() if k not in ("epochs", "widths")}),
+          flush=True)
+    return result
+
+
+def run_seed(args, pretrained, tokenizer, seed: int) -> None:
+    folder = args.out / f"seed{seed}"
+    folder.mkdir(exist_ok=True)
+    ctx = {"args": args, "pretrained": pretrained, "data": prepare_data(args, tokenizer, seed), "dir": folder}
+    once(folder, seed, "reference", lambda: run_reference(ctx, seed))
+    budget = None
+    if "bmrs-n-kr" in args.methods or any(m in PEERS for m in args.methods):
+        budget = once(folder, seed, "bmrs-n-kr", lambda: run_bmrs(ctx, seed))["params"]
+    if args.budget is not None:
+        budget = int(args.budget * count(minilm.Classifier(pretrained, len(ctx["data"]["labels"]))))
+    for name in PEERS:
+        if name in args.methods:
+            once(folder, seed, name, lambda name=name: run_peer(ctx, seed, name, budget))
+    if "distillation" in args.methods:
+        once(folder, seed, "distillation", lambda: run_distillation(ctx, seed))
+    done = [m for m in ("bmrs-n-kr", *PEERS, "distillation") if (folder / f"{m}.json").is_file()]
+    once(folder, seed, "latency", lambda: run_latency(ctx, seed, done))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -559,42 +597,10 @@ def main(argv=None) -> None:
     pretrained, tokenizer = minilm.load_checkpoint()
     print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}, "
           f"device {args.device}", flush=True)
+    threads = torch.get_num_threads()
     for seed in args.seeds:
-        folder = args.out / f"seed{seed}"
-        folder.mkdir(exist_ok=True)
-        ctx = {"args": args, "pretrained": pretrained, "data": prepare_data(args, tokenizer, seed), "dir": folder}
-
-        def once(name, body):
-            path = folder / f"{name}.json"
-            if path.is_file():
-                return json.loads(path.read_text())
-            bmrs.seed_everything(seed)
-            start = time.perf_counter()
-            result = body()
-            result = result[0] if isinstance(result, tuple) else result
-            result["wall_s"] = time.perf_counter() - start
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            tmp.replace(path)
-            print(f"seed {seed} {name}: " + json.dumps({k: v for k, v in result.items() if k not in ("epochs", "widths")}),
-                  flush=True)
-            return result
-
-        once("reference", lambda: run_reference(ctx, seed))
-        budget = None
-        if "bmrs-n-kr" in args.methods or any(m in PEERS for m in args.methods):
-            budget = once("bmrs-n-kr", lambda: run_bmrs(ctx, seed))["params"]
-        if args.budget is not None:
-            budget = int(args.budget * count(minilm.Classifier(pretrained, len(ctx["data"]["labels"]))))
-        for name in PEERS:
-            if name in args.methods:
-                once(name, lambda name=name: run_peer(ctx, seed, name, budget))
-        if "distillation" in args.methods:
-            once("distillation", lambda: run_distillation(ctx, seed))
-        done = [m for m in ("bmrs-n-kr", *PEERS, "distillation") if (folder / f"{m}.json").is_file()]
-        once("latency", lambda: run_latency(ctx, seed, done))
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        run_seed(args, pretrained, tokenizer, seed)
+        torch.set_num_threads(threads)  # the latency run sets its own
     result = summary(args)
     path = args.out / "minilm.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
