@@ -5,8 +5,9 @@ import pytest
 import torch
 
 # The vision zoo (tests/zoo) is a tier of its own, run by `make test-zoo` in its own virtual
-# environment (torchvision, timm); the ordinary run leaves it out.
-collect_ignore = [] if os.environ.get("BMRS_ZOO") else ["zoo"]
+# environment (torchvision, timm), and so is the real MiniLM checkpoint (tests/minilm,
+# `make test-minilm`); the ordinary run leaves both out.
+collect_ignore = ([] if os.environ.get("BMRS_ZOO") else ["zoo"]) + ([] if os.environ.get("BMRS_MINILM") else ["minilm"])
 
 # The tests' networks are tiny: one thread per test process avoids oversubscribing the
 # cores when pytest-xdist runs several processes (and makes timings irrelevant to results).

@@ -1,0 +1,611 @@
+"""all-MiniLM-L6-v2 fine-tuned on Debian descriptions: BMRS against Torch-Pruning and
+gradient head importance at the same parameter budget, with latency measured in
+onnxruntime and eager PyTorch, and the distillation of the sentence embedding.
+
+Per seed, into ``--out/seed<S>/`` (a run whose JSON exists is not run again):
+
+* ``reference``: the pretrained encoder + a linear head on its mean-pooled tokens,
+  fine-tuned ``--epochs`` epochs on the section labels (cross-entropy); the unpruned model.
+* ``bmrs-n-kr``: gates on the reference's encoder (every head and FFN neuron), ``--epochs``
+  epochs of the ELBO, bmrs-n-kr (the recommended criterion) deciding at the end of every
+  epoch with its own rule (delta F >= -1, no target), then compacted: BMRS's own stopping
+  point, whose parameter count is the budget of the peers.
+* ``tp-magnitude``, ``tp-taylor``: Torch-Pruning's ``MetaPruner`` on the reference's
+  ``BertModel`` (whole heads of query/key/value, ``prune_num_heads``; FFN neurons; the
+  hidden width and the pooler left alone), global ranking, one ratio for heads and
+  neurons bisected to the budget; L2 magnitude or first-order Taylor importance (gradients
+  of the classification loss over ``--importance-batches`` training batches); then
+  ``--epochs`` epochs of fine-tuning.
+* ``michel``: head importance of Michel et al. (2019), ``|dL/d xi_h|`` of a head mask
+  ``xi`` accumulated over the same batches and normalised per layer, with FFN neurons by the
+  L2 norm of their input weights; the lowest heads and neurons removed (one fraction for
+  both, bisected to the budget) by bmrs's compaction, then ``--epochs`` epochs of fine-tuning.
+* ``distillation``: gates on the pretrained encoder, ``--epochs`` epochs of the ELBO with
+  ``1 - cosine`` to the pretrained embedding as the data term, bmrs-n-kr every epoch,
+  compacted; on the test descriptions, the mean cosine to the pretrained embedding and
+  recall@10 of each description's 10 nearest neighbours.
+* ``latency``: every model of the seed against the unpruned one, in onnxruntime and eager
+  PyTorch, ``--latency-threads`` threads, batches ``--latency-batches``, sequence
+  ``--latency-length``, all timed interleaved in one run.
+
+Accuracy is on the test split, in %. ``params_ratio``: parameters of the pruned classifier
+(encoder with embeddings, and head) over the unpruned one's. ``latency_ratio_ort``: the
+unpruned model's onnxruntime time over the pruned one's at the largest batch. The summary
+is ``--out/minilm.json``, shaped as docs/results/minilm.json.
+
+    python benchmarks/minilm/run.py --out runs/minilm                       # the full run
+    python benchmarks/minilm/run.py --out /tmp/smoke --train-size 64 --eval-size 64 \\
+        --length 32 --epochs 1 --seeds 0 --latency-length 32 --latency-repeats 3  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import minilm
+
+import bmrs
+from bmrs.integrations.transformers import layer_widths
+
+PEERS = ("tp-magnitude", "tp-taylor", "michel")
+CRITERION = bmrs.pruning.RECOMMENDED["method"]
+EXACT_GATES = -12.0  # init log sigma of gates used only to remove structures (E[theta] = 1 - 5e-6)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="directory of the runs and of minilm.json")
+    p.add_argument("--data", type=Path, default=minilm.DATA, help="the descriptions (default: the committed file)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of every run (default 3)")
+    p.add_argument("--train-size", type=int, default=0, help="training descriptions, a seeded subset (0: all)")
+    p.add_argument("--eval-size", type=int, default=0, help="test descriptions evaluated (0: all)")
+    p.add_argument("--length", type=int, default=128, help="tokens per description in training and evaluation")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate of the encoder (AdamW)")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the linear head")
+    p.add_argument("--gate-lr", type=float, default=1e-2, help="learning rate of the gates' posteriors")
+    p.add_argument("--budget", type=float, default=None,
+                   help="parameters the peers keep, a fraction of the unpruned classifier's (default: BMRS's own stop)")
+    p.add_argument("--importance-batches", type=int, default=16, help="batches of the Taylor and Michel importances")
+    p.add_argument("--methods", nargs="+", default=["bmrs-n-kr", *PEERS, "distillation"],
+                   choices=["bmrs-n-kr", *PEERS, "distillation"], help="runs besides the reference (default all)")
+    p.add_argument("--latency-batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--latency-length", type=int, default=128)
+    p.add_argument("--latency-threads", type=int, default=1)
+    p.add_argument("--latency-repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None, help="threads of training (default: PyTorch's)")
+    p.add_argument("--device", default="cpu", help="device of training (cpu, cuda); latency is on the CPU")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("epochs", "length", "batch_size", "importance_batches", "latency_repeats", "latency_length"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.budget is not None and not 0 < args.budget <= 1:
+        p.error("--budget must lie in (0, 1]")
+    if not 2 <= args.length <= 512 or not 2 <= args.latency_length <= 512:
+        p.error("--length and --latency-length must lie in [2, 512]")
+    return args
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def prepare_data(args, tokenizer, seed: int) -> dict:
+    splits, labels = minilm.load_descriptions(args.data)
+    g = torch.Generator().manual_seed(seed)
+    train = splits["train"]
+    if args.train_size:
+        train = [train[i] for i in torch.randperm(len(train), generator=g)[:args.train_size].tolist()]
+    test = splits["test"]  # a subset is the same for every seed, drawn across the sections (the file is sorted)
+    if args.eval_size:
+        test = [test[i] for i in torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:args.eval_size]]
+    out = {"labels": labels}
+    for name, rows in (("train", train), ("test", test)):
+        enc = minilm.tokenize(tokenizer, [r["text"] for r in rows], args.length)
+        out[name] = (enc, torch.tensor([labels.index(r["label"]) for r in rows]))
+    return out
+
+
+def batches(data, batch_size: int, generator: torch.Generator | None = None):
+    enc, y = data
+    n = len(y)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        yield {k: v[idx] for k, v in enc.items()}, y[idx]
+
+
+def _to(inputs: dict, device) -> dict:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def optimiser(net: torch.nn.Module, args) -> torch.optim.Optimizer:
+    gates = {id(p) for g in bmrs.gates(net.encoder if hasattr(net, "encoder") else net).values() for p in g.parameters()}
+    head = {id(p) for p in net.head.parameters()} if hasattr(net, "head") else set()
+    groups = [
+        {"params": [p for p in net.parameters() if id(p) not in gates | head], "lr": args.lr, "weight_decay": 0.01},
+        {"params": [p for p in net.parameters() if id(p) in head], "lr": args.head_lr, "weight_decay": 0.01},
+        {"params": [p for p in net.parameters() if id(p) in gates], "lr": args.gate_lr, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def fit(net, data, args, seed: int, label: str, loss_of, prune_each_epoch=None) -> list[dict]:
+    """``--epochs`` epochs of ``loss_of(net, inputs, targets) -> (loss, parts)``;
+    ``prune_each_epoch(net)`` after each epoch. Returns per-epoch logs."""
+    net.to(args.device)
+    opt = optimiser(net, args)
+    g = torch.Generator().manual_seed(seed)
+    logs = []
+    for epoch in range(args.epochs):
+        net.train()
+        steps = math.ceil(len(data[1]) / args.batch_size)
+        total, seen = 0.0, 0
+        bar = tqdm(batches(data, args.batch_size, g), total=steps, desc=f"{label} epoch {epoch + 1}/{args.epochs}",
+                   disable=args.no_progress, leave=False)
+        for inputs, y in bar:
+            loss, _ = loss_of(net, _to(inputs, args.device), y.to(args.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, seen = total + float(loss.detach()) * len(y), seen + len(y)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        if not math.isfinite(total):
+            raise RuntimeError(f"{label}: the loss is not finite in epoch {epoch + 1}")
+        log = {"epoch": epoch + 1, "loss": total / seen}
+        if prune_each_epoch is not None:
+            log["kept"] = prune_each_epoch(net)
+        logs.append(log)
+        print(f"{label} epoch {epoch + 1}: " + json.dumps(log), flush=True)
+    return logs
+
+
+def classification_loss(net, inputs, y):
+    loss = F.cross_entropy(net(**inputs), y)
+    return loss, {}
+
+
+def elbo_classification(net, inputs, y):
+    loss, data, kl = bmrs.elbo_loss(net(**inputs), y, net.encoder)
+    return loss, {"data": data, "kl": kl}
+
+
+@torch.no_grad()
+def accuracy(net, data, args) -> float:
+    net.eval().to(args.device)
+    right = 0
+    for inputs, y in batches(data, 4 * args.batch_size):
+        right += int((net(**_to(inputs, args.device)).argmax(-1).cpu() == y).sum())
+    return 100.0 * right / len(data[1])
+
+
+def count(net) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def bmrs_prune(encoder) -> dict:
+    """bmrs-n-kr's own decision; kept heads and neurons."""
+    bmrs.prune(encoder, CRITERION)
+    return _kept(encoder)
+
+
+def _kept(encoder) -> dict:
+    layout = bmrs.gate_layout(encoder)
+    kept = bmrs.kept_structures(encoder)
+    out = {}
+    for name, site in layout.sites.items():
+        out[site.kind] = out.get(site.kind, 0) + kept[name]
+    return out
+
+
+# --- the runs ---------------------------------------------------------------------------------------
+
+
+def run_reference(ctx, seed):
+    torch.manual_seed(seed)
+    net = minilm.Classifier(copy.deepcopy(ctx["pretrained"]), len(ctx["data"]["labels"]))
+    logs = fit(net, ctx["data"]["train"], ctx["args"], seed, "reference", classification_loss)
+    net.cpu()
+    torch.save(net.state_dict(), ctx["dir"] / "reference.pt")
+    return {"accuracy": accuracy(net, ctx["data"]["test"], ctx["args"]), "params": count(net), "epochs": logs}, net
+
+
+def _reference(ctx, seed):
+    net = minilm.Classifier(copy.deepcopy(ctx["pretrained"]), len(ctx["data"]["labels"]))
+    net.load_state_dict(torch.load(ctx["dir"] / "reference.pt", weights_only=True))
+    return net.eval()
+
+
+def _save(ctx, name, net):
+    """The pruned classifier: the encoder with save_compact, the head beside it."""
+    enc = net.encoder.cpu()
+    for attr, values in layer_widths(enc).items():
+        setattr(enc.config, attr, values)
+    bmrs.save_compact(enc, ctx["dir"] / f"{name}.encoder.pt")
+    torch.save(net.head.state_dict(), ctx["dir"] / f"{name}.head.pt")
+
+
+def _load(ctx, name, classes):
+    enc = bmrs.load_compact(ctx["dir"] / f"{name}.encoder.pt")
+    enc.set_attn_implementation("eager")
+    head = torch.nn.Linear(enc.config.hidden_size, classes)
+    head.load_state_dict(torch.load(ctx["dir"] / f"{name}.head.pt", weights_only=True))
+    return minilm.Classifier(enc, classes, head).eval()
+
+
+def run_bmrs(ctx, seed):
+    args, data = ctx["args"], ctx["data"]
+    torch.manual_seed(seed)
+    net = _reference(ctx, seed)
+    example = {k: v[:4] for k, v in data["train"][0].items()}
+    bmrs.attach_gates(net.encoder, example)
+    full = count(_reference(ctx, seed))
+    logs = fit(net, data["train"], args, seed, CRITERION, elbo_classification, lambda n: bmrs_prune(n.encoder))
+    net.cpu().eval()
+    small = minilm.Classifier(bmrs.compact(net.encoder, example), len(data["labels"]), copy.deepcopy(net.head))
+    _save(ctx, CRITERION, small)
+    return {"accuracy": accuracy(small, data["test"], args), "params": count(small), "params_ratio": count(small) / full,
+            "widths": layer_widths(small.encoder), "epochs": logs}
+
+
+def _gradients(net, ctx, seed, extra=None):
+    """Gradients of the classification loss over ``--importance-batches`` training batches."""
+    args = ctx["args"]
+    net.train().to(args.device)
+    net.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    for i, (inputs, y) in enumerate(batches(ctx["data"]["train"], args.batch_size, g)):
+        if i == args.importance_batches:
+            break
+        F.cross_entropy(net(**_to(inputs, args.device)), y.to(args.device)).backward()
+    net.eval().cpu()
+
+
+def _tp_prune(net, example, ratio, importance):
+    import torch_pruning as tp
+
+    original, net = net, copy.deepcopy(net)
+    for new, old in zip(net.parameters(), original.parameters()):  # deepcopy leaves out the gradients (Taylor)
+        new.grad = None if old.grad is None else old.grad.clone()
+    enc = net.encoder
+    num_heads, ignored = {}, [enc.pooler.dense] if enc.pooler is not None else []
+    for layer in enc.encoder.layer:
+        a = layer.attention.self
+        for lin in (a.query, a.key, a.value):
+            num_heads[lin] = a.num_attention_heads
+        ignored += [layer.attention.output.dense, layer.output.dense]  # writers of the hidden width
+    pruner = tp.pruner.MetaPruner(
+        enc, example_inputs=example, importance=importance, global_pruning=True, pruning_ratio=ratio,
+        ignored_layers=ignored, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=ratio, output_transform=lambda out: out.last_hidden_state.sum(),
+    )
+    pruner.step()
+    for layer in enc.encoder.layer:  # Torch-Pruning leaves the attention's head counts as they were
+        a = layer.attention.self
+        a.num_attention_heads = a.query.out_features // a.attention_head_size
+        a.all_head_size = a.query.out_features
+    return net
+
+
+def _bisect(build, budget: int, steps: int = 14):
+    """The smallest ratio in [0, 1] whose pruned network has at most ``budget`` parameters."""
+    unpruned = build(0.0)
+    if count(unpruned) <= budget:
+        return 0.0, unpruned
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        net = build(mid)
+        if count(net) <= budget:
+            hi, best = mid, (mid, net)
+        else:
+            lo = mid
+    if best is None:
+        best = (hi, build(hi))
+    return best
+
+
+def run_peer(ctx, seed, name, budget):
+    import torch_pruning as tp
+
+    args, data = ctx["args"], ctx["data"]
+    torch.manual_seed(seed)
+    net = _reference(ctx, seed)
+    example = {k: v[:2] for k, v in data["train"][0].items()}
+    full = count(net)
+    if name == "tp-magnitude":
+        importance = tp.importance.MagnitudeImportance(p=2)
+        ratio, small = _bisect(lambda r: _tp_prune(net, example, r, importance), budget)
+    elif name == "tp-taylor":
+        _gradients(net, ctx, seed)
+        importance = tp.importance.TaylorImportance()
+        ratio, small = _bisect(lambda r: _tp_prune(net, example, r, importance), budget)
+    else:
+        head_score, neuron_score = _michel_scores(net, ctx, seed)
+        ratio, small = _bisect(lambda r: _remove_lowest(net, example, head_score, neuron_score, r), budget)
+    small.zero_grad(set_to_none=True)
+    logs = fit(small, data["train"], args, seed, name, classification_loss)
+    small.cpu().eval()
+    _save(ctx, name, small)
+    return {"accuracy": accuracy(small, data["test"], args), "params": count(small), "params_ratio": count(small) / full,
+            "ratio": ratio, "widths": layer_widths(small.encoder), "epochs": logs}
+
+
+def _michel_scores(net, ctx, seed):
+    """Michel et al. (2019): I_h = sum over batches of |dL/d xi_h| for a head mask xi = 1 at the
+    input of each attention output projection, normalised to unit L2 norm per layer; FFN
+    neurons: the L2 norm of their row of ``intermediate.dense``."""
+    layers = net.encoder.encoder.layer
+    heads = layers[0].attention.self.num_attention_heads
+    xi = [torch.ones(heads, requires_grad=True) for _ in layers]
+    hooks = []
+    for layer, x in zip(layers, xi):
+        width = layer.attention.self.attention_head_size
+
+        def pre(module, a, x=x, width=width):
+            h = a[0]
+            return (h.view(*h.shape[:-1], heads, width) * x[:, None]).view(h.shape),
+        hooks.append(layer.attention.output.dense.register_forward_pre_hook(pre))
+    scores = torch.zeros(len(layers), heads)
+    args = ctx["args"]
+    g = torch.Generator().manual_seed(10_000 + seed)
+    net.train()
+    try:
+        for i, (inputs, y) in enumerate(batches(ctx["data"]["train"], args.batch_size, g)):
+            if i == args.importance_batches:
+                break
+            grads = torch.autograd.grad(F.cross_entropy(net(**inputs), y), xi)
+            scores += torch.stack([gr.abs() for gr in grads])
+    finally:
+        for h in hooks:
+            h.remove()
+        net.eval()
+    scores = scores / scores.norm(dim=1, keepdim=True).clamp_min(1e-20)
+    neurons = [layer.intermediate.dense.weight.detach().norm(dim=1) for layer in layers]
+    return scores, neurons
+
+
+def _remove_lowest(net, example, head_score, neuron_score, ratio):
+    """The classifier without the ``ratio`` lowest-scored heads and FFN neurons (ranked over
+    all layers), removed by bmrs's compaction."""
+    net = copy.deepcopy(net)
+    layout = bmrs.attach_gates(net.encoder, example, init_log_scale=EXACT_GATES)
+    with torch.no_grad():  # gates that only remove: E[theta] = 1 exactly on kept structures
+        for gate in bmrs.gates(net.encoder).values():
+            gate.log_scale.fill_(-30.0)
+    flat_h = head_score.flatten()
+    cut_h = flat_h.sort().values[int(ratio * len(flat_h)) - 1] if int(ratio * len(flat_h)) else -math.inf
+    flat_n = torch.cat(neuron_score)
+    cut_n = flat_n.sort().values[int(ratio * len(flat_n)) - 1] if int(ratio * len(flat_n)) else -math.inf
+    gates = bmrs.gates(net.encoder)
+    for name, site in layout.sites.items():
+        layer = int(site.producer.split(".")[2])
+        keep = head_score[layer] > cut_h if site.kind == "attention-heads" else neuron_score[layer] > cut_n
+        gates[name].mask.copy_(keep.float())
+    net.encoder = bmrs.compact(net.encoder, example)
+    return net
+
+
+def run_distillation(ctx, seed):
+    args, data = ctx["args"], ctx["data"]
+    torch.manual_seed(seed)
+    teacher = minilm.Embedder(ctx["pretrained"]).eval()
+    student = minilm.Embedder(copy.deepcopy(ctx["pretrained"]))
+    example = {k: v[:4] for k, v in data["train"][0].items()}
+    bmrs.attach_gates(student.encoder, example)
+    teacher.to(args.device)
+
+    def loss_of(net, inputs, _):
+        with torch.no_grad():
+            target = teacher(**inputs)
+        data_term = (1 - (net(**inputs) * target).sum(-1)).mean()
+        loss, _, kl = bmrs.elbo_loss(data_term, None, net.encoder, loss_fn=lambda out, _: out)
+        return loss, {"kl": kl}
+
+    logs = fit(student, data["train"], args, seed, "distillation", loss_of, lambda n: bmrs_prune(n.encoder))
+    student.cpu().eval()
+    teacher.cpu()
+    small = bmrs.compact(student.encoder, example)
+    for attr, values in layer_widths(small).items():
+        setattr(small.config, attr, values)
+    bmrs.save_compact(small, ctx["dir"] / "distillation.encoder.pt")
+    a, b = embeddings(teacher, data["test"], args), embeddings(minilm.Embedder(small), data["test"], args)
+    return {"cosine": float((a * b).sum(-1).mean()), "recall_at_10": recall_at(a, b, 10),
+            "params": count(small), "params_ratio": count(small) / count(ctx["pretrained"]),
+            "widths": layer_widths(small), "epochs": logs}
+
+
+@torch.no_grad()
+def embeddings(net, data, args):
+    net.eval()
+    return torch.cat([net(**inputs) for inputs, _ in batches(data, 4 * args.batch_size)])
+
+
+def recall_at(reference: torch.Tensor, other: torch.Tensor, k: int) -> float:
+    """Mean share of each item's ``k`` nearest neighbours (cosine, itself left out) under
+    ``reference`` that are also among its ``k`` nearest under ``other``."""
+    k = min(k, len(reference) - 1)
+    def nearest(e):
+        sim = e @ e.T
+        sim.fill_diagonal_(-math.inf)
+        return sim.topk(k, dim=1).indices
+    a, b = nearest(reference), nearest(other)
+    hits = (a[:, :, None] == b[:, None, :]).any(-1).float().sum(1)
+    return float(hits.mean() / k)
+
+
+# --- latency ----------------------------------------------------------------------------------------
+
+
+def run_latency(ctx, seed, names):
+    """Every model of the seed and the unpruned one, in onnxruntime and eager PyTorch, timed
+    interleaved: per repetition, every (runtime, model) pair once, in a rotating order."""
+    args, classes = ctx["args"], len(ctx["data"]["labels"])
+    torch.set_num_threads(args.latency_threads)
+    nets = {"unpruned": _reference(ctx, seed)}
+    for name in names:
+        if name == "distillation":
+            enc = bmrs.load_compact(ctx["dir"] / "distillation.encoder.pt")
+            enc.set_attn_implementation("eager")
+            nets[name] = minilm.Embedder(enc).eval()
+            nets["unpruned-embedder"] = minilm.Embedder(ctx["pretrained"]).eval()
+        else:
+            nets[name] = _load(ctx, name, classes)
+    g = torch.Generator().manual_seed(seed)
+    out = {"threads": args.latency_threads, "length": args.latency_length, "load_before": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = {}
+        example = {"input_ids": torch.randint(1000, 30000, (2, args.latency_length), generator=g),
+                   "attention_mask": torch.ones(2, args.latency_length, dtype=torch.long)}
+        for name, net in tqdm(nets.items(), desc="onnx export", disable=args.no_progress, leave=False):
+            ort = minilm.onnx_session(net, example, Path(tmp) / f"{name}.onnx", threads=args.latency_threads)
+            runners[("onnxruntime", name)] = ort
+            runners[("eager", name)] = net
+        for batch in args.latency_batches:
+            x = {"input_ids": torch.randint(1000, 30000, (batch, args.latency_length), generator=g),
+                 "attention_mask": torch.ones(batch, args.latency_length, dtype=torch.long)}
+            with torch.inference_mode():
+                for key, run in runners.items():  # warm-up, and the outputs of both runtimes agree
+                    first = run(x) if key[0] == "onnxruntime" else run(**x)
+                    if key[0] == "onnxruntime":
+                        with torch.no_grad():
+                            ref = runners[("eager", key[1])](**x)
+                        err = float((first - ref).abs().max() / ref.abs().max())
+                        if err > 1e-3:
+                            raise RuntimeError(f"onnxruntime's {key[1]} differs from PyTorch's (relative {err:.2g})")
+                times = {key: [] for key in runners}
+                keys = list(runners)
+                for r in tqdm(range(args.latency_repeats), desc=f"latency batch {batch}", disable=args.no_progress,
+                              leave=False):
+                    for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                        t = time.perf_counter()
+                        runners[key](x) if key[0] == "onnxruntime" else runners[key](**x)
+                        times[key].append(time.perf_counter() - t)
+            for (runtime, name), ts in times.items():
+                out.setdefault(runtime, {}).setdefault(name, {})[str(batch)] = 1e3 * statistics.median(ts)
+    out["load_after"] = os.getloadavg()[0]
+    return out
+
+
+# --- the summary --------------------------------------------------------------------------------------
+
+
+def _mean_std(values):
+    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+
+
+def summary(args) -> dict:
+    seeds = [s for s in args.seeds if (args.out / f"seed{s}" / "latency.json").is_file()]
+    runs = {s: {p.stem: json.loads(p.read_text()) for p in (args.out / f"seed{s}").glob("*.json")} for s in seeds}
+    big = str(max(args.latency_batches))
+
+    def ratio(lat, name, runtime, base="unpruned"):
+        return lat[runtime][base][big] / lat[runtime][name][big]
+
+    out = {"base": {}, "rows": {}, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    if not seeds:
+        return out
+    out["base"] = {"accuracy": _mean_std([runs[s]["reference"]["accuracy"] for s in seeds])[0],
+                   "accuracy_seeds": [runs[s]["reference"]["accuracy"] for s in seeds]}
+    for name in ["bmrs-n-kr", *PEERS]:
+        have = [s for s in seeds if name in runs[s]]
+        if not have:
+            continue
+        row = {"accuracy": _mean_std([runs[s][name]["accuracy"] for s in have]),
+               "params_ratio": statistics.fmean(runs[s][name]["params_ratio"] for s in have),
+               "latency_ratio_ort": statistics.fmean(ratio(runs[s]["latency"], name, "onnxruntime") for s in have),
+               "latency_ratio_eager": statistics.fmean(ratio(runs[s]["latency"], name, "eager") for s in have),
+               "seeds": len(have)}
+        out["rows"][name] = row
+    if "bmrs-n-kr" in out["rows"]:
+        out["bmrs_stop"] = dict(out["rows"]["bmrs-n-kr"])
+    have = [s for s in seeds if "distillation" in runs[s]]
+    if have:
+        d = [runs[s]["distillation"] for s in have]
+        out["distillation"] = {
+            "cosine": _mean_std([x["cosine"] for x in d]), "recall_at_10": _mean_std([x["recall_at_10"] for x in d]),
+            "params_ratio": statistics.fmean(x["params_ratio"] for x in d),
+            "latency_ratio_ort": statistics.fmean(
+                ratio(runs[s]["latency"], "distillation", "onnxruntime", "unpruned-embedder") for s in have),
+            "seeds": len(have)}
+    out["cost_s"] = {s: {k: v.get("wall_s") for k, v in runs[s].items()} for s in seeds}
+    return out
+
+
+def once(folder: Path, seed: int, name: str, body) -> dict:
+    """The result of run ``name`` of a seed: read from its JSON if it has run, else run
+    ``body()`` (seeded, timed) and write the JSON (a temporary name, then renamed)."""
+    path = folder / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    bmrs.seed_everything(seed)
+    start = time.perf_counter()
+    result = body()
+    result = result[0] if isinstance(result, tuple) else result
+    result["wall_s"] = time.perf_counter() - start
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"seed {seed} {name}: " + json.dumps({k: v for k, v in result.items() if k not in ("epochs", "widths")}),
+          flush=True)
+    return result
+
+
+def run_seed(args, pretrained, tokenizer, seed: int) -> None:
+    folder = args.out / f"seed{seed}"
+    folder.mkdir(exist_ok=True)
+    ctx = {"args": args, "pretrained": pretrained, "data": prepare_data(args, tokenizer, seed), "dir": folder}
+    once(folder, seed, "reference", lambda: run_reference(ctx, seed))
+    budget = None
+    if "bmrs-n-kr" in args.methods or any(m in PEERS for m in args.methods):
+        budget = once(folder, seed, "bmrs-n-kr", lambda: run_bmrs(ctx, seed))["params"]
+    if args.budget is not None:
+        budget = int(args.budget * count(minilm.Classifier(pretrained, len(ctx["data"]["labels"]))))
+    for name in PEERS:
+        if name in args.methods:
+            once(folder, seed, name, lambda name=name: run_peer(ctx, seed, name, budget))
+    if "distillation" in args.methods:
+        once(folder, seed, "distillation", lambda: run_distillation(ctx, seed))
+    done = [m for m in ("bmrs-n-kr", *PEERS, "distillation") if (folder / f"{m}.json").is_file()]
+    once(folder, seed, "latency", lambda: run_latency(ctx, seed, done))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pretrained, tokenizer = minilm.load_checkpoint()
+    print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}, "
+          f"device {args.device}", flush=True)
+    threads = torch.get_num_threads()
+    for seed in args.seeds:
+        run_seed(args, pretrained, tokenizer, seed)
+        torch.set_num_threads(threads)  # the latency run sets its own
+    result = summary(args)
+    path = args.out / "minilm.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
