@@ -103,7 +103,7 @@ def test_the_compacted_model_is_calibrated_as_the_gated_one_and_unpruned_clears_
     masks = {name: torch.rand(g.num_structures) > 0.4 for name, g in bmrs.gates(net).items()}
     set_masks(net, masks)
     x, y = torch.randn(40, 12), torch.randint(5, (40,))
-    found = model_calibration(net, [(x, y)], x[:8], draws=3)
+    found = model_calibration(net, [(x, y)], bmrs.compact(net, x[:8]), draws=3)
     assert set(found) == {"unpruned", "gated", "compacted", "predictive"} and found["predictive"]["draws"] == 3
     assert found["compacted"]["nll"] == pytest.approx(found["gated"]["nll"], rel=1e-5)
     cleared = gated_model()

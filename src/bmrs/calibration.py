@@ -22,7 +22,6 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .compaction import compact
 from .distributed import unwrap
 from .errors import BMRSError
 from .gates import gates
@@ -118,16 +117,16 @@ def calibration(probs: Tensor, labels: Tensor, bins: int = ECE_BINS) -> dict:
     }
 
 
-def model_calibration(model: nn.Module, loader, example: torch.Tensor, *, draws: int = DEFAULT_DRAWS,
+def model_calibration(model: nn.Module, loader, compacted: nn.Module | None = None, *, draws: int = DEFAULT_DRAWS,
                       bins: int = ECE_BINS) -> dict:
-    """Calibration (:func:`calibration`) on ``loader`` of a gated, pruned
-    ``model``: ``unpruned`` (a copy with every mask cleared), ``gated`` (as it is),
-    ``compacted`` (:func:`bmrs.compact` of it, traced with ``example``) and, when ``draws``,
+    """Calibration (:func:`calibration`) on ``loader`` of a gated, pruned ``model``:
+    ``unpruned`` (a copy with every mask cleared), ``gated`` (as it is), ``compacted`` (the
+    network ``compacted``, :func:`bmrs.compact` of ``model``, when given) and, when ``draws``,
     ``predictive`` (the gates' Monte Carlo predictive of ``draws`` draws)."""
     unpruned = copy.deepcopy(model)
     for gate in gates(unpruned).values():
         gate.mask.fill_(1.0)
-    nets = {"unpruned": unpruned, "gated": model, "compacted": compact(model, example)}
+    nets = {"unpruned": unpruned, "gated": model, **({"compacted": compacted} if compacted is not None else {})}
     result = {name: calibration(*predict(net, loader), bins) for name, net in nets.items()}
     if draws:
         result["predictive"] = {**calibration(*predict(model, loader, draws=draws), bins), "draws": draws}

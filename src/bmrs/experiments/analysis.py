@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..calibration import DEFAULT_DRAWS, model_calibration
+from ..compaction import compact
 from ..errors import BMRSError
 from ..gates import gates, layer_names
 from ..pruning import RECOMMENDED, explain, parse_budget, prune
@@ -168,5 +169,5 @@ def explain_run(path: str | os.PathLike, *, criterion: str | None = None, budget
     result["layers"] = [asdict(e) for e in report.layers]
     dataset = data.test if split == "test" else data.val
     loader = torch.utils.data.DataLoader(dataset, batch_size=1000)
-    result["calibration"] = model_calibration(model, loader, loaded.example, draws=draws)
+    result["calibration"] = model_calibration(model, loader, compact(model, loaded.example), draws=draws)
     return result

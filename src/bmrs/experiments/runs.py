@@ -20,7 +20,7 @@ from torch import nn
 from .. import distributed
 from .._io import read_json, read_tensors, state_checksum, write_json
 from ..calibration import model_calibration
-from ..compaction import compact, count_flops, count_parameters, save_compact
+from ..compaction import compact, count_flops, count_parameters, load_compact, save_compact
 from ..errors import BMRSError
 from ..gates import gates, layer_names
 from ..pruning import explain
@@ -134,18 +134,16 @@ def _compaction(model: nn.Module, config: RunConfig, data, out: Path) -> dict:
         return {"error": f"{type(err).__name__}: {err}", "architecture": architecture}
 
 
-def _evidence_and_calibration(model: nn.Module, criterion, loader, example: torch.Tensor) -> dict:
+def _evidence_and_calibration(model: nn.Module, criterion, loader, compacted: nn.Module | None) -> dict:
     """What ``metrics.json`` records beside the accuracy: the evidence summary of the final
     masks (:func:`bmrs.pruning.explain`; for an evidence criterion only) and the calibration
-    of the unpruned, gated and compacted models and the gates' predictive, without the bins
-    (``bmrs explain`` has those)."""
+    of the unpruned and gated models, of ``compacted`` (the network the run saved, None when
+    it could not be compacted) and of the gates' predictive, without the bins (``bmrs explain``
+    has those)."""
     found = {}
     if criterion is not None and criterion.evidence_based:
         found["evidence"] = explain(model, criterion).summary()
-    try:
-        calibrated = model_calibration(model, loader, example)
-    except (ValueError, RuntimeError) as err:  # a model compaction cannot handle: see _compaction
-        return {**found, "calibration": {"error": f"{type(err).__name__}: {err}"}}
+    calibrated = model_calibration(model, loader, compacted)
     found["calibration"] = {name: {k: v for k, v in c.items() if k != "bins"} for name, c in calibrated.items()}
     return found
 
@@ -287,11 +285,12 @@ def train_run(
         "history": [asdict(r) for r in trainer.history],
     }
     if main:
-        metrics.update(_evidence_and_calibration(model, criterion, test_loader, data.test.tensors[0][:64]))
         state = model.state_dict()
         atomic_save(state, out / "model.pt")
         metrics["checksums"] = {"model.pt": state_checksum(state)}
         metrics["compaction"] = _compaction(model, config, data, out)
+        compacted = load_compact(out / "compact.pt") if (out / "compact.pt").is_file() else None
+        metrics.update(_evidence_and_calibration(model, criterion, test_loader, compacted))
         metrics["provenance"] = provenance(config, out)
         if (out / "compact.pt").is_file():
             metrics["checksums"]["compact.pt"] = state_checksum(read_tensors(out / "compact.pt")["state_dict"])
