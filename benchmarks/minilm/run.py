@@ -6,10 +6,11 @@ Per seed, into ``--out/seed<S>/`` (a run whose JSON exists is not run again):
 
 * ``reference``: the pretrained encoder + a linear head on its mean-pooled tokens,
   fine-tuned ``--epochs`` epochs on the section labels (cross-entropy); the unpruned model.
-* ``bmrs-n-kr``: gates on the reference's encoder (every head and FFN neuron), ``--epochs``
-  epochs of the ELBO, bmrs-n-kr (the recommended criterion) deciding at the end of every
-  epoch with its own rule (delta F >= -1, no target), then compacted: BMRS's own stopping
-  point, whose parameter count is the budget of the peers.
+* ``bmrs-n-kr``: gates on the reference's encoder (every head and FFN neuron),
+  ``--epochs`` minus ``--recovery-epochs`` epochs of the ELBO, bmrs-n-kr (the recommended
+  criterion) deciding at the end of every epoch with its own rule (delta F >= -1, no
+  target), then compacted and fine-tuned ``--recovery-epochs`` epochs without gates: BMRS's
+  own stopping point, whose parameter count is the budget of the peers.
 * ``tp-magnitude``, ``tp-taylor``: Torch-Pruning's ``MetaPruner`` on the reference's
   ``BertModel`` (whole heads of query/key/value, ``prune_num_heads``; FFN neurons; the
   hidden width and the pooler left alone), global ranking, one ratio for heads and
@@ -20,9 +21,8 @@ Per seed, into ``--out/seed<S>/`` (a run whose JSON exists is not run again):
   ``xi`` accumulated over the same batches and normalised per layer, with FFN neurons by the
   L2 norm of their input weights; the lowest heads and neurons removed (one fraction for
   both, bisected to the budget) by bmrs's compaction, then ``--epochs`` epochs of fine-tuning.
-* ``distillation``: gates on the pretrained encoder, ``--epochs`` epochs of the ELBO with
-  ``1 - cosine`` to the pretrained embedding as the data term, bmrs-n-kr every epoch,
-  compacted; on the test descriptions, the mean cosine to the pretrained embedding and
+* ``distillation``: gates on the pretrained encoder, the schedule of ``bmrs-n-kr`` with
+  ``1 - cosine`` to the pretrained embedding as the data term; on the test descriptions, the mean cosine to the pretrained embedding and
   recall@10 of each description's 10 nearest neighbours.
 * ``latency``: every model of the seed against the unpruned one, in onnxruntime and eager
   PyTorch, ``--latency-threads`` threads, batches ``--latency-batches``, sequence
@@ -65,6 +65,7 @@ from bmrs.integrations.transformers import layer_widths
 PEERS = ("tp-magnitude", "tp-taylor", "michel")
 CRITERION = bmrs.pruning.RECOMMENDED["method"]
 EXACT_GATES = -12.0  # init log sigma of gates used only to remove structures (E[theta] = 1 - 5e-6)
+FORMAT = "bmrs-minilm-benchmark/1"  # in minilm.json and in minilm.png's metadata: files this script may replace
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,14 +73,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="directory of the runs and of minilm.json")
     p.add_argument("--data", type=Path, default=minilm.DATA, help="the descriptions (default: the committed file)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
-    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of every run (default 3)")
+    p.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs of every run (default 4)")
+    p.add_argument("--recovery-epochs", type=int, default=2,
+                   help="of BMRS's --epochs, the last ones: its compacted model fine-tuned without gates (default 2)")
     p.add_argument("--train-size", type=int, default=0, help="training descriptions, a seeded subset (0: all)")
     p.add_argument("--eval-size", type=int, default=0, help="test descriptions evaluated (0: all)")
     p.add_argument("--length", type=int, default=128, help="tokens per description in training and evaluation")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5, help="learning rate of the encoder (AdamW)")
     p.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the linear head")
-    p.add_argument("--gate-lr", type=float, default=1e-2, help="learning rate of the gates' posteriors")
+    p.add_argument("--gate-lr", type=float, default=0.1, help="learning rate of the gates' posteriors (default 0.1)")
     p.add_argument("--budget", type=float, default=None,
                    help="parameters the peers keep, a fraction of the unpruned classifier's (default: BMRS's own stop)")
     p.add_argument("--importance-batches", type=int, default=16, help="batches of the Taylor and Michel importances")
@@ -96,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "length", "batch_size", "importance_batches", "latency_repeats", "latency_length"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.recovery_epochs < args.epochs:
+        p.error("--recovery-epochs must lie in [0, --epochs)")
     if args.budget is not None and not 0 < args.budget <= 1:
         p.error("--budget must lie in (0, 1]")
     if not 2 <= args.length <= 512 or not 2 <= args.latency_length <= 512:
@@ -149,18 +154,19 @@ def optimiser(net: torch.nn.Module, args) -> torch.optim.Optimizer:
     return torch.optim.AdamW([g for g in groups if g["params"]])
 
 
-def fit(net, data, args, seed: int, label: str, loss_of, prune_each_epoch=None) -> list[dict]:
-    """``--epochs`` epochs of ``loss_of(net, inputs, targets) -> (loss, parts)``;
+def fit(net, data, args, seed: int, label: str, loss_of, prune_each_epoch=None, epochs: int | None = None) -> list[dict]:
+    """``epochs`` (default ``--epochs``) epochs of ``loss_of(net, inputs, targets) -> (loss, parts)``;
     ``prune_each_epoch(net)`` after each epoch. Returns per-epoch logs."""
+    epochs = args.epochs if epochs is None else epochs
     net.to(args.device)
     opt = optimiser(net, args)
     g = torch.Generator().manual_seed(seed)
     logs = []
-    for epoch in range(args.epochs):
+    for epoch in range(epochs):
         net.train()
         steps = math.ceil(len(data[1]) / args.batch_size)
         total, seen = 0.0, 0
-        bar = tqdm(batches(data, args.batch_size, g), total=steps, desc=f"{label} epoch {epoch + 1}/{args.epochs}",
+        bar = tqdm(batches(data, args.batch_size, g), total=steps, desc=f"{label} epoch {epoch + 1}/{epochs}",
                    disable=args.no_progress, leave=False)
         for inputs, y in bar:
             loss, _ = loss_of(net, _to(inputs, args.device), y.to(args.device))
@@ -253,18 +259,27 @@ def _load(ctx, name, classes):
 
 
 def run_bmrs(ctx, seed):
+    """Gates on the reference's encoder, ``--epochs - --recovery-epochs`` epochs of the ELBO
+    with bmrs-n-kr's decision after each, then the compacted classifier fine-tuned
+    ``--recovery-epochs`` epochs without gates (cross-entropy)."""
     args, data = ctx["args"], ctx["data"]
     torch.manual_seed(seed)
     net = _reference(ctx, seed)
     example = {k: v[:4] for k, v in data["train"][0].items()}
     bmrs.attach_gates(net.encoder, example)
     full = count(_reference(ctx, seed))
-    logs = fit(net, data["train"], args, seed, CRITERION, elbo_classification, lambda n: bmrs_prune(n.encoder))
+    logs = fit(net, data["train"], args, seed, CRITERION, elbo_classification, lambda n: bmrs_prune(n.encoder),
+               epochs=args.epochs - args.recovery_epochs)
     net.cpu().eval()
     small = minilm.Classifier(bmrs.compact(net.encoder, example), len(data["labels"]), copy.deepcopy(net.head))
+    at_stop = accuracy(small, data["test"], args)
+    if args.recovery_epochs:
+        logs += fit(small, data["train"], args, seed, f"{CRITERION} recovery", classification_loss,
+                    epochs=args.recovery_epochs)
+        small.cpu().eval()
     _save(ctx, CRITERION, small)
-    return {"accuracy": accuracy(small, data["test"], args), "params": count(small), "params_ratio": count(small) / full,
-            "widths": layer_widths(small.encoder), "epochs": logs}
+    return {"accuracy": accuracy(small, data["test"], args), "accuracy_at_stop": at_stop, "params": count(small),
+            "params_ratio": count(small) / full, "widths": layer_widths(small.encoder), "epochs": logs}
 
 
 def _gradients(net, ctx, seed, extra=None):
@@ -406,6 +421,9 @@ def _remove_lowest(net, example, head_score, neuron_score, ratio):
 
 
 def run_distillation(ctx, seed):
+    """Gates on the pretrained encoder, the ELBO with ``1 - cosine`` to the pretrained
+    embedding as its data term and bmrs-n-kr after each epoch, then the compacted encoder
+    fine-tuned on the same data term without gates: the schedule of :func:`run_bmrs`."""
     args, data = ctx["args"], ctx["data"]
     torch.manual_seed(seed)
     teacher = minilm.Embedder(ctx["pretrained"]).eval()
@@ -414,17 +432,25 @@ def run_distillation(ctx, seed):
     bmrs.attach_gates(student.encoder, example)
     teacher.to(args.device)
 
-    def loss_of(net, inputs, _):
+    def distance(net, inputs):
         with torch.no_grad():
             target = teacher(**inputs)
-        data_term = (1 - (net(**inputs) * target).sum(-1)).mean()
-        loss, _, kl = bmrs.elbo_loss(data_term, None, net.encoder, loss_fn=lambda out, _: out)
+        return (1 - (net(**inputs) * target).sum(-1)).mean()
+
+    def elbo(net, inputs, _):
+        loss, _, kl = bmrs.elbo_loss(distance(net, inputs), None, net.encoder, loss_fn=lambda out, _: out)
         return loss, {"kl": kl}
 
-    logs = fit(student, data["train"], args, seed, "distillation", loss_of, lambda n: bmrs_prune(n.encoder))
+    logs = fit(student, data["train"], args, seed, "distillation", elbo, lambda n: bmrs_prune(n.encoder),
+               epochs=args.epochs - args.recovery_epochs)
     student.cpu().eval()
+    small = minilm.Embedder(bmrs.compact(student.encoder, example))
+    if args.recovery_epochs:
+        logs += fit(small, data["train"], args, seed, "distillation recovery", lambda n, x, _: (distance(n, x), {}),
+                    epochs=args.recovery_epochs)
+        small.cpu().eval()
     teacher.cpu()
-    small = bmrs.compact(student.encoder, example)
+    small = small.encoder
     for attr, values in layer_widths(small).items():
         setattr(small.config, attr, values)
     bmrs.save_compact(small, ctx["dir"] / "distillation.encoder.pt")
@@ -449,7 +475,7 @@ def recall_at(reference: torch.Tensor, other: torch.Tensor, k: int) -> float:
         sim.fill_diagonal_(-math.inf)
         return sim.topk(k, dim=1).indices
     a, b = nearest(reference), nearest(other)
-    hits = (a[:, :, None] == b[:, None, :]).any(-1).float().sum(1)
+    hits = (a[:, :, None] == b[:, None, :]).any(-1).sum(1).double()
     return float(hits.mean() / k)
 
 
@@ -521,7 +547,8 @@ def summary(args) -> dict:
     def ratio(lat, name, runtime, base="unpruned"):
         return lat[runtime][base][big] / lat[runtime][name][big]
 
-    out = {"base": {}, "rows": {}, "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    out = {"format": FORMAT, "base": {}, "rows": {},
+           "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     if not seeds:
         return out
     out["base"] = {"accuracy": _mean_std([runs[s]["reference"]["accuracy"] for s in seeds])[0],
@@ -530,11 +557,16 @@ def summary(args) -> dict:
         have = [s for s in seeds if name in runs[s]]
         if not have:
             continue
-        row = {"accuracy": _mean_std([runs[s][name]["accuracy"] for s in have]),
+        per_seed = {"accuracy": [runs[s][name]["accuracy"] for s in have],
+                    "latency_ratio_ort": [ratio(runs[s]["latency"], name, "onnxruntime") for s in have],
+                    "latency_ratio_eager": [ratio(runs[s]["latency"], name, "eager") for s in have]}
+        row = {"accuracy": _mean_std(per_seed["accuracy"]),
                "params_ratio": statistics.fmean(runs[s][name]["params_ratio"] for s in have),
-               "latency_ratio_ort": statistics.fmean(ratio(runs[s]["latency"], name, "onnxruntime") for s in have),
-               "latency_ratio_eager": statistics.fmean(ratio(runs[s]["latency"], name, "eager") for s in have),
-               "seeds": len(have)}
+               "latency_ratio_ort": statistics.fmean(per_seed["latency_ratio_ort"]),
+               "latency_ratio_eager": statistics.fmean(per_seed["latency_ratio_eager"]),
+               "seeds": len(have), "per_seed": per_seed}
+        if all("accuracy_at_stop" in runs[s][name] for s in have):  # BMRS: before its recovery epochs
+            row["accuracy_at_stop"] = _mean_std([runs[s][name]["accuracy_at_stop"] for s in have])
         out["rows"][name] = row
     if "bmrs-n-kr" in out["rows"]:
         out["bmrs_stop"] = dict(out["rows"]["bmrs-n-kr"])
@@ -549,6 +581,49 @@ def summary(args) -> dict:
             "seeds": len(have)}
     out["cost_s"] = {s: {k: v.get("wall_s") for k, v in runs[s].items()} for s in seeds}
     return out
+
+
+def figure(result: dict, path: Path) -> None:
+    """Test accuracy against the measured speed-up at the largest latency batch, in
+    onnxruntime and in eager PyTorch (a panel each): every seed of a method as a small
+    point, its mean with the accuracy's standard deviation as a large one; the unpruned
+    model's accuracy as a line, one point below it dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    big = max(result["config"]["latency_batches"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    colours = dict(zip(["bmrs-n-kr", *PEERS], ["tab:red", "tab:blue", "tab:green", "tab:purple"]))
+    for ax, runtime in zip(axes, ("ort", "eager")):
+        for name, row in result["rows"].items():
+            c = colours.get(name, "black")
+            ax.scatter(row["per_seed"][f"latency_ratio_{runtime}"], row["per_seed"]["accuracy"], s=14, color=c, alpha=0.5)
+            ax.errorbar([row[f"latency_ratio_{runtime}"]], [row["accuracy"][0]], yerr=[row["accuracy"][1]], capsize=3,
+                        fmt="*" if name.startswith("bmrs") else "o", markersize=14 if name.startswith("bmrs") else 8,
+                        color=c, label=f"{name} ({row['params_ratio']:.1%} of the parameters)")
+        base = result["base"]["accuracy"]
+        ax.axhline(base, color="grey", linewidth=0.9, label="unpruned (fine-tuned)")
+        ax.axhline(base - 1, color="grey", linewidth=0.9, linestyle="--", label="1 point below it")
+        ax.axvline(1.0, color="grey", linewidth=0.6)
+        ax.set_title("onnxruntime" if runtime == "ort" else "eager PyTorch")
+        ax.set_xlabel(f"measured speed-up at batch {big}, sequence {result['config']['latency_length']}, "
+                      f"{result['config']['latency_threads']} thread(s) (unpruned / pruned)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"test accuracy (%), {len(result['base']['accuracy_seeds'])} seeds")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("all-MiniLM-L6-v2 classifying Debian package sections: BMRS's own stop (star) and the peers "
+                 "at its parameter count")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Description": FORMAT})
+    plt.close(fig)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse to replace a file at ``path`` that this script did not write (its format marker)."""
+    if path.exists() and (not path.is_file() or FORMAT.encode() not in path.read_bytes()[:4096]):
+        raise bmrs.BMRSError(f"{path} exists and was not written by this script; move it away or choose another --out")
 
 
 def once(folder: Path, seed: int, name: str, body) -> dict:
@@ -594,6 +669,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    for name in ("minilm.json", "minilm.png"):
+        check_writable(args.out / name)
     pretrained, tokenizer = minilm.load_checkpoint()
     print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}, "
           f"device {args.device}", flush=True)
@@ -605,7 +682,18 @@ def main(argv=None) -> None:
     path = args.out / "minilm.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+    if result["rows"]:
+        figure(result, args.out / "minilm.png")
+        print(f"wrote {args.out / 'minilm.png'}")
+        stop = result.get("bmrs_stop")
+        if stop:
+            print(f"BMRS's own stop: {stop['accuracy'][0]:.2f} ± {stop['accuracy'][1]:.2f} % against "
+                  f"{result['base']['accuracy']:.2f} % unpruned, {stop['latency_ratio_ort']:.2f}x faster in onnxruntime, "
+                  f"{stop['params_ratio']:.1%} of the parameters, {stop['seeds']} seed(s)")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except bmrs.BMRSError as e:
+        sys.exit(f"run.py: {e}")
