@@ -207,8 +207,10 @@ def cause(failures: dict, logs: Path | None) -> tuple[int, str, int, int]:
     process says of itself is the line it wrote into torchrun's error file (``bmrs.cli``
     writes it), else the last line of its stderr log in ``logs``."""
     def told(rank, failure) -> str:
-        message = failure.message if isinstance(failure.message, str) else ""
-        if not os.path.isfile(failure.error_file):
+        message = failure.message  # the error file's message: a string, or ErrorHandler's {"message": ...}
+        if isinstance(message, dict):
+            message = message.get("message")
+        if not isinstance(message, str) or not os.path.isfile(failure.error_file):
             message = ""  # torch's "To enable traceback see ..." when the process wrote no error file
         if not message and logs is not None:
             message = _last_line(logs / str(failure.local_rank) / "stderr.log")
