@@ -1,11 +1,17 @@
 """bmrs under DistributedDataParallel: the public functions take a wrapped model, two
 processes train, prune and compact identically, a killed run resumes, and `bmrs train
---nproc 2` writes one run directory."""
+--nproc 2` writes one run directory and speaks with one voice: a killed process, an error in
+every process or a SIGTERM to the command ends it with one line, the processes' output kept
+in OUT/logs/, and --resume gives the uninterrupted run's metrics."""
 
+import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,22 +158,186 @@ def test_two_processes_train_prune_compact_identically_and_resume_after_a_kill(t
         assert done["history"] == resumed["history"]
 
 
-@pytest.mark.slow
-def test_cli_nproc_2_writes_one_run_directory(tmp_path):
-    out = tmp_path / "R"
-    args = ["-m", "bmrs", "train", "--dataset", "digits", "--model", "mlp", "--method", "bmrs-n-code", "--width", "16",
-            "--epochs", "3", "--finetune-epochs", "1", "--batch-size", "32", "--lr", "0.02", "--kl-reduction", "elbo",
-            "--no-progress", "--nproc", "2", "--out", out]
-    proc = run(args, cwd=tmp_path)
+# A --nproc 2 run of the CLI long enough to be killed in the middle (about 5 s of training
+# here); no --method, so the recommended defaults are filled in and said.
+NPROC_RUN = ["-m", "bmrs", "train", "--dataset", "digits", "--model", "mlp", "--width", "16", "--epochs", "40",
+             "--finetune-epochs", "1", "--batch-size", "32", "--lr", "0.02", "--kl-reduction", "elbo", "--no-progress",
+             "--nproc", "2"]
+EPOCHS = 41
+
+needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the processes through /proc")
+
+
+@pytest.fixture(scope="module")
+def nproc_run(tmp_path_factory):
+    """An uninterrupted `bmrs train --nproc 2` run: (its directory, the finished process)."""
+    cwd = tmp_path_factory.mktemp("nproc")
+    proc = run([*NPROC_RUN, "--out", cwd / "R"], cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert [p.name for p in tmp_path.iterdir()] == ["R"]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "compact.pt", "config.json", "metrics.json", "model.pt"]
+    return cwd / "R", proc
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_cli_nproc_2_writes_one_run_directory(nproc_run):
+    out, proc = nproc_run
+    assert [p.name for p in out.parent.iterdir()] == ["R"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt", "compact.pt", "config.json", "logs", "metrics.json", "model.pt"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["processes"] == 2 and len(metrics["history"]) == 4
+    assert metrics["processes"] == 2 and len(metrics["history"]) == EPOCHS
     assert proc.stdout.count(f"run {out}:") == 1  # rank 0 reports, once
+    assert proc.stdout.count("recommended defaults") == 1  # the launcher says it; rank 0 does not again
     assert "(2 processes)" in proc.stdout
-    again = run([*args, "--resume"], cwd=tmp_path)  # complete: reported, not retrained
+    assert [line for line in proc.stderr.splitlines() if not line.startswith("bmrs: warning:")] == []
+    # the processes' output: a folder per start, torchrun's layout
+    (start,) = (out / "logs").iterdir()
+    assert sorted(str(p.relative_to(start)) for p in start.rglob("*.log")) == [
+        "attempt_0/0/stderr.log", "attempt_0/1/stderr.log", "attempt_0/1/stdout.log"]
+    again = run([*NPROC_RUN, "--out", out, "--resume"], cwd=out.parent)  # complete: reported, not retrained
     assert again.returncode == 0 and "is complete" in again.stdout
+
+
+def _ppid_and_state(pid: int) -> tuple[int, str] | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), fields[0]
+
+
+def _ranks(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the training processes that the process ``launcher`` started."""
+    ranks = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (_ppid_and_state(int(entry.name)) or (0,))[0] == launcher:
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            ranks.update({int(item[5:]): int(entry.name) for item in env if item.startswith(b"RANK=")})
+    return ranks
+
+
+def _alive(pid: int) -> bool:
+    found = _ppid_and_state(pid)
+    return found is not None and found[1] not in ("Z", "X")  # a zombie is gone, only not reaped yet
+
+
+def _epochs_done(checkpoint: Path) -> int:
+    try:
+        return len(torch.load(checkpoint, weights_only=True)["history"])
+    except Exception:  # not written yet, or being replaced right now
+        return 0
+
+
+def _start_and_wait(out: Path, epochs: int = 2):
+    """Start the --nproc 2 run into ``out``; return (the launcher, {rank: pid}) once its
+    checkpoint holds ``epochs`` epochs."""
+    proc = subprocess.Popen([sys.executable, *map(str, NPROC_RUN), "--out", str(out)], cwd=out.parent, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 300  # generous: CI machines can be busy
+    ranks: dict[int, int] = {}
+    while _epochs_done(out / "checkpoint.pt") < epochs or len(ranks) < 2:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run did not get going: {proc.communicate()[1][-4000:]}")
+        ranks = ranks if len(ranks) == 2 else _ranks(proc.pid)
+        time.sleep(0.05)
+    return proc, ranks
+
+
+def _one_line(stderr: str) -> str:
+    """The one line of ``stderr`` but for warnings (--nproc 2 on a 1-core machine warns)."""
+    lines = [line for line in stderr.splitlines() if not line.startswith("bmrs: warning:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-4000:]
+    return lines[0]
+
+
+def _logs(line: str) -> Path:
+    found = re.search(r"their output is in (\S+?);", line)
+    assert found, line
+    return Path(found.group(1))
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_proc
+def test_a_killed_process_ends_the_run_with_one_line_and_resume_gives_the_uninterrupted_metrics(tmp_path, nproc_run):
+    out = tmp_path / "killed"
+    proc, ranks = _start_and_wait(out)
+    try:
+        os.kill(ranks[1], signal.SIGKILL)  # as the out-of-memory killer would
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2
+    line = _one_line(stderr)
+    assert line.startswith("bmrs: error: training process 1 of 2 was killed by SIGKILL; the other stopped with it; "), line
+    assert line.endswith(f"{out / 'checkpoint.pt'} keeps the last completed epoch: run the same command with --resume "
+                         "to continue"), line
+    assert not any(_alive(pid) for pid in ranks.values())
+    # the processes' output is kept where the line says: rank 0 lost its peer (gloo's error and
+    # traceback in its log) or torchrun stopped it first (launcher.log says so)
+    logs = _logs(line)
+    assert logs.is_relative_to(out / "logs") and (logs / "1" / "stderr.log").is_file()
+    rank0 = (logs / "0" / "stderr.log").read_text(errors="replace")
+    launcher = (logs / "launcher.log").read_text()
+    assert ("Traceback" in rank0 and "gloo" in rank0) or "closing signal SIGTERM" in launcher, (rank0, launcher)
+    done = _epochs_done(out / "checkpoint.pt")
+    assert 2 <= done < EPOCHS, "killed too late to test resuming"
+    assert not (out / "metrics.json").exists()
+
+    resumed = run([*NPROC_RUN, "--out", out, "--resume"], cwd=out.parent)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert len(list((out / "logs").iterdir())) == 2  # each start keeps its own folder
+    full = json.loads((nproc_run[0] / "metrics.json").read_text())
+    again = json.loads((out / "metrics.json").read_text())
+    assert set(again) == set(full)
+    for key in set(full) - {"train_seconds", "history", "provenance"}:
+        assert again[key] == full[key], key
+    for a, b in zip(again["history"], full["history"], strict=True):
+        a.pop("seconds"), b.pop("seconds")
+        assert a == b
+
+
+@pytest.mark.slow
+@needs_gloo
+@needs_proc
+def test_sigterm_to_the_launcher_stops_every_process_with_one_line(tmp_path):
+    out = tmp_path / "stopped"
+    proc, ranks = _start_and_wait(out, epochs=1)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    line = _one_line(stderr)
+    assert line.startswith("bmrs: stopped by SIGTERM; the 2 training processes stopped with it; their output is in "), line
+    assert line.endswith("keeps the last completed epoch: run the same command with --resume to continue"), line
+    assert not any(_alive(pid) for pid in ranks.values())
+    assert (out / "checkpoint.pt").is_file() and not (out / "metrics.json").exists()
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_an_error_in_every_process_is_one_line_and_leaves_no_run(tmp_path):
+    out = tmp_path / "R"
+    proc = run([*NPROC_RUN, "--from", tmp_path / "missing.pt", "--out", out], cwd=tmp_path)
+    assert proc.returncode == 2
+    line = _one_line(proc.stderr)
+    # in its own words, as a single process says it; which processes said it before torchrun
+    # stopped the rest varies ("all 2 training processes" or "training process 1 of 2; ...")
+    assert line.startswith(f"bmrs: error: --from {tmp_path / 'missing.pt'}: no such file or directory ("), line
+    assert "training process" in line and f"their output is in {out / 'logs'}" in line, line
+    assert [p.name for p in out.iterdir()] == ["logs"]  # no config.json: the same command may run again
 
 
 def test_cli_nproc_errors(tmp_path, capsys, monkeypatch):
@@ -183,3 +353,62 @@ def test_cli_nproc_errors(tmp_path, capsys, monkeypatch):
     assert main([*base, "--nproc", "2"]) == 2
     assert "leave it out when torchrun starts them" in capsys.readouterr().err
     assert not (tmp_path / "R").exists()
+
+
+def test_the_cause_of_a_failure_is_the_process_that_failed_first(tmp_path, monkeypatch):
+    """A process killed by a signal, before one that raised, before one that lost its peers,
+    before one torchrun stopped with SIGTERM; what a process says of itself is what bmrs wrote
+    into torchrun's error file, or else the last line of its log."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from bmrs.cli import _tell_torchrun
+    from bmrs.commands._launch import cause
+
+    def failure(rank, code, said=None, log=None):
+        error_file = tmp_path / f"{rank}-{len(list(tmp_path.glob('*.json')))}.json"  # a new one each time
+        if said is not None:
+            monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+            _tell_torchrun(said)
+        if log is not None:
+            (tmp_path / str(rank)).mkdir(exist_ok=True)
+            (tmp_path / str(rank) / "stderr.log").write_text(log)
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file=str(error_file))
+
+    lost = "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer"
+    assert cause({0: failure(0, -15), 1: failure(1, -9)}, tmp_path) == (1, "was killed by SIGKILL", -9, 1)
+    assert cause({0: failure(0, 1, lost), 1: failure(1, 1, "ValueError: boom")}, tmp_path)[:3] == \
+        (1, "ValueError: boom", 1)
+    assert cause({0: failure(0, -15), 1: failure(1, 1, lost)}, tmp_path)[:3] == (1, lost, 1)
+    # no error file: the last line of the process's log, without torch's rank prefix
+    assert cause({0: failure(0, -15), 1: failure(1, 2, log="[rank1]: bmrs: error: out of disk\n\n")}, tmp_path)[:3] == \
+        (1, "bmrs: error: out of disk", 2)
+    # every process failed alike
+    assert cause({0: failure(0, 2, "no data"), 1: failure(1, 2, "no data")}, tmp_path) == (0, "no data", 2, 2)
+
+
+def test_only_rank_0s_progress_bar_reaches_the_terminal():
+    """The relay of rank 0's stderr log forwards tqdm's redraws, read in any pieces, and
+    nothing else: no warning, no traceback after the bar, and a bar left is cleared."""
+    from tqdm import tqdm
+
+    from bmrs.commands._launch import ProgressRelay
+
+    log = io.StringIO()
+    log.write("[W socket.cpp:697] [c10d] a warning of gloo\n")
+    bar = tqdm(range(3), desc="epochs", file=log, leave=False, mininterval=0)
+    for _ in bar:
+        bar.set_postfix(loss=0.5)
+    bar.close()
+    bar = tqdm(range(3), desc="epochs", file=log, leave=False, mininterval=0)
+    next(iter(bar))  # a bar left on the line when the process died
+    log.write("[rank0]: Traceback (most recent call last):\n[rank0]: RuntimeError: gloo: Connection reset by peer\n")
+    text = log.getvalue()
+    for size in (1, 7, len(text)):
+        shown = io.StringIO()
+        relay = ProgressRelay(shown)
+        for start in range(0, len(text), size):
+            relay.feed(text[start:start + size])
+        relay.close()
+        redraws = [part for part in shown.getvalue().split("\r") if part.strip()]
+        assert redraws and all(re.fullmatch(r"epochs: +\d+%\|.*\] *", part) for part in redraws), shown.getvalue()
+        assert "100%" in shown.getvalue() and shown.getvalue().endswith(" \r")  # the last bar is cleared

@@ -6,7 +6,10 @@ cause (a :class:`~bmrs.BMRSError`: a bad option, an unknown name, a file that is
 bmrs expects; an ``OSError``: a file or directory that is missing or cannot be read or
 written; a download whose checksum is wrong) ends the command with one line
 ``bmrs: error: ...`` on stderr and exit status 2; training that diverges ends with one line
-and exit status 3. Anything else is a defect and shows its traceback.
+and exit status 3. Anything else is a defect and shows its traceback. A signal that stops
+``train --nproc`` ends it with one line and exit status 128 + the signal's number (143 for
+SIGTERM, 130 for Ctrl-C). Under torchrun, each process also writes the line that ends it
+into torchrun's error file, from which ``train --nproc`` names the cause of a failure.
 Result files are written to temporary names and renamed, so an interrupted command leaves
 no half-written file, and no command replaces a file it did not write (``--force``). See
 ``docs/cli.md`` and ``docs/reliability.md``.
@@ -15,14 +18,17 @@ no half-written file, and no command replaces a file it did not write (``--force
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
+import traceback
 
 from . import __version__
 from .commands import bench, compact, explain, export, info, report, reproduce, sweep, train
 from .commands._common import Formatter, Parser
 from .datasets import ChecksumError
-from .errors import BMRSError
+from .errors import BMRSError, Interrupted
 from .experiments.sweep import parse_criteria
 from .pruning.criteria import load_plugins
 from .training import TrainingDiverged
@@ -44,6 +50,22 @@ def _one_line(err: BaseException) -> str:
     if name is not None and str(name) not in text:
         text = f"{name}: {text}"
     return " ".join(text.split())
+
+
+def _tell_torchrun(text: str) -> None:
+    """Under torchrun, write ``text`` (what ends this process) into the error file torchrun
+    names in ``TORCHELASTIC_ERROR_FILE``, in the form of its ``ErrorHandler``: torchrun reads
+    it into the failure it reports (``bmrs train --nproc`` names the cause from it)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": text, "extraInfo": {"py_callstack": traceback.format_exc(),
+                                                       "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,15 +113,24 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 141
+    except Interrupted as err:  # 'train --nproc' stopped its processes
+        print(f"bmrs: {_one_line(err)}", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
+        _tell_torchrun("interrupted")
         print("bmrs: interrupted", file=sys.stderr)
         return 130
     except TrainingDiverged as err:
+        _tell_torchrun(_one_line(err))
         print(f"bmrs: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_DIVERGED
     except (BMRSError, OSError, ChecksumError) as err:  # what a user can fix; anything else is a defect
+        _tell_torchrun(_one_line(err))
         print(f"bmrs: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as err:  # a defect: its traceback follows, as ever
+        _tell_torchrun(f"{type(err).__name__}: {_one_line(err)}")
+        raise
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ A run directory (written by ``bmrs train``, :func:`bmrs.experiments.runs.train_r
 ``config.json`` (a :class:`RunConfig`), ``checkpoint.pt`` (resumable trainer state),
 ``model.pt`` (the final gated model's state dict), ``compact.pt`` (the compacted network)
 and ``metrics.json`` (written last: its presence marks the run complete), beside the live
-logs a run may write. Both the application that writes runs (:mod:`bmrs.experiments`) and the
+logs a run may write and, under ``bmrs train --nproc``, the training processes' output in
+``logs/`` (:data:`PROCESS_LOGS`). Both the application that writes runs (:mod:`bmrs.experiments`) and the
 reports that read them (:mod:`bmrs.reporting`) take these rules from here, so they cannot
 drift apart; files written by earlier versions are read through :func:`read_run`, which
 upgrades them.
@@ -27,12 +28,19 @@ from .models import build_model
 from .pruning.criteria import CRITERIA, PAPER, RECOMMENDED
 
 __all__ = [
-    "RUN_FILES", "RECOMMENDED", "PAPER", "CONFIG", "METRICS", "REPORTED_METRICS", "REPORTED_SWEEP", "SWEEP", "RunConfig", "is_run_file", "read_config", "load_metrics", "verify_checksum",
+    "RUN_FILES", "PROCESS_LOGS", "RECOMMENDED", "PAPER", "CONFIG", "METRICS", "REPORTED_METRICS", "REPORTED_SWEEP", "SWEEP", "RunConfig", "is_run_file", "read_config", "load_metrics", "verify_checksum",
     "load_state_file", "run_files", "check_same_options", "check_output_dir", "read_run",
 ]
 
 #: The files ``bmrs train`` writes into a run directory (the live logs aside).
 RUN_FILES = ("config.json", "checkpoint.pt", "model.pt", "compact.pt", "metrics.json")
+
+#: The folder of a run directory where ``bmrs train --nproc`` keeps its processes' output, a
+#: folder per start (``logs/<start time>_<suffix>/attempt_0/<rank>/stderr.log``, as torchrun
+#: lays it out). It is no file of a run: :func:`check_output_dir` does not count it, so a run
+#: that failed before its first epoch can be started again in the same directory, and
+#: ``--force`` and ``--resume`` leave it (an earlier start's output stays in its own folder).
+PROCESS_LOGS = "logs"
 
 # The paper's optimiser settings (docs/math.md, "The paper's reported numbers"); other
 # models get the LeNet5 ones.

@@ -20,6 +20,7 @@ from ..pruning.criteria import CRITERIA
 from ..reporting.collect import natural_key
 from ..rundir import PAPER, RECOMMENDED, RUN_FILES, RunConfig, check_output_dir, load_metrics, read_config
 from ..training import TRAINED_SCHEDULE, TrainingDiverged
+from . import _launch as _launcher
 from ._common import Formatter, criteria_with, dataset_name, out_path, percent, positive, say, set_threads
 
 def _recommended_defaults(args) -> str | None:
@@ -162,20 +163,10 @@ def _warn_oversubscription(nproc: int, threads: int | None) -> None:
     print(f"bmrs: warning: {text}", file=sys.stderr, flush=True)
 
 
-def _launch(nproc: int, argv: list[str]) -> None:
-    """Run ``python -m bmrs ARGV`` in ``nproc`` local processes through torchrun (a free port)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning
-    launch = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "bmrs"])
-    launch.training_script_args = list(argv)  # not parsed by torchrun: '--nproc' would be ambiguous there
-    try:
-        run(launch)
-    except ChildFailedError as err:
-        codes = sorted({f.exitcode for f in err.failures.values()})
-        raise BMRSError(f"{len(err.failures)} of {nproc} training processes failed "
-                       f"(exit status {', '.join(map(str, codes))}; their messages are above)") from None
+def _launch(nproc: int, argv: list[str], out: Path) -> None:
+    """Run ``python -m bmrs ARGV`` in ``nproc`` local processes through torchrun (a free port),
+    their output kept in ``OUT/logs/`` (:func:`bmrs.commands._launch.launch`)."""
+    _launcher.launch(nproc, argv, out)
 
 
 def _methods_help() -> str:
@@ -197,7 +188,7 @@ def run(args) -> int:
     main = distributed.is_main()
     defaults = _recommended_defaults(args)
     config = _config_from_args(args)
-    if defaults is not None and main:
+    if defaults is not None and main and not (launched and _launcher.LAUNCHED in os.environ):  # said by the launcher
         say(defaults)
     out = Path(args.out)
     if args.force and not args.resume and main:
@@ -212,7 +203,7 @@ def run(args) -> int:
         return 0
     if args.nproc > 1 and not launched:
         _warn_oversubscription(args.nproc, args.threads)
-        _launch(args.nproc, args.argv)
+        _launch(args.nproc, args.argv, out)
         return 0
     created = not out.exists()
     had_config = (out / "config.json").exists()
@@ -255,7 +246,10 @@ def add_parser(commands, parents: dict[str, argparse.ArgumentParser]) -> None:
         "--nproc N trains in N processes on this machine (DistributedDataParallel through\n"
         "torchrun: gloo on the CPU, nccl on GPUs); --batch-size is per process, so a step sees\n"
         "N x batch-size examples. 'torchrun --nproc-per-node N -m bmrs train ...' does the same\n"
-        "(also on several machines). One run directory, written by rank 0; see docs/distributed.md.\n\n"
+        "(also on several machines). One run directory, written by rank 0. The processes' output goes\n"
+        "to OUT/logs/ (a folder per start; rank 0's stdout and progress bar are shown here): a process\n"
+        "that dies, or a signal to this command, stops them all with one line naming the cause, and\n"
+        "--resume continues from the checkpoint; see docs/distributed.md.\n\n"
         f"Without --method and --kl-reduction it uses the recommended {RECOMMENDED['method']} and\n"
         f"{RECOMMENDED['kl_reduction']} (see docs/pruning.md) and says so; the paper's are --method "
         f"{PAPER['method']}\nand --kl-reduction {PAPER['kl_reduction']}.",
@@ -306,6 +300,6 @@ def add_parser(commands, parents: dict[str, argparse.ArgumentParser]) -> None:
                    "model.pt, compact.pt, metrics.json): they are deleted first")
     p.add_argument("--nproc", type=int, default=1,
                    help="training processes on this machine (data parallel; --batch-size is per process; one thread "
-                   "each unless --threads; more than the machine's cores is warned of)")
+                   "each unless --threads; more than the machine's cores is warned of; their output in OUT/logs/)")
     p.add_argument("--out", metavar="RUN_DIR", type=out_path, required=True, help="run directory to write")
     p.set_defaults(func=run)
