@@ -69,17 +69,20 @@ def test_arguments(bench):
             bench.parse_args(["--out", "x", *bad])
 
 
+WIDTHS = {"layer_num_attention_heads": [12, 6], "layer_intermediate_size": [100, 50]}
+
+
 def _write_seed(folder: Path, seed: int, accuracy: dict, ort: dict, eager: dict) -> None:
     folder.mkdir(parents=True)
     (folder / "reference.json").write_text(json.dumps({"accuracy": accuracy["reference"], "wall_s": 1.0}))
     for name in ("bmrs-n-kr", "tp-taylor"):
-        row = {"accuracy": accuracy[name], "params_ratio": 0.5 + seed / 100, "wall_s": 2.0}
+        row = {"accuracy": accuracy[name], "params_ratio": 0.5 + seed / 100, "widths": WIDTHS, "wall_s": 2.0}
         if name == "bmrs-n-kr":
             row["accuracy_at_stop"] = accuracy[name] - 1
         (folder / f"{name}.json").write_text(json.dumps(row))
     (folder / "distillation.json").write_text(json.dumps(
-        {"cosine": 0.9 + seed / 100, "recall_at_10": 0.5, "params_ratio": 0.6, "wall_s": 3.0}))
-    latency = {"onnxruntime": {name: {"1": 1.0, "32": t} for name, t in ort.items()},
+        {"cosine": 0.9 + seed / 100, "recall_at_10": 0.5, "params_ratio": 0.6, "widths": WIDTHS, "wall_s": 3.0}))
+    latency = {"onnxruntime": {name: {"1": t / 10, "32": t} for name, t in ort.items()},
                "eager": {name: {"1": 1.0, "32": t} for name, t in eager.items()}}
     (folder / "latency.json").write_text(json.dumps(latency))
 
@@ -102,9 +105,15 @@ def test_summary_has_the_documented_shape_and_ratios(bench, tmp_path):
     assert (stop["latency_ratio_ort"], stop["latency_ratio_eager"], stop["seeds"]) == pytest.approx((2.0, 1.25, 2))
     assert stop["params_ratio"] == pytest.approx(0.505)
     assert result["rows"]["tp-taylor"]["latency_ratio_ort"] == pytest.approx(1.5)
+    assert result["rows"]["tp-taylor"]["latency_ratio_ort_b1"] == pytest.approx(1.5)
+    assert (stop["heads_kept"], stop["ffn_kept"]) == (18, 150)
     assert set(result["rows"]) == {"bmrs-n-kr", "tp-taylor"}
     assert result["distillation"]["cosine"][0] == pytest.approx(0.905)
     assert result["distillation"]["latency_ratio_ort"] == pytest.approx(2.0)
+    rows = bench.table(result).splitlines()
+    assert rows[2].startswith("| unpruned (fine-tuned) | 82.00 |")
+    assert rows[3] == "| bmrs-n-kr | 81.00 ± 1.41 | -1.00 | 50.5% | 18.0 | 150 | 2.00x | 2.00x | 1.25x | 1.00x | 2 |"
+    assert rows[-1].startswith("| bmrs-n-kr | 0.9050 ± 0.0071 | 0.500 ± 0.000 | 60.0% |")
     png = tmp_path / "minilm.png"
     bench.figure(result, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

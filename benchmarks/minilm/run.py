@@ -35,7 +35,7 @@ is ``--out/minilm.json``, shaped as docs/results/minilm.json.
 
     python benchmarks/minilm/run.py --out runs/minilm                       # the full run
     python benchmarks/minilm/run.py --out /tmp/smoke --train-size 64 --eval-size 64 \\
-        --length 32 --epochs 1 --seeds 0 --latency-length 32 --latency-repeats 3  # smoke
+        --length 32 --epochs 2 --recovery-epochs 1 --seeds 0 --latency-length 32 --latency-repeats 3  # smoke
 """
 
 from __future__ import annotations
@@ -544,8 +544,14 @@ def summary(args) -> dict:
     runs = {s: {p.stem: json.loads(p.read_text()) for p in (args.out / f"seed{s}").glob("*.json")} for s in seeds}
     big = str(max(args.latency_batches))
 
-    def ratio(lat, name, runtime, base="unpruned"):
-        return lat[runtime][base][big] / lat[runtime][name][big]
+    small = str(min(args.latency_batches))
+
+    def ratio(lat, name, runtime, base="unpruned", batch=big):
+        return lat[runtime][base][batch] / lat[runtime][name][batch]
+
+    def widths(rows):
+        return {"heads_kept": statistics.fmean(sum(r["widths"]["layer_num_attention_heads"]) for r in rows),
+                "ffn_kept": statistics.fmean(sum(r["widths"]["layer_intermediate_size"]) for r in rows)}
 
     out = {"format": FORMAT, "base": {}, "rows": {},
            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
@@ -564,7 +570,11 @@ def summary(args) -> dict:
                "params_ratio": statistics.fmean(runs[s][name]["params_ratio"] for s in have),
                "latency_ratio_ort": statistics.fmean(per_seed["latency_ratio_ort"]),
                "latency_ratio_eager": statistics.fmean(per_seed["latency_ratio_eager"]),
-               "seeds": len(have), "per_seed": per_seed}
+               "latency_ratio_ort_b1": statistics.fmean(
+                   ratio(runs[s]["latency"], name, "onnxruntime", batch=small) for s in have),
+               "latency_ratio_eager_b1": statistics.fmean(
+                   ratio(runs[s]["latency"], name, "eager", batch=small) for s in have),
+               **widths([runs[s][name] for s in have]), "seeds": len(have), "per_seed": per_seed}
         if all("accuracy_at_stop" in runs[s][name] for s in have):  # BMRS: before its recovery epochs
             row["accuracy_at_stop"] = _mean_std([runs[s][name]["accuracy_at_stop"] for s in have])
         out["rows"][name] = row
@@ -578,7 +588,9 @@ def summary(args) -> dict:
             "params_ratio": statistics.fmean(x["params_ratio"] for x in d),
             "latency_ratio_ort": statistics.fmean(
                 ratio(runs[s]["latency"], "distillation", "onnxruntime", "unpruned-embedder") for s in have),
-            "seeds": len(have)}
+            "latency_ratio_eager": statistics.fmean(
+                ratio(runs[s]["latency"], "distillation", "eager", "unpruned-embedder") for s in have),
+            **widths(d), "seeds": len(have)}
     out["cost_s"] = {s: {k: v.get("wall_s") for k, v in runs[s].items()} for s in seeds}
     return out
 
@@ -618,6 +630,30 @@ def figure(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Description": FORMAT})
     plt.close(fig)
+
+
+def table(result: dict) -> str:
+    """The summary as a markdown table: a row per method, then the distillation."""
+    big, small = max(result["config"]["latency_batches"]), min(result["config"]["latency_batches"])
+    base = result["base"]["accuracy"]
+    lines = [f"| method | accuracy (%) | vs unpruned (points) | parameters kept | heads kept (of 72) | FFN neurons kept "
+             f"(of 9,216) | speed-up ort b{big} | ort b{small} | eager b{big} | eager b{small} | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| unpruned (fine-tuned) | {base:.2f} | | 100 % | 72 | 9,216 | 1 | 1 | 1 | 1 | "
+             f"{len(result['base']['accuracy_seeds'])} |"]
+    for name, r in result["rows"].items():
+        lines.append(f"| {name} | {r['accuracy'][0]:.2f} ± {r['accuracy'][1]:.2f} | {r['accuracy'][0] - base:+.2f} | "
+                     f"{r['params_ratio']:.1%} | {r['heads_kept']:.1f} | {r['ffn_kept']:,.0f} | "
+                     f"{r['latency_ratio_ort']:.2f}x | {r['latency_ratio_ort_b1']:.2f}x | {r['latency_ratio_eager']:.2f}x | "
+                     f"{r['latency_ratio_eager_b1']:.2f}x | {r['seeds']} |")
+    d = result.get("distillation")
+    if d:
+        lines += ["", f"| distillation | cosine to the pretrained embedding | recall@10 | parameters kept | heads kept | "
+                  f"FFN neurons kept | speed-up ort b{big} | eager b{big} | seeds |", "|---|---|---|---|---|---|---|---|---|",
+                  f"| bmrs-n-kr | {d['cosine'][0]:.4f} ± {d['cosine'][1]:.4f} | {d['recall_at_10'][0]:.3f} ± "
+                  f"{d['recall_at_10'][1]:.3f} | {d['params_ratio']:.1%} | {d['heads_kept']:.1f} | {d['ffn_kept']:,.0f} | "
+                  f"{d['latency_ratio_ort']:.2f}x | {d['latency_ratio_eager']:.2f}x | {d['seeds']} |"]
+    return "\n".join(lines) + "\n"
 
 
 def check_writable(path: Path) -> None:
@@ -685,6 +721,7 @@ def main(argv=None) -> None:
     if result["rows"]:
         figure(result, args.out / "minilm.png")
         print(f"wrote {args.out / 'minilm.png'}")
+        print(table(result), end="")
         stop = result.get("bmrs_stop")
         if stop:
             print(f"BMRS's own stop: {stop['accuracy'][0]:.2f} ± {stop['accuracy'][1]:.2f} % against "
