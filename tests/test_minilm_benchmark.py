@@ -3,6 +3,7 @@ parameter budget, the summary's shape and ratios, and what it refuses to replace
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def test_bisection_finds_the_smallest_ratio_within_the_budget(bench):
 def test_arguments(bench):
     args = bench.parse_args(["--out", "x"])
     assert (args.epochs, args.recovery_epochs, args.gate_lr) == (4, 2, 0.1)
-    for bad in (["--recovery-epochs", "4"], ["--recovery-epochs", "-1"], ["--budget", "1.5"], ["--length", "1"]):
+    for bad in (["--recovery-epochs", "4"], ["--recovery-epochs", "-1"], ["--budget", "1.5"], ["--length", "1"],
+                ["--distill-tolerance", "0"], ["--distill-tolerance", "1"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--out", "x", *bad])
 
@@ -131,3 +133,17 @@ def test_files_it_did_not_write_are_not_replaced(bench, tmp_path):
     mine.write_text(json.dumps({"format": bench.FORMAT}))
     bench.check_writable(mine)
     bench.check_writable(tmp_path / "absent.json")
+
+
+@pytest.mark.parametrize("tolerance, dim", [(0.01, 384), (0.1, 384), (0.5, 384), (0.05, 3), (0.3, 16)])
+def test_concentration_gives_the_mean_cosine_distance_asked_for(bench, tolerance, dim):
+    import mpmath
+
+    kappa = bench.concentration(tolerance, dim)
+    with mpmath.workdps(50):  # E[cos] of a von Mises-Fisher in dim dimensions: I_{d/2}(k) / I_{d/2-1}(k)
+        mean_cos = mpmath.besseli(dim / 2, kappa) / mpmath.besseli(dim / 2 - 1, kappa)
+    assert float(1 - mean_cos) == pytest.approx(tolerance, rel=1e-9)
+    if dim == 3:  # on the 2-sphere E[cos] = coth(k) - 1/k
+        assert 1 - (1 / math.tanh(kappa) - 1 / kappa) == pytest.approx(tolerance, rel=1e-9)
+    if tolerance == 0.01:  # small tolerances: about (d - 1) / (2 T)
+        assert kappa == pytest.approx((dim - 1) / (2 * tolerance), rel=0.01)

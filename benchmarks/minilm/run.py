@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gate-lr", type=float, default=0.1, help="learning rate of the gates' posteriors (default 0.1)")
     p.add_argument("--budget", type=float, default=None,
                    help="parameters the peers keep, a fraction of the unpruned classifier's (default: BMRS's own stop)")
+    p.add_argument("--distill-tolerance", type=float, default=None, metavar="T",
+                   help="distillation's data term as a likelihood: a von Mises-Fisher whose mean cosine distance "
+                        "is T, with the per-example ELBO's KL (default: 1 - cosine and the recommended KL)")
     p.add_argument("--importance-batches", type=int, default=16, help="batches of the Taylor and Michel importances")
     p.add_argument("--methods", nargs="+", default=["bmrs-n-kr", *PEERS, "distillation"],
                    choices=["bmrs-n-kr", *PEERS, "distillation"], help="runs besides the reference (default all)")
@@ -99,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "length", "batch_size", "importance_batches", "latency_repeats", "latency_length"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.distill_tolerance is not None and not 0 < args.distill_tolerance < 1:
+        p.error("--distill-tolerance must lie in (0, 1)")
     if not 0 <= args.recovery_epochs < args.epochs:
         p.error("--recovery-epochs must lie in [0, --epochs)")
     if args.budget is not None and not 0 < args.budget <= 1:
@@ -420,11 +425,40 @@ def _remove_lowest(net, example, head_score, neuron_score, ratio):
     return net
 
 
+def concentration(tolerance: float, dim: int) -> float:
+    """The concentration kappa of a von Mises-Fisher distribution on the unit sphere in
+    ``dim`` dimensions whose mean cosine distance ``1 - E[cos]`` is ``tolerance``:
+    ``E[cos] = I_{d/2}(kappa) / I_{d/2-1}(kappa)`` solved for kappa (about
+    ``(d - 1) / (2 tolerance)`` when the tolerance is small)."""
+    import mpmath
+
+    with mpmath.workdps(40):  # Bessel functions of order ~d/2 underflow in floating point at small kappa
+        lo, hi = mpmath.mpf(-7), mpmath.mpf(28)  # log kappa; 1 - E[cos] falls from about 1 to about 1e-10
+        for _ in range(80):  # bisection: 1 - E[cos] decreases with kappa
+            mid = (lo + hi) / 2
+            kappa = mpmath.exp(mid)
+            if 1 - mpmath.besseli(dim / 2, kappa) / mpmath.besseli(dim / 2 - 1, kappa) > tolerance:
+                lo = mid
+            else:
+                hi = mid
+        return float(mpmath.exp((lo + hi) / 2))
+
+
 def run_distillation(ctx, seed):
     """Gates on the pretrained encoder, the ELBO with ``1 - cosine`` to the pretrained
     embedding as its data term and bmrs-n-kr after each epoch, then the compacted encoder
-    fine-tuned on the same data term without gates: the schedule of :func:`run_bmrs`."""
+    fine-tuned on the same data term without gates: the schedule of :func:`run_bmrs`.
+
+    With ``--distill-tolerance T`` the data term is a likelihood instead: the negative log
+    density of a von Mises-Fisher around the pretrained embedding, ``kappa (1 - cosine)``
+    (plus a constant) with :func:`concentration`, and the KL is the per-example ELBO's
+    (summed, over the number of training descriptions)."""
     args, data = ctx["args"], ctx["data"]
+    if args.distill_tolerance is None:
+        scale, reduction = 1.0, {}
+    else:
+        scale = concentration(args.distill_tolerance, ctx["pretrained"].config.hidden_size)
+        reduction = {"kl_reduction": "elbo", "dataset_size": len(data["train"][1])}
     torch.manual_seed(seed)
     teacher = minilm.Embedder(ctx["pretrained"]).eval()
     student = minilm.Embedder(copy.deepcopy(ctx["pretrained"]))
@@ -435,10 +469,10 @@ def run_distillation(ctx, seed):
     def distance(net, inputs):
         with torch.no_grad():
             target = teacher(**inputs)
-        return (1 - (net(**inputs) * target).sum(-1)).mean()
+        return scale * (1 - (net(**inputs) * target).sum(-1)).mean()
 
     def elbo(net, inputs, _):
-        loss, _, kl = bmrs.elbo_loss(distance(net, inputs), None, net.encoder, loss_fn=lambda out, _: out)
+        loss, _, kl = bmrs.elbo_loss(distance(net, inputs), None, net.encoder, loss_fn=lambda out, _: out, **reduction)
         return loss, {"kl": kl}
 
     logs = fit(student, data["train"], args, seed, "distillation", elbo, lambda n: bmrs_prune(n.encoder),
@@ -455,7 +489,7 @@ def run_distillation(ctx, seed):
         setattr(small.config, attr, values)
     bmrs.save_compact(small, ctx["dir"] / "distillation.encoder.pt")
     a, b = embeddings(teacher, data["test"], args), embeddings(minilm.Embedder(small), data["test"], args)
-    return {"cosine": float((a * b).sum(-1).mean()), "recall_at_10": recall_at(a, b, 10),
+    return {"cosine": float((a * b).sum(-1).mean()), "recall_at_10": recall_at(a, b, 10), "data_scale": scale,
             "params": count(small), "params_ratio": count(small) / count(ctx["pretrained"]),
             "widths": layer_widths(small), "epochs": logs}
 
@@ -721,6 +755,7 @@ def main(argv=None) -> None:
     if result["rows"]:
         figure(result, args.out / "minilm.png")
         print(f"wrote {args.out / 'minilm.png'}")
+    if result["base"]:
         print(table(result), end="")
         stop = result.get("bmrs_stop")
         if stop:
