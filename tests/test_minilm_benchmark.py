@@ -147,3 +147,27 @@ def test_concentration_gives_the_mean_cosine_distance_asked_for(bench, tolerance
         assert 1 - (1 / math.tanh(kappa) - 1 / kappa) == pytest.approx(tolerance, rel=1e-9)
     if tolerance == 0.01:  # small tolerances: about (d - 1) / (2 T)
         assert kappa == pytest.approx((dim - 1) / (2 * tolerance), rel=0.01)
+
+
+def test_other_run_folders_join_the_summary_under_their_label(bench, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    row = {"accuracy": [80.0, 1.0], "params_ratio": 0.7, "heads_kept": 72.0, "ffn_kept": 10.0, "latency_ratio_ort": 1.7,
+           "latency_ratio_ort_b1": 1.6, "latency_ratio_eager": 1.8, "latency_ratio_eager_b1": 1.5, "seeds": 3}
+    distillation = {"cosine": [0.99, 0.0], "recall_at_10": [0.9, 0.0], "params_ratio": 1.0, "heads_kept": 72.0,
+                    "ffn_kept": 9216.0, "latency_ratio_ort": 1.0, "latency_ratio_eager": 1.0, "seeds": 1}
+    (other / "minilm.json").write_text(json.dumps({"format": bench.FORMAT, "rows": {"bmrs-n-kr": row},
+                                                   "distillation": distillation, "config": {"epochs": 4}}))
+    result = {"base": {"accuracy": 81.0, "accuracy_seeds": [81.0]}, "rows": {},
+              "config": {"latency_batches": [1, 32]}}
+    merged = bench.add_variants(result, [f"long={other}"])
+    assert merged["rows"] == {"bmrs-n-kr (long)": row}
+    assert merged["distillation_variants"] == {"long": distillation} and merged["variants"] == {"long": {"epochs": 4}}
+    assert "| bmrs-n-kr (long) | 80.00 ± 1.00 | -1.00 |" in bench.table(merged)
+    (other / "minilm.json").write_text('{"rows": {}}')
+    with pytest.raises(BMRSError, match="not written by this script"):
+        bench.add_variants(result, [f"long={other}"])
+    with pytest.raises(BMRSError, match="does not exist"):
+        bench.add_variants(result, [f"x={tmp_path / 'absent'}"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", "x", "--with", "nolabel"])

@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="threads of training (default: PyTorch's)")
     p.add_argument("--device", default="cpu", help="device of training (cpu, cuda); latency is on the CPU")
+    p.add_argument("--with", dest="also", action="append", default=[], metavar="LABEL=DIR",
+                   help="add the summary of another run folder (its minilm.json, e.g. another schedule) to this "
+                        "one's rows as 'METHOD (LABEL)', and its distillation under 'distillation_variants'")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     for name in ("epochs", "length", "batch_size", "importance_batches", "latency_repeats", "latency_length"):
@@ -104,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.distill_tolerance is not None and not 0 < args.distill_tolerance < 1:
         p.error("--distill-tolerance must lie in (0, 1)")
+    for item in args.also:
+        if "=" not in item or not item.split("=", 1)[0]:
+            p.error(f"--with takes LABEL=DIR, got {item!r}")
     if not 0 <= args.recovery_epochs < args.epochs:
         p.error("--recovery-epochs must lie in [0, --epochs)")
     if args.budget is not None and not 0 < args.budget <= 1:
@@ -633,22 +639,24 @@ def figure(result: dict, path: Path) -> None:
     """Test accuracy against the measured speed-up at the largest latency batch, in
     onnxruntime and in eager PyTorch (a panel each): every seed of a method as a small
     point, its mean with the accuracy's standard deviation as a large one; the unpruned
-    model's accuracy as a line, one point below it dashed."""
+    model's accuracy as a line, one point below it dashed. Rows added with ``--with`` (named
+    ``METHOD (LABEL)``) have their method's colour and hollow markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     big = max(result["config"]["latency_batches"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), sharey=True)
     colours = dict(zip(["bmrs-n-kr", *PEERS], ["tab:red", "tab:blue", "tab:green", "tab:purple"]))
     for ax, runtime in zip(axes, ("ort", "eager")):
         for name, row in result["rows"].items():
-            c = colours.get(name, "black")
+            c = colours.get(name.split(" (")[0], "black")
+            hollow = {"markerfacecolor": "white", "markeredgewidth": 1.6} if " (" in name else {}
             ax.scatter(row["per_seed"][f"latency_ratio_{runtime}"], row["per_seed"]["accuracy"], s=14, color=c, alpha=0.5)
             ax.errorbar([row[f"latency_ratio_{runtime}"]], [row["accuracy"][0]], yerr=[row["accuracy"][1]], capsize=3,
                         fmt="*" if name.startswith("bmrs") else "o", markersize=14 if name.startswith("bmrs") else 8,
-                        color=c, label=f"{name} ({row['params_ratio']:.1%} of the parameters)")
+                        color=c, label=f"{name}: {row['params_ratio']:.1%} of the parameters", **hollow)
         base = result["base"]["accuracy"]
         ax.axhline(base, color="grey", linewidth=0.9, label="unpruned (fine-tuned)")
         ax.axhline(base - 1, color="grey", linewidth=0.9, linestyle="--", label="1 point below it")
@@ -659,8 +667,9 @@ def figure(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"test accuracy (%), {len(result['base']['accuracy_seeds'])} seeds")
     axes[0].legend(fontsize=8, loc="lower left")
-    fig.suptitle("all-MiniLM-L6-v2 classifying Debian package sections: BMRS's own stop (star) and the peers "
-                 "at its parameter count")
+    title = "all-MiniLM-L6-v2 classifying Debian package sections: BMRS's own stop (star) and the peers at its parameter count"
+    labels = sorted({name.split(" (", 1)[1][:-1] for name in result["rows"] if " (" in name})
+    fig.suptitle(title + (f"\n(hollow: {', '.join(labels)})" if labels else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Description": FORMAT})
     plt.close(fig)
@@ -687,6 +696,11 @@ def table(result: dict) -> str:
                   f"| bmrs-n-kr | {d['cosine'][0]:.4f} ± {d['cosine'][1]:.4f} | {d['recall_at_10'][0]:.3f} ± "
                   f"{d['recall_at_10'][1]:.3f} | {d['params_ratio']:.1%} | {d['heads_kept']:.1f} | {d['ffn_kept']:,.0f} | "
                   f"{d['latency_ratio_ort']:.2f}x | {d['latency_ratio_eager']:.2f}x | {d['seeds']} |"]
+        for label, v in result.get("distillation_variants", {}).items():
+            lines.append(f"| bmrs-n-kr ({label}) | {v['cosine'][0]:.4f} ± {v['cosine'][1]:.4f} | {v['recall_at_10'][0]:.3f} ± "
+                         f"{v['recall_at_10'][1]:.3f} | {v['params_ratio']:.1%} | {v['heads_kept']:.1f} | "
+                         f"{v['ffn_kept']:,.0f} | {v['latency_ratio_ort']:.2f}x | {v['latency_ratio_eager']:.2f}x | "
+                         f"{v['seeds']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -694,6 +708,25 @@ def check_writable(path: Path) -> None:
     """Refuse to replace a file at ``path`` that this script did not write (its format marker)."""
     if path.exists() and (not path.is_file() or FORMAT.encode() not in path.read_bytes()[:4096]):
         raise bmrs.BMRSError(f"{path} exists and was not written by this script; move it away or choose another --out")
+
+
+def add_variants(result: dict, also: list[str]) -> dict:
+    """``result`` with the rows and distillation of each ``LABEL=DIR``'s ``minilm.json``
+    (written by this script) added under that label."""
+    for item in also:
+        label, folder = item.split("=", 1)
+        path = Path(folder) / "minilm.json"
+        if not path.is_file():
+            raise bmrs.BMRSError(f"--with {item}: {path} does not exist (run that folder's summary first)")
+        other = json.loads(path.read_text())
+        if not isinstance(other, dict) or other.get("format") != FORMAT:
+            raise bmrs.BMRSError(f"--with {item}: {path} was not written by this script")
+        for name, row in other.get("rows", {}).items():
+            result["rows"][f"{name} ({label})"] = row
+        if "distillation" in other:
+            result.setdefault("distillation_variants", {})[label] = other["distillation"]
+        result.setdefault("variants", {})[label] = other["config"]
+    return result
 
 
 def once(folder: Path, seed: int, name: str, body) -> dict:
@@ -748,7 +781,7 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         run_seed(args, pretrained, tokenizer, seed)
         torch.set_num_threads(threads)  # the latency run sets its own
-    result = summary(args)
+    result = add_variants(summary(args), args.also)
     path = args.out / "minilm.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
