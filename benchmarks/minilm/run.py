@@ -99,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="device of training (cpu, cuda); latency is on the CPU")
     p.add_argument("--with", dest="also", action="append", default=[], metavar="LABEL=DIR",
                    help="add the summary of another run folder (its minilm.json, e.g. another schedule) to this "
-                        "one's rows as 'METHOD (LABEL)', and its distillation under 'distillation_variants'")
+                        "one's rows as 'METHOD (LABEL)', and its distillation under 'distillation_variants' "
+                        "(the last '=' separates LABEL from DIR)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     for name in ("epochs", "length", "batch_size", "importance_batches", "latency_repeats", "latency_length"):
@@ -108,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.distill_tolerance is not None and not 0 < args.distill_tolerance < 1:
         p.error("--distill-tolerance must lie in (0, 1)")
     for item in args.also:
-        if "=" not in item or not item.split("=", 1)[0]:
+        if "=" not in item or not item.rsplit("=", 1)[0]:
             p.error(f"--with takes LABEL=DIR, got {item!r}")
     if not 0 <= args.recovery_epochs < args.epochs:
         p.error("--recovery-epochs must lie in [0, --epochs)")
@@ -593,8 +594,10 @@ def summary(args) -> dict:
         return {"heads_kept": statistics.fmean(sum(r["widths"]["layer_num_attention_heads"]) for r in rows),
                 "ffn_kept": statistics.fmean(sum(r["widths"]["layer_intermediate_size"]) for r in rows)}
 
-    out = {"format": FORMAT, "base": {}, "rows": {},
-           "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    if args.data == minilm.DATA:  # the committed file, by its place in the repository
+        config["data"] = str(minilm.DATA.relative_to(minilm.HERE.parents[1]))
+    out = {"format": FORMAT, "base": {}, "rows": {}, "config": config}
     if not seeds:
         return out
     out["base"] = {"accuracy": _mean_std([runs[s]["reference"]["accuracy"] for s in seeds])[0],
@@ -714,7 +717,7 @@ def add_variants(result: dict, also: list[str]) -> dict:
     """``result`` with the rows and distillation of each ``LABEL=DIR``'s ``minilm.json``
     (written by this script) added under that label."""
     for item in also:
-        label, folder = item.split("=", 1)
+        label, folder = item.rsplit("=", 1)  # a label may hold "=" ("T=0.01")
         path = Path(folder) / "minilm.json"
         if not path.is_file():
             raise bmrs.BMRSError(f"--with {item}: {path} does not exist (run that folder's summary first)")
