@@ -642,7 +642,7 @@ def test_nproc_above_the_cores_warns_once(monkeypatch, tmp_path, capsys):
 
     launched = []
     monkeypatch.setattr(train_command, "_cores", lambda: 2)
-    monkeypatch.setattr(train_command, "_launch", lambda nproc, argv, out: launched.append(nproc))
+    monkeypatch.setattr(train_command._launcher, "launch", lambda nproc, argv, out: launched.append(nproc))
     assert main(["train", *TINY, "--method", "none", "--nproc", "64", "--out", str(tmp_path / "r")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert launched == [64] and len(err) == 1 and err[0].startswith("bmrs: warning: --nproc 64") and "2 CPU" in err[0]

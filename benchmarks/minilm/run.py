@@ -669,11 +669,13 @@ def figure(result: dict, path: Path) -> None:
                       f"{result['config']['latency_threads']} thread(s) (unpruned / pruned)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"test accuracy (%), {len(result['base']['accuracy_seeds'])} seeds")
-    axes[0].legend(fontsize=8, loc="lower left")
+    handles, names = axes[0].get_legend_handles_labels()  # below the panels: no point hidden behind it
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=3, frameon=False)
     title = "all-MiniLM-L6-v2 classifying Debian package sections: BMRS's own stop (star) and the peers at its parameter count"
     labels = sorted({name.split(" (", 1)[1][:-1] for name in result["rows"] if " (" in name})
     fig.suptitle(title + (f"\n(hollow: {', '.join(labels)})" if labels else ""))
-    fig.tight_layout()
+    rows = math.ceil(len(names) / 3)
+    fig.tight_layout(rect=(0, 0.035 * rows, 1, 1))
     fig.savefig(path, dpi=110, metadata={"Description": FORMAT})
     plt.close(fig)
 
@@ -692,18 +694,15 @@ def table(result: dict) -> str:
                      f"{r['params_ratio']:.1%} | {r['heads_kept']:.1f} | {r['ffn_kept']:,.0f} | "
                      f"{r['latency_ratio_ort']:.2f}x | {r['latency_ratio_ort_b1']:.2f}x | {r['latency_ratio_eager']:.2f}x | "
                      f"{r['latency_ratio_eager_b1']:.2f}x | {r['seeds']} |")
-    d = result.get("distillation")
-    if d:
+    distillations = ([("bmrs-n-kr", result["distillation"])] if "distillation" in result else []) + [
+        (f"bmrs-n-kr ({label})", d) for label, d in result.get("distillation_variants", {}).items()]
+    if distillations:
         lines += ["", f"| distillation | cosine to the pretrained embedding | recall@10 | parameters kept | heads kept | "
-                  f"FFN neurons kept | speed-up ort b{big} | eager b{big} | seeds |", "|---|---|---|---|---|---|---|---|---|",
-                  f"| bmrs-n-kr | {d['cosine'][0]:.4f} ± {d['cosine'][1]:.4f} | {d['recall_at_10'][0]:.3f} ± "
-                  f"{d['recall_at_10'][1]:.3f} | {d['params_ratio']:.1%} | {d['heads_kept']:.1f} | {d['ffn_kept']:,.0f} | "
-                  f"{d['latency_ratio_ort']:.2f}x | {d['latency_ratio_eager']:.2f}x | {d['seeds']} |"]
-        for label, v in result.get("distillation_variants", {}).items():
-            lines.append(f"| bmrs-n-kr ({label}) | {v['cosine'][0]:.4f} ± {v['cosine'][1]:.4f} | {v['recall_at_10'][0]:.3f} ± "
-                         f"{v['recall_at_10'][1]:.3f} | {v['params_ratio']:.1%} | {v['heads_kept']:.1f} | "
-                         f"{v['ffn_kept']:,.0f} | {v['latency_ratio_ort']:.2f}x | {v['latency_ratio_eager']:.2f}x | "
-                         f"{v['seeds']} |")
+                  f"FFN neurons kept | speed-up ort b{big} | eager b{big} | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, d in distillations:
+        lines.append(f"| {name} | {d['cosine'][0]:.4f} ± {d['cosine'][1]:.4f} | {d['recall_at_10'][0]:.3f} ± "
+                     f"{d['recall_at_10'][1]:.3f} | {d['params_ratio']:.1%} | {d['heads_kept']:.1f} | {d['ffn_kept']:,.0f} | "
+                     f"{d['latency_ratio_ort']:.2f}x | {d['latency_ratio_eager']:.2f}x | {d['seeds']} |")
     return "\n".join(lines) + "\n"
 
 

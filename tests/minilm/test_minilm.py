@@ -104,12 +104,18 @@ def _compacted_matches(encoder, inputs):
     return small
 
 
+def _randomly_masked(encoder, seed: int, keep: float):
+    """A copy of the gated ``encoder`` whose gates keep a random share ``keep`` of their structures."""
+    encoder = copy.deepcopy(encoder)
+    g = torch.Generator().manual_seed(seed)
+    for gate in bmrs.gates(encoder).values():
+        gate.mask.copy_((torch.rand(gate.num_structures, generator=g) < keep).float())
+    return encoder
+
+
 def test_random_masks_compact_exactly(gated, texts, pretrained):
     encoder, layout, inputs, _ = gated
-    encoder = copy.deepcopy(encoder)
-    g = torch.Generator().manual_seed(0)
-    for gate in bmrs.gates(encoder).values():
-        gate.mask.copy_((torch.rand(gate.num_structures, generator=g) < 0.5).float())
+    encoder = _randomly_masked(encoder, seed=0, keep=0.5)
     small = _compacted_matches(encoder, inputs)
     kept = {n: int(x.mask.sum()) for n, x in bmrs.gates(encoder).items()}
     assert small.config.layer_num_attention_heads == [kept[s.site] for s in layout.sites.values() if s.kind == HEADS]
@@ -136,11 +142,7 @@ def test_bmrs_decides_and_the_result_compacts(gated):
 
 def test_save_load_and_onnx(gated, tmp_path, pretrained):
     encoder, _, inputs, _ = gated
-    encoder = copy.deepcopy(encoder)
-    g = torch.Generator().manual_seed(1)
-    for gate in bmrs.gates(encoder).values():
-        gate.mask.copy_((torch.rand(gate.num_structures, generator=g) < 0.4).float())
-    small = _compacted_matches(encoder, inputs)
+    small = _compacted_matches(_randomly_masked(encoder, seed=1, keep=0.4), inputs)
     bmrs.save_compact(small, tmp_path / "small.pt")
     loaded = bmrs.load_compact(tmp_path / "small.pt")
     assert type(loaded) is type(small)

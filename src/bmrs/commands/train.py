@@ -163,12 +163,6 @@ def _warn_oversubscription(nproc: int, threads: int | None) -> None:
     print(f"bmrs: warning: {text}", file=sys.stderr, flush=True)
 
 
-def _launch(nproc: int, argv: list[str], out: Path) -> None:
-    """Run ``python -m bmrs ARGV`` in ``nproc`` local processes through torchrun (a free port),
-    their output kept in ``OUT/logs/`` (:func:`bmrs.commands._launch.launch`)."""
-    _launcher.launch(nproc, argv, out)
-
-
 def _methods_help() -> str:
     evidence = "; ".join(f"{name}: {c.summary}" for name, c in CRITERIA.items() if c.evidence_based)
     baselines = "; ".join(f"{name}: {c.summary}" for name, c in CRITERIA.items() if not c.evidence_based)
@@ -203,7 +197,7 @@ def run(args) -> int:
         return 0
     if args.nproc > 1 and not launched:
         _warn_oversubscription(args.nproc, args.threads)
-        _launch(args.nproc, args.argv, out)
+        _launcher.launch(args.nproc, args.argv, out)  # their output kept in OUT/logs/
         return 0
     created = not out.exists()
     had_config = (out / "config.json").exists()
